@@ -1,0 +1,257 @@
+"""Typed, frozen configuration shared by ``train.py`` and ``serve.py``.
+
+A run is described by one :class:`Config` tree. Presets name whole trees;
+``--set model.d_model=512`` style overrides replace one field by its dotted
+name. The resolved tree is written to the run folder as ``config.json`` and
+read back by the server, so a checkpoint always carries the shape of its model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any
+
+HEAD_KINDS = ("generate", "classify", "regress", "tag")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """One task's head on the shared backbone.
+
+    Attributes:
+      task: the task's name; requests name it.
+      kind: one of ``HEAD_KINDS``.
+      num_classes: the number of labels (classify) or tags (tag); 0 otherwise.
+    """
+
+    task: str
+    kind: str
+    num_classes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The shared decoder-only backbone. Letters follow ``mtl``'s alphabet."""
+
+    vocab_size: int = 384  # V: the tokenizer's 260 ids, padded to a multiple of 128
+    d_model: int = 64  # D
+    n_layers: int = 2  # L
+    n_heads: int = 4  # N
+    n_kv_heads: int = 2  # K
+    head_dim: int = 16  # H
+    d_ff: int = 192  # F
+    max_len: int = 128  # longest sequence, prompt plus generated tokens
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True  # generation logits reuse the token embedding
+    dtype: str = "float32"  # compute dtype of activations
+    param_dtype: str = "float32"
+    heads: tuple[HeadConfig, ...] = ()  # filled from the run's tasks
+
+    def head(self, task: str) -> HeadConfig:
+        for head in self.heads:
+            if head.task == task:
+                return head
+        known = ", ".join(h.task for h in self.heads) or "none"
+        raise KeyError(f"unknown task {task!r}; this model serves: {known}")
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(h.task for h in self.heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training loop, data mixture and bookkeeping."""
+
+    tasks: tuple[str, ...] = ("g2p", "langid")
+    mixture: str = "temperature:2"
+    mesh: str = ""  # empty: every device on the data axis
+    steps: int = 60
+    batch_size: int = 16
+    seed: int = 0
+    learning_rate: float = 3e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    eval_examples: int = 64  # validation examples per task and evaluation
+    checkpoint_every: int = 20
+    keep_checkpoints: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def tiny() -> Config:
+    """Seconds on a laptop CPU; for tests. 0.10M backbone parameters.
+
+    ``python train.py --preset tiny --out runs/tiny``
+    """
+    return Config()
+
+
+def small() -> Config:
+    """The CPU demo: minutes on 2 cores, learns g2p and langid. 2.18M backbone parameters.
+
+    ``python train.py --preset small --out runs/demo`` reaches about 90% langid
+    accuracy and a g2p phoneme error rate near 0.3 in five minutes.
+    """
+    return Config(
+        model=ModelConfig(
+            d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=32, d_ff=512, max_len=96
+        ),
+        train=TrainConfig(
+            steps=1200,
+            batch_size=64,
+            learning_rate=2e-3,
+            warmup_steps=100,
+            log_every=50,
+            eval_every=400,
+            eval_examples=256,
+            checkpoint_every=200,
+        ),
+    )
+
+
+def base() -> Config:
+    """An accelerator-sized model (one GPU or a TPU slice). 293.08M backbone parameters.
+
+    ``python train.py --preset base --mesh data=-1 --out runs/base``
+    """
+    return Config(
+        model=ModelConfig(
+            d_model=1024,
+            n_layers=20,
+            n_heads=16,
+            n_kv_heads=8,
+            head_dim=64,
+            d_ff=4096,
+            max_len=256,
+            dtype="bfloat16",
+        ),
+        train=TrainConfig(
+            steps=20_000,
+            batch_size=256,
+            learning_rate=1e-3,
+            warmup_steps=1000,
+            log_every=100,
+            eval_every=2000,
+            eval_examples=1024,
+            checkpoint_every=1000,
+        ),
+    )
+
+
+PRESETS = {"tiny": tiny, "small": small, "base": base}
+
+
+def preset(name: str) -> Config:
+    """Returns the named preset's config.
+
+    Raises:
+      ValueError: the name is not a preset.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def _parse_value(text: str, annotation: Any, key: str) -> Any:
+    """Parses ``text`` as the type a config field is annotated with."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+        if hint is str:
+            return text
+        if origin is tuple and typing.get_args(hint)[0] is str:
+            return tuple(part for part in text.split(",") if part)
+    except ValueError:
+        pass
+    else:
+        raise ValueError(f"--set {key} cannot be set from the command line")
+    raise ValueError(f"--set {key}={text!r} is not a valid {getattr(hint, '__name__', hint)}")
+
+
+def override(config: Config, assignment: str) -> Config:
+    """Returns ``config`` with one ``section.field=value`` assignment applied.
+
+    Raises:
+      ValueError: the assignment is malformed, names no field, or its value
+        does not parse as the field's type.
+    """
+    key, sep, text = assignment.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2:
+        raise ValueError(f"--set {assignment!r} must look like section.field=value, e.g. model.d_model=256")
+    section_name, field_name = parts
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if section_name not in sections:
+        raise ValueError(f"--set {key!r}: unknown section {section_name!r}; use one of {', '.join(sorted(sections))}")
+    section = getattr(config, section_name)
+    hints = typing.get_type_hints(type(section))
+    fields = {f.name for f in dataclasses.fields(section)} - {"heads"}
+    if field_name not in fields:
+        raise ValueError(f"--set {key!r}: {section_name} has no field {field_name!r}; fields: {', '.join(sorted(fields))}")
+    value = _parse_value(text.strip(), hints[field_name], key)
+    return dataclasses.replace(config, **{section_name: dataclasses.replace(section, **{field_name: value})})
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuilds a :class:`Config` from :func:`to_dict`'s output (e.g. ``config.json``)."""
+    model = dict(data["model"])
+    model["heads"] = tuple(HeadConfig(**h) for h in model.get("heads", ()))
+    train = dict(data["train"])
+    train["tasks"] = tuple(train["tasks"])
+    return Config(model=ModelConfig(**model), train=TrainConfig(**train))
+
+
+def dumps(config: Config) -> str:
+    return json.dumps(to_dict(config), indent=2, sort_keys=True)
+
+
+def validate(config: Config) -> None:
+    """Raises ValueError, one sentence, for a config that cannot build a model."""
+    m, t = config.model, config.train
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads, "model.head_dim": m.head_dim,
+        "model.d_ff": m.d_ff, "model.max_len": m.max_len, "train.steps": t.steps,
+        "train.batch_size": t.batch_size, "train.learning_rate": t.learning_rate,
+        "train.log_every": t.log_every, "train.checkpoint_every": t.checkpoint_every,
+        "train.keep_checkpoints": t.keep_checkpoints,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ValueError(f"{key}={value} must be positive")
+    if m.n_heads % m.n_kv_heads:
+        raise ValueError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
+    if m.head_dim % 2:
+        raise ValueError(f"model.head_dim={m.head_dim} must be even for rotary positions")
+    for key, value in (("model.dtype", m.dtype), ("model.param_dtype", m.param_dtype)):
+        if value not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"{key}={value!r} must be float32, bfloat16 or float16")
+    for head in m.heads:
+        if head.kind not in HEAD_KINDS:
+            raise ValueError(f"head {head.task!r} has kind {head.kind!r}; kinds: {', '.join(HEAD_KINDS)}")
+

@@ -1,0 +1,154 @@
+"""The backbone's layers: RMSNorm, rotary positions, grouped-query attention, SwiGLU.
+
+Every parameter carries logical axis names in its ``out_sharding`` metadata;
+``sharding.RULES`` turns them into mesh axes. Key activations are constrained
+by logical names too, which is a no-op outside a mesh.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtl.config import ModelConfig
+from sharding import constrain
+
+Axes = tuple[str | None, ...]
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: Axes, dtype) -> nnx.Param:
+    """A parameter created with logical axis names, unsharded until the caller places it."""
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+def normal(stddev: float):
+    return jax.nn.initializers.normal(stddev)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype, *, rngs: nnx.Rngs):
+        self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("norm",), param_dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Normalise in f32 whatever the compute dtype: the mean of squares
+        # loses too much in bf16.
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary positions (rotate-half form). x: [B, T, N, H]; positions: [B, T]."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)  # [B, T, 1, H/2]
+    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer: [L, B, S, K, H] each."""
+
+    key: jax.Array
+    value: jax.Array
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention through ``jax.nn.dot_product_attention``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        pd = jnp.dtype(cfg.param_dtype)
+        self.w_dnh = param(rngs, normal(d**-0.5), (d, n, h), ("embed", "heads", "head_dim"), pd)
+        self.w_dkh_key = param(rngs, normal(d**-0.5), (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+        self.w_dkh_value = param(rngs, normal(d**-0.5), (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+        # Residual branches start small so a deep stack begins near identity.
+        out_std = (n * h) ** -0.5 / (2 * cfg.n_layers) ** 0.5
+        self.w_nhd = param(rngs, normal(out_std), (n, h, d), ("heads", "head_dim", "embed"), pd)
+        self.rope_theta = cfg.rope_theta
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Attends causally over the sequence, or over a cache while decoding.
+
+        Args:
+          x: [B, T, D] activations.
+          positions: [B, T] absolute positions of the tokens in ``x``.
+          cache: this layer's (key, value), each [B, S, K, H], when decoding
+            one token (T == 1) a row; the row's new key and value are written
+            at ``positions[:, 0]`` and it attends to cache slots up to it.
+
+        Returns:
+          The [B, T, D] output and the (key, value) to keep: the [B, T, K, H]
+          projections of ``x`` without a cache, the updated cache with one.
+        """
+        dt = self.dtype
+        query = jnp.einsum("BTD,DNH->BTNH", x, self.w_dnh[...].astype(dt))
+        key = jnp.einsum("BTD,DKH->BTKH", x, self.w_dkh_key[...].astype(dt))
+        value = jnp.einsum("BTD,DKH->BTKH", x, self.w_dkh_value[...].astype(dt))
+        query = constrain(rope(query, positions, self.rope_theta), ("batch", "length", "heads", "head_dim"))
+        key = constrain(rope(key, positions, self.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
+        value = constrain(value, ("batch", "length", "kv_heads", "head_dim"))
+
+        if cache is None:
+            out = jax.nn.dot_product_attention(query, key, value, is_causal=True)
+            kept = (key, value)
+        else:
+            cache_key, cache_value = cache  # [B, S, K, H]
+            rows = jnp.arange(x.shape[0])
+            index = positions[:, 0]  # [B]
+            cache_key = cache_key.at[rows, index].set(key[:, 0].astype(cache_key.dtype))
+            cache_value = cache_value.at[rows, index].set(value[:, 0].astype(cache_value.dtype))
+            out = jax.nn.dot_product_attention(
+                query, cache_key.astype(dt), cache_value.astype(dt), key_value_seq_lengths=index + 1
+            )
+            kept = (cache_key, cache_value)
+        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        return jnp.einsum("BTNH,NHD->BTD", out, self.w_nhd[...].astype(dt)), kept
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: (silu(x W_gate) * x W_up) W_down."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        pd = jnp.dtype(cfg.param_dtype)
+        self.w_df_gate = param(rngs, normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
+        self.w_df_up = param(rngs, normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
+        self.w_fd = param(rngs, normal(f**-0.5 / (2 * cfg.n_layers) ** 0.5), (f, d), ("mlp", "embed"), pd)
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = self.dtype
+        gate = jnp.einsum("BTD,DF->BTF", x, self.w_df_gate[...].astype(dt))
+        up = jnp.einsum("BTD,DF->BTF", x, self.w_df_up[...].astype(dt))
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return jnp.einsum("BTF,FD->BTD", hidden, self.w_fd[...].astype(dt))
+
+
+class Block(nnx.Module):
+    """A pre-norm Transformer layer."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, rngs=rngs)
+        self.attention = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, cache=None):
+        attended, kept = self.attention(self.attention_norm(x), positions, cache)
+        x = constrain(x + attended, ("batch", "length", "embed"))
+        x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "embed"))
+        return x, kept

@@ -1,0 +1,126 @@
+"""The multi-task model: one scanned Transformer backbone and a head per task.
+
+A task conditions the backbone through a learned task embedding added at the
+first position (the BOS token), so every later position can read it through
+attention. Generation tasks share the language-model head (tied to the token
+embedding by default); each classification task has its own classifier over
+the hidden state of the prompt's last real token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtl.config import HeadConfig, ModelConfig
+from mtl.layers import Block, KVCache, RMSNorm, normal, param
+from sharding import constrain
+
+
+class Classifier(nnx.Module):
+    """A linear classifier over one task's labels: [B, D] -> [B, C]."""
+
+    def __init__(self, cfg: ModelConfig, head: HeadConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        c = head.num_classes
+        self.w_dc = param(rngs, normal(cfg.d_model**-0.5), (cfg.d_model, c), ("embed", "classes"), pd)
+        self.b_c = param(rngs, jax.nn.initializers.zeros, (c,), ("classes",), pd)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        logits = jnp.einsum("BD,DC->BC", x.astype(jnp.float32), self.w_dc[...].astype(jnp.float32))
+        return logits + self.b_c[...].astype(jnp.float32)
+
+
+class MultiTaskModel(nnx.Module):
+    """Decoder-only backbone with per-task heads."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, v = cfg.d_model, cfg.vocab_size
+        pd = jnp.dtype(cfg.param_dtype)
+        # Embeddings are drawn at 1/sqrt(D) and scaled up by sqrt(D) on input,
+        # so the tied output logits start at unit scale.
+        self.embed_vd = param(rngs, normal(d**-0.5), (v, d), ("vocab", "embed"), pd)
+        self.task_embed = param(rngs, normal(d**-0.5), (max(len(cfg.heads), 1), d), ("tasks", "embed"), pd)
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)  # every parameter gains a leading [L] axis
+        self.final_norm = RMSNorm(d, cfg.norm_eps, pd, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.w_dv = param(rngs, normal(d**-0.5), (d, v), ("embed", "vocab"), pd)
+        self.classifiers = nnx.Dict(
+            {h.task: Classifier(cfg, h, rngs=rngs) for h in cfg.heads if h.kind == "classify"}
+        )
+
+    def task_index(self, task: str) -> int:
+        return self.cfg.task_names.index(task)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        task_ids: jax.Array,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs the backbone.
+
+        Args:
+          tokens: [B, T] token ids.
+          task_ids: [B] index of each row's task in ``cfg.heads``.
+          positions: [B, T] absolute positions; default ``0..T-1``.
+          cache: while decoding one token a row, every layer's keys and values.
+
+        Returns:
+          The final-normed hidden states [B, T, D], and a KVCache holding the
+          [L, B, T, K, H] keys and values of ``tokens`` (no cache given) or the
+          updated [L, B, S, K, H] cache.
+        """
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        # Look-ups as one-hot matmuls: with the table sharded over vocab and
+        # width, a matmul partitions cleanly where a gather would be replicated.
+        scale = jnp.asarray(cfg.d_model**0.5, dt)
+        one_hot = jax.nn.one_hot(tokens, cfg.vocab_size, dtype=dt)  # [B, T, V]
+        x = jnp.einsum("BTV,VD->BTD", one_hot, self.embed_vd[...].astype(dt)) * scale
+        task_one_hot = jax.nn.one_hot(task_ids, self.task_embed.shape[0], dtype=dt)  # [B, tasks]
+        task_vec = jnp.einsum("BJ,JD->BD", task_one_hot, self.task_embed[...].astype(dt)) * scale
+        x = x + jnp.where(positions[..., None] == 0, task_vec[:, None, :], 0).astype(dt)  # [B, T, D]
+        x = constrain(x, ("batch", "length", "embed"))
+
+        graphdef, layers = nnx.split(self.blocks)
+
+        def layer(x, scanned):
+            layer_params, layer_cache = scanned
+            block = nnx.merge(graphdef, layer_params)
+            x, kept = block(x, positions, layer_cache)
+            return x, kept
+
+        layer_caches = None if cache is None else (cache.key, cache.value)
+        x, (keys, values) = jax.lax.scan(layer, x, (layers, layer_caches))
+        return self.final_norm(x), KVCache(keys, values)
+
+    def lm_logits(self, hidden: jax.Array) -> jax.Array:
+        """Language-model logits in f32: [B, T, D] -> [B, T, V]."""
+        if self.cfg.tie_embeddings:
+            w = self.embed_vd[...].astype(hidden.dtype)
+            logits = jnp.einsum("BTD,VD->BTV", hidden, w)
+        else:
+            logits = jnp.einsum("BTD,DV->BTV", hidden, self.w_dv[...].astype(hidden.dtype))
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def classify_logits(self, task: str, hidden: jax.Array, lengths: jax.Array) -> jax.Array:
+        """One classification task's logits from the last real position: [B, C]."""
+        last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
+        return self.classifiers[task](last)
+
+
+def count_params(tree) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree))

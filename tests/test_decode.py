@@ -1,0 +1,133 @@
+"""KV-cache decoding against full recomputation, sampling, and the engine."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mtl import decode
+from mtl.engine import Engine, Request, length_buckets
+from mtl.model import MultiTaskModel
+from sharding import make_mesh
+from tests.helpers import tiny_model_config
+
+CFG = tiny_model_config(max_len=32)
+ALLOWED = np.arange(CFG.vocab_size) >= 2  # PAD and BOS never produced
+EOS = 2
+
+
+def make_model(seed=0):
+    return MultiTaskModel(CFG, rngs=nnx.Rngs(seed))
+
+
+def test_cached_decoding_equals_full_recomputation():
+    model = make_model()
+    prompts = [[1, 40, 41, 42, 43], [1, 50, 51]]
+    lengths = jnp.array([5, 3])
+    tokens = jnp.array([p + [0] * (5 - len(p)) for p in prompts])
+    task_ids = jnp.array([0, 2])
+    _, cache, _ = decode.prefill(model, tokens, lengths, task_ids, cache_len=16)
+    continuation = np.array([[60, 61, 62, 63], [70, 71, 72, 73]])
+    for t in range(continuation.shape[1]):
+        positions = lengths + t
+        hidden, cache = model(jnp.asarray(continuation[:, t : t + 1]), task_ids, positions[:, None], cache)
+        for row, prompt in enumerate(prompts):
+            full = jnp.array([prompt + continuation[row, : t + 1].tolist()])
+            expected, _ = model(full, task_ids[row : row + 1])
+            np.testing.assert_allclose(hidden[row, 0], expected[0, -1], rtol=1e-4, atol=1e-5)
+
+
+def greedy_by_recomputation(model, prompt, task_id, steps):
+    seq = list(prompt)
+    for _ in range(steps):
+        hidden, _ = model(jnp.array([seq]), jnp.array([task_id]))
+        logits = np.where(ALLOWED, np.asarray(model.lm_logits(hidden))[0, -1], -np.inf)
+        seq.append(int(logits.argmax()))
+        if seq[-1] == EOS:
+            break
+    return seq[len(prompt) :]
+
+
+def make_engine(model, max_batch=4, mesh=None):
+    mesh = mesh or make_mesh("data=1", jax.devices()[:1])
+    return Engine(model, mesh, max_batch=max_batch, allowed_tokens=ALLOWED, eos_id=EOS, pad_id=0)
+
+
+def test_engine_greedy_matches_recomputation_alone_and_in_a_mixed_batch():
+    model = make_model()
+    engine = make_engine(model)
+    target = Request(task="spell", prompt=[1, 40, 41, 3], max_new_tokens=10)
+    expected = greedy_by_recomputation(model, target.prompt, 0, 10)
+    alone = engine.generate([target])[0]
+    others = [
+        Request(task="echo", prompt=[1] + list(range(60, 80)) + [3], max_new_tokens=5, temperature=1.0, seed=3),
+        Request(task="spell", prompt=[1, 90, 3], max_new_tokens=7, temperature=0.7, top_k=5, seed=1),
+        Request(task="echo", prompt=[1, 5, 6, 7, 3], max_new_tokens=12, top_p=0.5),
+    ]
+    crowded = engine.generate([others[0], target, *others[1:]])[1]
+    assert alone.tokens == crowded.tokens
+    stopped = bool(expected) and expected[-1] == EOS
+    assert alone.tokens == (expected[:-1] if stopped else expected)
+    assert alone.finish_reason == ("stop" if stopped else "length")
+
+
+def test_engine_on_a_sharded_mesh_matches_one_device():
+    model = make_model(seed=3)
+    requests = [Request(task="spell", prompt=[1, 40 + i, 41, 3], max_new_tokens=6) for i in range(8)]
+    one = make_engine(model, max_batch=8).generate(requests)
+    sharded = make_engine(model, max_batch=8, mesh=make_mesh("data=2,fsdp=2,tensor=2")).generate(requests)
+    assert [g.tokens for g in one] == [g.tokens for g in sharded]
+
+
+def test_engine_classify_returns_distributions():
+    engine = make_engine(make_model())
+    scores = engine.classify([Request(task="lang", prompt=[1, 9, 3]), Request(task="lang", prompt=[1, 9, 9, 9, 9, 3])])
+    for s in scores:
+        assert s.probs.shape == (5,)
+        np.testing.assert_allclose(s.probs.sum(), 1.0, rtol=1e-5)
+    assert not np.allclose(scores[0].probs, scores[1].probs)
+
+
+def test_max_new_tokens_is_honoured():
+    engine = make_engine(make_model())
+    for n in (1, 3, 9):
+        g = engine.generate([Request(task="spell", prompt=[1, 44, 3], max_new_tokens=n, temperature=1.0)])[0]
+        assert len(g.tokens) <= n
+        if g.finish_reason == "length":
+            assert len(g.tokens) == n
+
+
+def sampling(b, temperature=1.0, top_k=0, top_p=1.0, seed=0):
+    return decode.Sampling(
+        jnp.full(b, temperature), jnp.full(b, top_k, jnp.int32), jnp.full(b, top_p), jnp.full(b, seed, jnp.uint32)
+    )
+
+
+def test_sample_filters():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 512))
+    allowed = jnp.ones(4, bool)
+    positions = jnp.arange(512)
+    greedy = decode.sample(logits, sampling(512, temperature=0.0), positions, allowed)
+    assert (greedy == 0).all()
+    top1 = decode.sample(logits, sampling(512, top_k=1), positions, allowed)
+    assert (top1 == 0).all()
+    top2 = np.asarray(decode.sample(logits, sampling(512, top_k=2), positions, allowed))
+    assert set(top2.tolist()) == {0, 1}
+    nucleus = np.asarray(decode.sample(logits, sampling(512, top_p=0.7), positions, allowed))
+    assert set(nucleus.tolist()) == {0, 1}  # 0.5 alone is short of 0.7; 0.5 + 0.3 reaches it
+    free = np.asarray(decode.sample(logits, sampling(512), positions, allowed))
+    assert abs((free == 0).mean() - 0.5) < 0.08 and (free == 3).any()
+    banned = decode.sample(logits, sampling(512, temperature=0.0), positions, jnp.array([False, True, True, True]))
+    assert (banned == 1).all()
+
+
+def test_sampling_depends_on_seed_and_position_only():
+    logits = jax.random.normal(jax.random.key(0), (4, 50))
+    positions = jnp.array([3, 3, 3, 9])
+    draws = decode.sample(logits[jnp.array([0, 0, 0, 0])], sampling(4, seed=7), positions, jnp.ones(50, bool))
+    assert draws[0] == draws[1] == draws[2]
+
+
+def test_length_buckets():
+    assert length_buckets(128) == (16, 32, 64, 128)
+    assert length_buckets(96) == (16, 32, 64, 96)
