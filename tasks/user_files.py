@@ -1,0 +1,174 @@
+"""Tasks from files a user brings: read, detect the kind, split.
+
+A file is one example a row; its columns decide its kind (``schema.COLUMNS``).
+An optional ``split`` column fixes each row's split; without it the split is a
+stable hash of ``input``. Every problem a user can cause is one sentence that
+names the file.
+"""
+
+import math
+import os
+from typing import Any, Callable
+
+import datasets
+
+from tasks.schema import COLUMNS, KINDS, SPLITS, split_of
+
+# File extension -> the Hugging Face ``datasets`` builder that reads it.
+BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+FEATURES = {
+    "generate": datasets.Features(
+        {"input": datasets.Value("string"), "target": datasets.Value("string")}
+    ),
+    "classify": datasets.Features(
+        {"input": datasets.Value("string"), "label": datasets.Value("string")}
+    ),
+    "regress": datasets.Features(
+        {"input": datasets.Value("string"), "value": datasets.Value("float32")}
+    ),
+    "tag": datasets.Features(
+        {"input": datasets.Value("string"), "tags": datasets.Sequence(datasets.Value("string"))}
+    ),
+}
+
+
+def detect_kind(path: str, columns: list[str]) -> str:
+    """Returns the one kind whose columns ``columns`` holds.
+
+    Columns beyond the kind's own (and ``split``) are ignored, so a file may
+    carry ids or notes.
+
+    Raises:
+      ValueError: the columns fit no kind, or more than one.
+    """
+    found = set(columns)
+    kinds = [kind for kind in KINDS if set(COLUMNS[kind]) <= found]
+    if len(kinds) != 1:
+        accepted = "; ".join(f"{k}: {', '.join(COLUMNS[k])}" for k in KINDS)
+        fit = "no kind" if not kinds else f"more than one kind ({', '.join(kinds)})"
+        raise ValueError(
+            f"Task file {path!r} has columns {sorted(found)}, which fit {fit}; "
+            f"give exactly one of these column sets: {accepted}."
+        )
+    return kinds[0]
+
+
+def load_task_file(path: str) -> tuple[str, Callable[[], datasets.DatasetDict]]:
+    """Reads a user's task file and returns its kind and a loader.
+
+    The file is read and checked now, so that a bad file stops a run before
+    any training; the loader returns the result already built.
+
+    Args:
+      path: a ``.jsonl``, ``.csv`` or ``.parquet`` file, one example a row.
+
+    Returns:
+      ``(kind, load)``; ``load()`` gives a ``DatasetDict`` with the three
+      splits and exactly the kind's columns.
+
+    Raises:
+      ValueError: the file is missing, empty, unreadable, of an unknown type,
+        or its columns or values do not fit a kind.
+    """
+    table = _read(path)
+    kind = detect_kind(path, list(table))
+    n = len(table["input"])
+    columns = {name: [_clean(path, kind, name, row, v) for row, v in enumerate(table[name])]
+               for name in COLUMNS[kind]}
+    if kind == "tag":
+        _check_tag_counts(path, columns["input"], columns["tags"])
+
+    if "split" in table:
+        splits = [_split_value(path, row, v) for row, v in enumerate(table["split"])]
+    else:
+        splits = [split_of(text) for text in columns["input"]]
+    rows_of = {split: [i for i in range(n) if splits[i] == split] for split in SPLITS}
+    result = datasets.DatasetDict({
+        split: datasets.Dataset.from_dict(
+            {name: [values[i] for i in rows] for name, values in columns.items()},
+            features=FEATURES[kind],
+        )
+        for split, rows in rows_of.items()
+    })
+    return kind, lambda: result
+
+
+def _read(path: str) -> dict[str, list[Any]]:
+    """Reads a file with Hugging Face ``datasets`` into columns of values."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in BUILDERS:
+        raise ValueError(
+            f"Task file {path!r} has extension {ext or '(none)'!r}; "
+            f"accepted extensions are .jsonl, .csv and .parquet."
+        )
+    if not os.path.isfile(path):
+        raise ValueError(f"Task file {path!r} does not exist.")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"Task file {path!r} is empty.")
+    try:
+        dataset = datasets.load_dataset(
+            BUILDERS[ext], data_files=os.path.abspath(path), split="train"
+        )
+    except Exception as e:  # datasets raises many types; the user needs only the reason
+        if "corresponds to no data" in str(e):  # how datasets reports a file of no rows
+            raise ValueError(f"Task file {path!r} has no rows.") from e
+        raise ValueError(f"Task file {path!r} could not be read as {ext}: {_root_reason(e)}.") from e
+    if dataset.num_rows == 0:
+        raise ValueError(f"Task file {path!r} has no rows.")
+    return dataset.to_dict()
+
+
+def _root_reason(error: BaseException) -> str:
+    """The first line of the innermost cause: datasets wraps the parser's own words."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__).rstrip(".")
+
+
+def _clean(path: str, kind: str, column: str, row: int, value: Any) -> Any:
+    """Checks one cell and converts it to the type its kind's column holds."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise ValueError(f"Task file {path!r} has an empty {column!r} in row {row + 1}.")
+    if column == "value":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"Task file {path!r} has value {value!r} in row {row + 1}; a number is accepted."
+            ) from None
+    if column == "tags":
+        # CSV cannot hold a list, so a whitespace-separated string is accepted too.
+        if isinstance(value, str):
+            return value.split()
+        if isinstance(value, (list, tuple)):
+            return [str(tag) for tag in value]
+        raise ValueError(
+            f"Task file {path!r} has tags {value!r} in row {row + 1}; "
+            f"a list or a whitespace-separated string is accepted."
+        )
+    # input, target, label are text; numeric labels (0/1 in a CSV) become text.
+    if isinstance(value, (list, dict)):
+        raise ValueError(
+            f"Task file {path!r} has {column} {value!r} in row {row + 1}; text is accepted."
+        )
+    return str(value)
+
+
+def _check_tag_counts(path: str, inputs: list[str], tags: list[list[str]]) -> None:
+    for row, (text, row_tags) in enumerate(zip(inputs, tags)):
+        if len(text.split()) != len(row_tags):
+            raise ValueError(
+                f"Task file {path!r} has {len(row_tags)} tags for {len(text.split())} "
+                f"tokens in row {row + 1}; one tag per whitespace-separated token is accepted."
+            )
+
+
+def _split_value(path: str, row: int, value: Any) -> str:
+    if value not in SPLITS:
+        raise ValueError(
+            f"Task file {path!r} has split {value!r} in row {row + 1}; "
+            f"accepted splits are {', '.join(SPLITS)}."
+        )
+    return value

@@ -1,0 +1,217 @@
+"""Tests for tasks.registry, tasks.user_files and the built-in tasks."""
+
+import collections
+import csv
+import json
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import tasks
+from tasks.schema import COLUMNS, SPLITS, split_of
+
+
+# --- registry -----------------------------------------------------------------
+
+def test_builtin_tasks_are_registered():
+    assert {"g2p", "langid"} <= set(tasks.names())
+    assert tasks.get("g2p").kind == "generate"
+    assert tasks.get("langid").kind == "classify"
+
+
+def test_unknown_name_lists_known_names():
+    with pytest.raises(ValueError, match="'nope'.*g2p.*langid"):
+        tasks.get("nope")
+
+
+def test_duplicate_registration_raises():
+    with pytest.raises(ValueError, match="'g2p'"):
+        tasks.register(tasks.Task("g2p", "generate", "again", lambda: None))
+
+
+def test_task_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="'translate'.*generate, classify, regress, tag"):
+        tasks.Task("x", "translate", "bad kind", lambda: None)
+
+
+def test_split_of_is_a_stable_hash():
+    # Pinned values: a switch to Python's salted hash() or a new digest fails here.
+    assert [split_of(w) for w in ["hello", "world", "phoneme", "zebra", "tree"]] == [
+        "train", "train", "validation", "validation", "train"]
+
+
+# --- built-in tasks -----------------------------------------------------------
+
+def _check_splits(dd, kind):
+    assert set(dd) == set(SPLITS)
+    for split in SPLITS:
+        assert dd[split].column_names == list(COLUMNS[kind])
+    inputs = {split: set(dd[split]["input"]) for split in SPLITS}
+    assert not inputs["train"] & inputs["validation"]
+    assert not inputs["train"] & inputs["test"]
+    assert not inputs["validation"] & inputs["test"]
+    total = sum(dd[s].num_rows for s in SPLITS)
+    assert 0.88 < dd["train"].num_rows / total < 0.92
+    for split in ("validation", "test"):
+        assert 0.04 < dd[split].num_rows / total < 0.06
+    # Deterministic: every example sits where the hash of its input says.
+    for split in SPLITS:
+        assert all(split_of(text) == split for text in dd[split]["input"][:500])
+
+
+def test_g2p():
+    dd = tasks.get("g2p").load()
+    _check_splits(dd, "generate")
+    total = sum(dd[s].num_rows for s in SPLITS)
+    assert total > 100_000
+    pairs = dict(zip(dd["train"]["input"], dd["train"]["target"]))
+    assert pairs["hello"] == "HH AH0 L OW1"
+    assert all(w.isalpha() and w.islower() and w.isascii() for w in pairs)
+    assert tasks.get("g2p").load() is dd  # cached in-process
+
+
+def test_langid():
+    dd = tasks.get("langid").load()
+    _check_splits(dd, "classify")
+    labels = tasks.labels_of(dd)
+    assert len(labels) >= 8
+    by_text = collections.defaultdict(set)
+    for split in SPLITS:
+        for text, label in zip(dd[split]["input"], dd[split]["label"]):
+            by_text[text].add(label)
+    assert all(len(langs) == 1 for langs in by_text.values())
+    assert "Afghanistan" not in by_text  # shared by several languages
+    assert by_text["Vereinigte Staaten"] == {"de"}
+    assert all(text and text == " ".join(text.split()) for text in by_text)
+    counts = collections.Counter(l for s in SPLITS for l in dd[s]["label"])
+    assert min(counts.values()) > 500
+
+
+# --- user files ---------------------------------------------------------------
+
+ROWS = {
+    "generate": [{"input": f"word{i}", "target": f"W {i}"} for i in range(40)],
+    "classify": [{"input": f"text {i}", "label": "pos" if i % 3 else "neg"} for i in range(40)],
+    "regress": [{"input": f"text {i}", "value": i / 4} for i in range(40)],
+    "tag": [{"input": f"a b{i}", "tags": ["X", "Y"]} for i in range(40)],
+}
+
+
+def _write(path, rows):
+    """Writes rows as .jsonl, .csv (lists as space-joined text) or .parquet."""
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".csv":
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: " ".join(v) if isinstance(v, list) else v for k, v in r.items()})
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "csv", "parquet"])
+@pytest.mark.parametrize("kind", ["generate", "classify", "regress", "tag"])
+def test_user_file_kind_is_detected(tmp_path, kind, ext):
+    path = _write(tmp_path / f"mine.{ext}", ROWS[kind])
+    (task,) = tasks.resolve([f"mine={path}"])
+    assert (task.name, task.kind) == ("mine", kind)
+    dd = task.load()
+    assert set(dd) == set(SPLITS)
+    assert sum(dd[s].num_rows for s in SPLITS) == 40
+    for split in SPLITS:
+        assert dd[split].column_names == list(COLUMNS[kind])
+        assert all(split_of(text) == split for text in dd[split]["input"])
+    example = dd["train"][0]
+    assert isinstance(example["input"], str)
+    if kind == "tag":
+        assert example["tags"] == ["X", "Y"]
+    if kind == "regress":
+        assert isinstance(example["value"], float)
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "csv"])
+def test_split_column_is_honoured(tmp_path, ext):
+    rows = [dict(r, split=SPLITS[i % 3]) for i, r in enumerate(ROWS["classify"])]
+    path = _write(tmp_path / f"fixed.{ext}", rows)
+    dd = tasks.resolve([f"fixed={path}"])[0].load()
+    for i, split in enumerate(SPLITS):
+        assert dd[split]["input"] == [r["input"] for r in rows[i::3]]
+        assert dd[split].column_names == ["input", "label"]
+
+
+def test_extra_columns_are_ignored(tmp_path):
+    rows = [dict(r, id=i, notes="x") for i, r in enumerate(ROWS["generate"])]
+    (task,) = tasks.resolve([f"extra={_write(tmp_path / 'extra.parquet', rows)}"])
+    assert task.kind == "generate"
+    assert task.load()["train"].column_names == ["input", "target"]
+
+
+def test_numeric_labels_become_text(tmp_path):
+    path = _write(tmp_path / "n.csv", [{"input": f"t{i}", "label": i % 2} for i in range(10)])
+    dd = tasks.resolve([f"n={path}"])[0].load()
+    assert tasks.labels_of(dd) == ("0", "1")
+
+
+def test_resolve_mixes_builtins_and_files_in_order(tmp_path):
+    path = _write(tmp_path / "g.jsonl", ROWS["generate"])
+    assert [t.name for t in tasks.resolve(["langid", f"g={path}", "g2p"])] == ["langid", "g", "g2p"]
+
+
+def test_resolve_rejects_a_name_twice(tmp_path):
+    path = _write(tmp_path / "g.jsonl", ROWS["generate"])
+    with pytest.raises(ValueError, match="'g2p'"):
+        tasks.resolve(["g2p", "g2p"])
+    with pytest.raises(ValueError, match="'g2p'"):
+        tasks.resolve(["g2p", f"g2p={path}"])
+
+
+def test_resolve_unknown_builtin():
+    with pytest.raises(ValueError, match="'nope'.*g2p"):
+        tasks.resolve(["nope"])
+
+
+def _bad_file_cases(tmp_path):
+    missing = str(tmp_path / "missing.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("input,target\n")
+    return [
+        (missing, "does not exist"),
+        (str(empty), "is empty"),
+        (str(header_only), "has no rows"),
+        (str(tmp_path / "x.txt"), "extension '.txt'"),
+        (_write(tmp_path / "none.jsonl", [{"input": "a", "answer": "b"}]),
+         r"columns \['answer', 'input'\].*no kind"),
+        (_write(tmp_path / "two.jsonl", [{"input": "a", "target": "b", "label": "c"}]),
+         r"more than one kind \(generate, classify\)"),
+        (_write(tmp_path / "split.jsonl", [{"input": "a", "target": "b", "split": "dev"}]),
+         "split 'dev' in row 1"),
+        (_write(tmp_path / "null.jsonl", [{"input": "a", "target": "b"}, {"input": None, "target": "c"}]),
+         "empty 'input' in row 2"),
+        (_write(tmp_path / "tags.jsonl", [{"input": "a b c", "tags": ["X"]}]),
+         "1 tags for 3 tokens in row 1"),
+        (_write(tmp_path / "value.csv", [{"input": "a", "value": "high"}]),
+         "value 'high' in row 1"),
+    ]
+
+
+def test_bad_files_get_one_sentence_naming_the_file(tmp_path):
+    (tmp_path / "x.txt").write_text("input,target\na,b\n")
+    for path, message in _bad_file_cases(tmp_path):
+        with pytest.raises(ValueError) as info:
+            tasks.resolve([f"bad={path}"])
+        text = str(info.value)
+        assert repr(path) in text, text
+        assert re.search(message, text), text
+        assert "\n" not in text and text.endswith("."), text
+
+
+def test_bad_spec():
+    with pytest.raises(ValueError, match="'=x.csv'"):
+        tasks.resolve(["=x.csv"])
