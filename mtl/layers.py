@@ -1,6 +1,6 @@
 """The backbone's layers: RMSNorm, rotary positions, grouped-query attention, SwiGLU.
 
-Every parameter carries logical axis names in its ``out_sharding`` metadata;
+Every parameter carries logical axis names in its ``logical_axes`` metadata;
 ``sharding.RULES`` turns them into mesh axes. Key activations are constrained
 by logical names too, which is a no-op outside a mesh.
 """
@@ -20,8 +20,12 @@ Axes = tuple[str | None, ...]
 
 
 def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: Axes, dtype) -> nnx.Param:
-    """A parameter created with logical axis names, unsharded until the caller places it."""
-    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+    """A parameter created with logical axis names, unsharded until the caller places it.
+
+    The names live in our own ``logical_axes`` metadata rather than Flax's
+    ``out_sharding``, which Flax reads as mesh axes whenever a mesh is set.
+    """
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
 
 
 def normal(stddev: float):

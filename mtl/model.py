@@ -45,7 +45,7 @@ class MultiTaskModel(nnx.Module):
         self.task_embed = param(rngs, normal(d**-0.5), (max(len(cfg.heads), 1), d), ("tasks", "embed"), pd)
 
         @nnx.split_rngs(splits=cfg.n_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
         def make_blocks(rngs: nnx.Rngs) -> Block:
             return Block(cfg, rngs=rngs)
 
@@ -104,7 +104,7 @@ class MultiTaskModel(nnx.Module):
             return x, kept
 
         layer_caches = None if cache is None else (cache.key, cache.value)
-        x, (keys, values) = jax.lax.scan(layer, x, (layers, layer_caches))
+        x, (keys, values) = jax.lax.scan(layer, x, (layers, layer_caches), unroll=cfg.scan_unroll)
         return self.final_norm(x), KVCache(keys, values)
 
     def lm_logits(self, hidden: jax.Array) -> jax.Array:

@@ -1,10 +1,7 @@
 """Sharded train state, per-kind losses and the pure, jitted train step.
 
-Parameters and optimizer state are created already sharded: the model is
-traced with ``nnx.eval_shape``, its logical axis names are resolved against
-the mesh by ``sharding.RULES``, and ``jax.jit(init, out_shardings=...)``
-materialises every shard where it lives, so no device ever holds the whole
-model.
+Parameters and optimizer state are created already sharded (see
+:mod:`mtl.partition`): no device ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -21,6 +18,7 @@ from flax import nnx
 
 from mtl.config import ModelConfig, TrainConfig
 from mtl.model import MultiTaskModel
+from mtl.partition import abstract_state, create_sharded
 from sharding import named_sharding
 
 Batch = dict[str, jax.Array]
@@ -50,54 +48,25 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
-    """NamedShardings for every Variable of ``state``, from its logical axis names."""
-
-    def leaf(variable: nnx.Variable):
-        shape = variable.shape
-        axes = variable.get_metadata().get("out_sharding") or (None,) * len(shape)
-        return variable.replace(named_sharding(axes, shape, mesh))
-
-    return jax.tree.map(leaf, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def create_model(cfg: ModelConfig, mesh: jax.sharding.Mesh, seed: int) -> MultiTaskModel:
-    """A model whose parameters are initialised directly into their shards."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MultiTaskModel(cfg, rngs=nnx.Rngs(seed))))
-
-    @functools.partial(jax.jit, out_shardings=state_shardings(abstract, mesh))
-    def init():
-        return nnx.state(MultiTaskModel(cfg, rngs=nnx.Rngs(seed)))
-
-    return nnx.merge(graphdef, init())
-
-
 def create_train_state(
     model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: jax.sharding.Mesh
 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """Initialises model and optimizer state, sharded over ``mesh``.
+    """Initialises model and optimizer state directly into their shards on ``mesh``.
 
     Returns:
       The graph definition, the state, and the state's shardings.
     """
-    tx = make_optimizer(train_cfg)
-    make = lambda: TrainState(MultiTaskModel(model_cfg, rngs=nnx.Rngs(train_cfg.seed)), tx)  # noqa: E731
-    graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    shardings = state_shardings(abstract, mesh)
-    state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
-    return graphdef, state, shardings
+    return create_sharded(_train_state_fn(model_cfg, train_cfg), mesh)
 
 
 def abstract_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: jax.sharding.Mesh):
-    """Shapes, dtypes and shardings of the train state, without computing it (for restores)."""
+    """(graphdef, abstract state with shardings, shardings): the target of a resume."""
+    return abstract_state(_train_state_fn(model_cfg, train_cfg), mesh)
+
+
+def _train_state_fn(model_cfg: ModelConfig, train_cfg: TrainConfig):
     tx = make_optimizer(train_cfg)
-    make = lambda: TrainState(MultiTaskModel(model_cfg, rngs=nnx.Rngs(0)), tx)  # noqa: E731
-    graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    shardings = state_shardings(abstract, mesh)
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    return graphdef, abstract, shardings
+    return lambda: TrainState(MultiTaskModel(model_cfg, rngs=nnx.Rngs(train_cfg.seed)), tx)
 
 
 # Losses, one per head kind. Each returns (scalar loss, metrics); metrics are
@@ -138,7 +107,7 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch, *, task: 
 
     (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(train_state.model)
     train_state.optimizer.update(train_state.model, grads)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return nnx.state(train_state), metrics
 
 

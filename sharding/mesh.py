@@ -30,7 +30,7 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
         return {"data": num_devices, "fsdp": 1, "tensor": 1}
     sizes: dict[str, int] = {}
     for part in spec.split(","):
-        name, sep, size = part.strip().partition("=")
+        name, sep, size = (s.strip() for s in part.partition("="))
         if not sep or name not in AXES:
             raise ValueError(f"--mesh part {part.strip()!r} must be AXIS=N with AXIS one of {', '.join(AXES)}")
         if name in sizes:

@@ -1,0 +1,145 @@
+"""End to end: train.py on a 2x2x2 mesh, killed and resumed, then serve.py on its checkpoint."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+TRAIN = [
+    "--preset", "tiny", "--tasks", "g2p,langid", "--mesh", "data=2,fsdp=2,tensor=2", "--steps", "12",
+    "--batch-size", "8", "--set", "train.checkpoint_every=4", "--set", "train.log_every=1",
+    "--set", "train.eval_examples=8",
+]
+
+
+def run(script, *args, env=None, stdin=None):
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], capture_output=True, text=True, env=env or ENV,
+        input=stdin, timeout=600,
+    )
+
+
+def training_losses(folder):
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {(r["step"], r["task"]): r["loss"] for r in lines if "split" not in r}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    whole, resumed = root / "whole", root / "resumed"
+    done = run("train.py", *TRAIN, "--out", str(whole))
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = run("train.py", *TRAIN, "--out", str(resumed), env={**ENV, "MTL_KILL_AFTER_STEP": "6"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    again = run("train.py", *TRAIN, "--out", str(resumed))
+    assert again.returncode == 0, again.stderr[-3000:]
+    return whole, resumed, again
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_matches_an_uninterrupted_one(runs):
+    whole, resumed, again = runs
+    assert "resumed from step 4" in again.stderr
+    a, b = training_losses(whole), training_losses(resumed)
+    assert sorted(a) == sorted(b) and len(a) == 12
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-6), key
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "task", "loss", "tokens_per_s"} <= set(records[0])
+    evals = [r for r in records if r.get("split") == "test"]
+    assert {r["task"] for r in evals} == {"g2p", "langid"}
+    assert "exact_match" in next(r for r in evals if r["task"] == "g2p")
+    assert 0.0 <= next(r for r in evals if r["task"] == "langid")["accuracy"] <= 1.0
+    assert sorted(int(p.name) for p in (resumed / "checkpoints").iterdir()) == [4, 8, 12]
+
+
+REQUESTS = [
+    {"id": "g1", "task": "g2p", "input": "hello"},
+    {"id": "l1", "task": "langid", "input": "Allemagne"},
+    "this line is not json",
+    {"id": "bad-task", "task": "nope", "input": "x"},
+    {"id": "g2", "task": "g2p", "input": "world", "temperature": 0.9, "top_k": 20, "top_p": 0.9, "seed": 4,
+     "max_new_tokens": 5},
+    {"task": "g2p", "input": "no id"},
+    {"id": "bad-temp", "task": "g2p", "input": "cat", "temperature": -1},
+    {"id": "long", "task": "g2p", "input": "x" * 500},
+    {"id": 7, "task": "langid", "input": "Deutschland", "stop": ["\n"]},
+    {"id": "g3", "task": "g2p", "input": "dog", "max_new_tokens": 1},
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["data=4,tensor=2", "fsdp=8"])
+def test_serve_answers_mixed_and_bad_requests_on_another_mesh(runs, mesh, tmp_path):
+    _, resumed, _ = runs
+    lines = "\n".join(r if isinstance(r, str) else json.dumps(r) for r in REQUESTS) + "\n"
+    (tmp_path / "requests.jsonl").write_text(lines)
+    out = tmp_path / "responses.jsonl"
+    served = run("serve.py", "--ckpt", str(resumed), "--requests", str(tmp_path / "requests.jsonl"),
+                 "--out", str(out), "--mesh", mesh, "--max-batch", "4")
+    assert served.returncode == 0, served.stderr[-3000:]
+    responses = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r.get("id") for r in responses] == ["g1", "l1", None, "bad-task", "g2", None, "bad-temp", "long", 7, "g3"]
+    by_id = {r["id"]: r for r in responses if r["id"] is not None}
+    for rid in ("g1", "g2", "g3"):
+        r = by_id[rid]
+        assert set(r) == {"id", "task", "output", "tokens", "finish_reason", "ttft_ms", "latency_ms"}
+        assert r["finish_reason"] in ("stop", "length") and isinstance(r["output"], str)
+    assert by_id["g2"]["tokens"] <= 5 and by_id["g3"]["tokens"] <= 1
+    for rid in ("l1", 7):
+        r = by_id[rid]
+        assert set(r) == {"id", "task", "label", "scores", "latency_ms"}
+        labels = json.loads((resumed / "tasks.json").read_text())[1]["labels"]
+        assert sorted(r["scores"]) == sorted(labels) and r["label"] in labels
+        assert sum(r["scores"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert "not valid JSON" in responses[2]["error"]
+    assert "unknown task 'nope'" in by_id["bad-task"]["error"]
+    assert "'id'" in responses[5]["error"]
+    assert "temperature -1" in by_id["bad-temp"]["error"]
+    assert "tokens" in by_id["long"]["error"]
+
+
+@pytest.mark.slow
+def test_serve_same_greedy_answers_on_any_mesh(runs, tmp_path):
+    _, resumed, _ = runs
+    requests = "".join(json.dumps({"id": i, "task": "g2p", "input": w}) + "\n" for i, w in enumerate(["tree", "stone", "a"]))
+    outputs = []
+    for mesh in ("data=8", "data=2,fsdp=2,tensor=2"):
+        served = run("serve.py", "--ckpt", str(resumed / "checkpoints" / "12"), "--mesh", mesh, stdin=requests)
+        assert served.returncode == 0, served.stderr[-3000:]
+        outputs.append([json.loads(line)["output"] for line in served.stdout.splitlines()])
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mesh", "data=3"], "covers 3 devices"),
+        (["--mesh", "model=8"], "'model=8'"),
+        (["--tasks", "g2p,klingon"], "klingon"),
+        (["--mixture", "temperature:zero"], "temperature:zero"),
+        (["--set", "model.d_modle=4"], "d_modle"),
+        (["--set", "model.n_heads=3"], "n_heads=3"),
+        (["--preset", "huge"], "huge"),
+    ],
+)
+def test_train_usage_errors_are_one_line_and_write_nothing(args, message, tmp_path):
+    out = tmp_path / "run"
+    result = run("train.py", "--steps", "2", "--out", str(out), *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_serve_usage_errors(tmp_path):
+    missing = run("serve.py", "--ckpt", str(tmp_path / "nothing"), stdin="")
+    assert missing.returncode == 2 and "no complete checkpoint" in missing.stderr
+    assert "Traceback" not in missing.stderr
