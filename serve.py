@@ -22,6 +22,18 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from flax import nnx
+from rich.console import Console
+
+import tasks
+import train
+from mtl import config as C
+from mtl.checkpoint import Checkpoints, find
+from mtl.engine import Request
+from mtl.model import MultiTaskModel
+from mtl.partition import abstract_state
+from sharding import make_mesh
+
 REQUIRED = ("id", "task", "input")
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
 
@@ -67,14 +79,6 @@ class Server:
         Raises:
           UsageError: no checkpoint there, or a mesh that does not fit the devices.
         """
-        import tasks
-        import train
-        from flax import nnx
-        from mtl import config as C
-        from mtl.checkpoint import Checkpoints, find
-        from mtl.model import MultiTaskModel
-        from mtl.partition import abstract_state
-        from sharding import make_mesh
 
         try:
             folder, step = find(ckpt)
@@ -106,8 +110,6 @@ class Server:
         Raises:
           BadRequest: naming the first thing wrong with it.
         """
-        from mtl.engine import Request
-        from tasks import prompt_ids
 
         if not isinstance(raw, dict):
             raise BadRequest(f"a request must be a JSON object, not {type(raw).__name__}")
@@ -124,7 +126,7 @@ class Server:
             raise BadRequest(f"unknown task {raw['task']!r}; this model serves {', '.join(sorted(self.tasks))}")
         if not isinstance(raw["input"], str):
             raise BadRequest(f"input must be a string, not {type(raw['input']).__name__}")
-        prompt = prompt_ids(self.tokenizer, raw["input"])
+        prompt = tasks.prompt_ids(self.tokenizer, raw["input"])
         limit = self.engine.max_prompt_len()
         if len(prompt) > limit:
             raise BadRequest(f"input is {len(prompt)} tokens with its markers; this model takes at most {limit}")
@@ -160,16 +162,28 @@ class Server:
         for (i, p), scores in zip(scored, self.engine.classify([p.request for _, p in scored])):
             label_probs = {label: round(float(q), 6) for label, q in zip(p.task.labels, scores.probs)}
             best = p.task.labels[int(scores.probs.argmax())]
-            responses[i] = {"id": p.id, "task": p.task.name, "label": best, "scores": label_probs,
-                            "latency_ms": round(scores.latency_ms, 2)}
+            responses[i] = {
+                "id": p.id,
+                "task": p.task.name,
+                "label": best,
+                "scores": label_probs,
+                "latency_ms": round(scores.latency_ms, 2),
+            }
         for (i, p), gen in zip(generated, self.engine.generate([p.request for _, p in generated])):
             text, reason, count = self.tokenizer.decode(gen.tokens), gen.finish_reason, len(gen.tokens)
             cut = min((text.find(s) for s in p.stop if s in text), default=-1)
             if cut >= 0:
                 text, reason = text[:cut], "stop"
                 count = len(self.tokenizer.encode(text))
-            responses[i] = {"id": p.id, "task": p.task.name, "output": text, "tokens": count, "finish_reason": reason,
-                            "ttft_ms": round(gen.ttft_ms, 2), "latency_ms": round(gen.latency_ms, 2)}
+            responses[i] = {
+                "id": p.id,
+                "task": p.task.name,
+                "output": text,
+                "tokens": count,
+                "finish_reason": reason,
+                "ttft_ms": round(gen.ttft_ms, 2),
+                "latency_ms": round(gen.latency_ms, 2),
+            }
         return responses
 
 
@@ -210,7 +224,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from rich.console import Console
 
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)

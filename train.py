@@ -24,7 +24,18 @@ import sys
 import time
 from collections.abc import Sequence
 
+import jax
 import numpy as np
+from flax import nnx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+import tasks
+from mtl import config as C
+from mtl import training
+from mtl.checkpoint import Checkpoints
+from mtl.engine import Engine, Request
+from sharding import make_mesh
 
 
 class UsageError(Exception):
@@ -47,14 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="global batch size (examples a step)")
     p.add_argument("--seed", type=int, help="seed of the initialisation and the data order")
     p.add_argument("--out", help="run folder; the same command with the same --out resumes")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field by its dotted name")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field by its dotted name"
+    )
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
     return p
 
 
 def resolve_config(argv: Sequence[str]):
     """The run's :class:`mtl.config.Config` from command-line arguments."""
-    from mtl import config as C
 
     args = build_parser().parse_args(argv)
     try:
@@ -119,9 +131,6 @@ def prepare(cfg, log=print) -> Plan:
     Raises:
       UsageError: a bad task, file, mixture or mesh.
     """
-    import tasks
-    from mtl.config import HeadConfig
-    from sharding import make_mesh
 
     try:
         resolved = tasks.resolve(list(cfg.train.tasks))
@@ -130,7 +139,9 @@ def prepare(cfg, log=print) -> Plan:
         raise UsageError(str(e)) from None
     tokenizer = tasks.ByteTokenizer()
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise UsageError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+        raise UsageError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
+        )
     data, heads = [], []
     for task_id, task in enumerate(resolved):
         if task.kind not in ("generate", "classify"):
@@ -150,7 +161,7 @@ def prepare(cfg, log=print) -> Plan:
             # The longest target in training, with its EOS: the task's own length limit.
             max_new = int(splits["train"].arrays["loss_mask"].sum(axis=1).max())
         data.append(TaskData(task.name, task.kind, task.description, labels, splits, max_new))
-        heads.append(HeadConfig(task.name, task.kind, len(labels)))
+        heads.append(C.HeadConfig(task.name, task.kind, len(labels)))
         sizes = ", ".join(f"{s} {len(e)}" for s, e in splits.items())
         dropped = sum(e.dropped for e in splits.values())
         log(f"task {task.name} ({task.kind}): {sizes}; {dropped} too long; {time.perf_counter() - t0:.1f}s")
@@ -168,8 +179,6 @@ def prepare(cfg, log=print) -> Plan:
 
 def evaluate(engine, plan: Plan, split: str, limit: int) -> dict[str, dict[str, float]]:
     """Per-task metrics of the model in ``engine`` on the first ``limit`` examples of ``split``."""
-    import tasks
-    from mtl.engine import Request
 
     tokenizer = tasks.ByteTokenizer()
     results = {}
@@ -197,13 +206,15 @@ def evaluate(engine, plan: Plan, split: str, limit: int) -> dict[str, dict[str, 
 
 
 def make_engine(model, mesh, max_batch: int):
-    import tasks
-    from mtl.engine import Engine
 
     tokenizer = tasks.ByteTokenizer()
     return Engine(
-        model, mesh, max_batch=max_batch, allowed_tokens=allowed_tokens(tokenizer, model.cfg.vocab_size),
-        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+        model,
+        mesh,
+        max_batch=max_batch,
+        allowed_tokens=allowed_tokens(tokenizer, model.cfg.vocab_size),
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
     )
 
 
@@ -227,7 +238,6 @@ class RunFolder:
 
     def check_resumable(self, cfg) -> None:
         """Raises UsageError if the folder holds a run of another model or data."""
-        from mtl import config as C
 
         saved = self.path / "config.json"
         if not saved.exists():
@@ -237,32 +247,41 @@ class RunFolder:
         old = C.from_dict(json.loads(saved.read_text()))
         # These may change between a run and its resumption; nothing else may.
         free = {"steps", "mesh", "log_every", "eval_every", "eval_examples", "checkpoint_every", "keep_checkpoints"}
-        changed = [f"model.{k}" for k, v in dataclasses.asdict(cfg.model).items() if dataclasses.asdict(old.model)[k] != v]
+        changed = [
+            f"model.{k}" for k, v in dataclasses.asdict(cfg.model).items() if dataclasses.asdict(old.model)[k] != v
+        ]
         changed += [
-            f"train.{k}" for k, v in dataclasses.asdict(cfg.train).items()
+            f"train.{k}"
+            for k, v in dataclasses.asdict(cfg.train).items()
             if k not in free and dataclasses.asdict(old.train)[k] != v
         ]
         if changed:
             raise UsageError(
-                f"--out {str(self.path)!r} holds a run with different {', '.join(changed)}; use a new --out to start afresh"
+                f"--out {str(self.path)!r} holds a run with different {', '.join(changed)}; "
+                "use a new --out to start afresh"
             )
 
     def start(self, cfg, data: list[TaskData]) -> None:
-        from mtl import config as C
 
         self.path.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.path / "config.json", C.dumps(cfg))
         _write_atomic(self.path / "tasks.json", json.dumps([d.meta() for d in data], indent=2))
 
-    def truncate_metrics(self, step: int) -> None:
-        """Drops metric lines logged after ``step``: a resumed run logs them again."""
+    def truncate_metrics(self, step: int, final: bool) -> None:
+        """Drops metric lines a run resumed at ``step`` logs again.
+
+        That is every line after ``step`` and, when ``step`` ends the run, its
+        final evaluation, which the resumed run repeats.
+        """
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        records = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        kept = [
+            json.dumps(r) for r in records if r["step"] < step or (r["step"] == step and not (final and "split" in r))
+        ]
         _write_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
-        import jax
 
         if jax.process_index() != 0:
             return  # one writer in a multi-process run
@@ -282,13 +301,6 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 
 def run(plan: Plan, out: str | os.PathLike, console=None) -> dict:
     """Trains (or resumes) the planned run in ``out``; returns the final test metrics."""
-    import jax
-    import tasks
-    from flax import nnx
-    from mtl import config as C
-    from mtl import training
-    from mtl.checkpoint import Checkpoints
-    from rich.console import Console
 
     console = console or Console(stderr=True)
     cfg, mesh = plan.config, plan.mesh
@@ -299,24 +311,29 @@ def run(plan: Plan, out: str | os.PathLike, console=None) -> dict:
     sizes = {d.name: len(d.splits["train"]) for d in plan.data}
     rates = tasks.mixture_rates(cfg.train.mixture, sizes)
     sampler = tasks.MixtureSampler(
-        sizes, rates, cfg.train.batch_size, cfg.train.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        sizes,
+        rates,
+        cfg.train.batch_size,
+        cfg.train.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
     console.log(f"mesh {dict(mesh.shape)}; mixture {', '.join(f'{k} {v:.2f}' for k, v in rates.items())}")
 
-    with console.status("initialising the sharded model and optimizer"):
-        graphdef, state, shardings = training.create_train_state(cfg.model, cfg.train, mesh)
-    params = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state).model)))
-    console.log(f"model: {params / 1e6:.2f}M parameters")
     checkpoints = Checkpoints(folder.path / "checkpoints", keep=cfg.train.keep_checkpoints)
     start = 0
     if (latest := checkpoints.latest_step()) is not None:
         with console.status(f"restoring checkpoint {latest}"):
-            _, state, _ = training.abstract_train_state(cfg.model, cfg.train, mesh)
+            graphdef, state, shardings = training.abstract_train_state(cfg.model, cfg.train, mesh)
             _, _, meta = checkpoints.restore(latest, state["model"], state["optimizer"])  # fills ``state``
         start = meta["step"]
-        folder.truncate_metrics(start)
+        folder.truncate_metrics(start, final=start >= cfg.train.steps)
         console.log(f"resumed from step {start}")
+    else:
+        with console.status("initialising the sharded model and optimizer"):
+            graphdef, state, shardings = training.create_train_state(cfg.model, cfg.train, mesh)
+    params = sum(x.size for x in jax.tree.leaves(state["model"]))
+    console.log(f"model: {params / 1e6:.2f}M parameters")
 
     step_fns = {}
     fault_step = int(os.environ.get("MTL_KILL_AFTER_STEP", "0"))
@@ -345,7 +362,8 @@ def run(plan: Plan, out: str | os.PathLike, console=None) -> dict:
             else:
                 progress.update(0, completed=done)
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-                checkpoints.save(done, state["model"], state["optimizer"], {**meta_base, "step": done, "sampler_position": done})
+                meta = {**meta_base, "step": done, "sampler_position": done}
+                checkpoints.save(done, state["model"], state["optimizer"], meta)
             if done == fault_step:
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
@@ -380,7 +398,6 @@ class Evaluator:
         self.engine = None
 
     def __call__(self, state, split: str, step: int, console) -> dict[str, dict[str, float]]:
-        from flax import nnx
 
         model = nnx.merge(self.graphdef, state).model
         if self.engine is None:
@@ -412,7 +429,6 @@ class _Window:
         self.sums.setdefault(task, []).append(metrics)
 
     def flush(self, step: int) -> list[dict]:
-        import jax
 
         fetched = jax.device_get(self.sums)  # the one host sync of a log interval
         seconds = time.perf_counter() - self.t0
@@ -434,11 +450,14 @@ def _losses_text(last: dict) -> str:
 
 
 def _progress(console, total: int, start: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     progress = Progress(
-        TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
-        console=console, transient=False,
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[losses]}"),
+        console=console,
     )
     progress.add_task("train", total=total, completed=start, losses="")
     return progress
@@ -448,7 +467,6 @@ def _progress(console, total: int, start: int):
 
 
 def list_tasks() -> None:
-    import tasks
 
     for name in tasks.names():
         task = tasks.get(name)

@@ -106,15 +106,15 @@ def small() -> Config:
     """
     return Config(
         model=ModelConfig(
-            d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=32, d_ff=512, max_len=96
+            d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=32, d_ff=512, max_len=96, scan_unroll=4
         ),
         train=TrainConfig(
-            steps=1200,
+            steps=600,
             batch_size=64,
             learning_rate=2e-3,
-            warmup_steps=100,
+            warmup_steps=60,
             log_every=50,
-            eval_every=400,
+            eval_every=300,
             eval_examples=256,
             checkpoint_every=200,
         ),
@@ -209,7 +209,9 @@ def override(config: Config, assignment: str) -> Config:
     hints = typing.get_type_hints(type(section))
     fields = {f.name for f in dataclasses.fields(section)} - {"heads"}
     if field_name not in fields:
-        raise ValueError(f"--set {key!r}: {section_name} has no field {field_name!r}; fields: {', '.join(sorted(fields))}")
+        raise ValueError(
+            f"--set {key!r}: {section_name} has no field {field_name!r}; fields: {', '.join(sorted(fields))}"
+        )
     value = _parse_value(text.strip(), hints[field_name], key)
     return dataclasses.replace(config, **{section_name: dataclasses.replace(section, **{field_name: value})})
 
@@ -235,12 +237,21 @@ def validate(config: Config) -> None:
     """Raises ValueError, one sentence, for a config that cannot build a model."""
     m, t = config.model, config.train
     positive = {
-        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
-        "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads, "model.head_dim": m.head_dim,
-        "model.d_ff": m.d_ff, "model.max_len": m.max_len, "train.steps": t.steps,
-        "train.batch_size": t.batch_size, "train.learning_rate": t.learning_rate,
-        "train.log_every": t.log_every, "train.checkpoint_every": t.checkpoint_every,
-        "train.keep_checkpoints": t.keep_checkpoints, "model.scan_unroll": m.scan_unroll,
+        "model.vocab_size": m.vocab_size,
+        "model.d_model": m.d_model,
+        "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads,
+        "model.n_kv_heads": m.n_kv_heads,
+        "model.head_dim": m.head_dim,
+        "model.d_ff": m.d_ff,
+        "model.max_len": m.max_len,
+        "train.steps": t.steps,
+        "train.batch_size": t.batch_size,
+        "train.learning_rate": t.learning_rate,
+        "train.log_every": t.log_every,
+        "train.checkpoint_every": t.checkpoint_every,
+        "train.keep_checkpoints": t.keep_checkpoints,
+        "model.scan_unroll": m.scan_unroll,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -255,4 +266,3 @@ def validate(config: Config) -> None:
     for head in m.heads:
         if head.kind not in HEAD_KINDS:
             raise ValueError(f"head {head.task!r} has kind {head.kind!r}; kinds: {', '.join(HEAD_KINDS)}")
-

@@ -10,6 +10,7 @@ until its last row is done.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -84,6 +85,7 @@ class Engine:
         self.allowed = jnp.asarray(allowed_tokens, bool)
         self.kinds = {h.task: h.kind for h in self.cfg.heads}
         self.task_ids = {h.task: i for i, h in enumerate(self.cfg.heads)}
+        self.traces = collections.Counter()  # compilations by function, counted as they trace
         self._classify = jax.jit(self._classify_fn)
         self._start = jax.jit(self._start_fn)
         self._step = jax.jit(self._step_fn, donate_argnums=1)
@@ -91,16 +93,19 @@ class Engine:
     # Pure functions of (params, arrays); jitted once per shape.
 
     def _classify_fn(self, params, tokens, lengths, task_ids):
+        self.traces["classify"] += 1
         model = nnx.merge(self.graphdef, params)
         hidden, _ = model(tokens, task_ids)
         return {task: jax.nn.softmax(model.classify_logits(task, hidden, lengths)) for task in model.classifiers}
 
     def _start_fn(self, params, tokens, lengths, task_ids, sampling, max_new):
+        self.traces["start"] += 1
         model = nnx.merge(self.graphdef, params)
         s = self.cfg.max_len
         return decode.start(model, tokens, lengths, task_ids, sampling, max_new, self.allowed, self.eos_id, s, s)
 
     def _step_fn(self, params, state):
+        self.traces["step"] += 1
         model = nnx.merge(self.graphdef, params)
         return decode.decode_step(model, state, self.allowed, self.eos_id)
 
@@ -190,4 +195,3 @@ class Engine:
 def _chunks(items: Sequence, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
-

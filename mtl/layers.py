@@ -7,6 +7,7 @@ by logical names too, which is a no-op outside a mesh.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -26,6 +27,26 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: Axes, dtype) -> nn
     ``out_sharding``, which Flax reads as mesh axes whenever a mesh is set.
     """
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+def contract(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """``jnp.einsum(spec, x, w)`` computed as one 2-D matmul.
+
+    The spec must contract the trailing axes of ``x`` with the leading axes of
+    ``w`` and keep the rest in order (``'BTD,DNH->BTNH'``, ``'BTNH,NHD->BTD'``).
+    Flattened this way the backward pass runs about twice as fast on XLA:CPU,
+    which lowers many-axis dot products to slower loops; on accelerators it
+    changes nothing. Sharding survives the reshapes: only major axes merge.
+    """
+    inputs, out = spec.split("->")
+    x_axes, w_axes = inputs.split(",")
+    n = sum(axis in w_axes for axis in x_axes)
+    if x_axes[len(x_axes) - n :] != w_axes[:n] or out != x_axes[: len(x_axes) - n] + w_axes[n:]:
+        raise ValueError(f"contract({spec!r}) needs x's trailing axes contracted with w's leading ones")
+    lead, free = x.shape[: x.ndim - n], w.shape[n:]
+    inner = math.prod(w.shape[:n])
+    y = x.reshape(-1, inner) @ w.reshape(inner, -1)
+    return y.reshape(*lead, *free)
 
 
 def normal(stddev: float):
@@ -98,9 +119,9 @@ class Attention(nnx.Module):
           projections of ``x`` without a cache, the updated cache with one.
         """
         dt = self.dtype
-        query = jnp.einsum("BTD,DNH->BTNH", x, self.w_dnh[...].astype(dt))
-        key = jnp.einsum("BTD,DKH->BTKH", x, self.w_dkh_key[...].astype(dt))
-        value = jnp.einsum("BTD,DKH->BTKH", x, self.w_dkh_value[...].astype(dt))
+        query = contract("BTD,DNH->BTNH", x, self.w_dnh[...].astype(dt))
+        key = contract("BTD,DKH->BTKH", x, self.w_dkh_key[...].astype(dt))
+        value = contract("BTD,DKH->BTKH", x, self.w_dkh_value[...].astype(dt))
         query = constrain(rope(query, positions, self.rope_theta), ("batch", "length", "heads", "head_dim"))
         key = constrain(rope(key, positions, self.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
         value = constrain(value, ("batch", "length", "kv_heads", "head_dim"))
@@ -119,7 +140,7 @@ class Attention(nnx.Module):
             )
             kept = (cache_key, cache_value)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        return jnp.einsum("BTNH,NHD->BTD", out, self.w_nhd[...].astype(dt)), kept
+        return contract("BTNH,NHD->BTD", out, self.w_nhd[...].astype(dt)), kept
 
 
 class MLP(nnx.Module):
@@ -135,10 +156,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        gate = jnp.einsum("BTD,DF->BTF", x, self.w_df_gate[...].astype(dt))
-        up = jnp.einsum("BTD,DF->BTF", x, self.w_df_up[...].astype(dt))
+        gate = contract("BTD,DF->BTF", x, self.w_df_gate[...].astype(dt))
+        up = contract("BTD,DF->BTF", x, self.w_df_up[...].astype(dt))
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return jnp.einsum("BTF,FD->BTD", hidden, self.w_fd[...].astype(dt))
+        return contract("BTF,FD->BTD", hidden, self.w_fd[...].astype(dt))
 
 
 class Block(nnx.Module):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtl.config import HeadConfig, ModelConfig
-from mtl.layers import Block, KVCache, RMSNorm, normal, param
+from mtl.layers import Block, KVCache, RMSNorm, contract, normal, param
 from sharding import constrain
 
 
@@ -53,9 +53,7 @@ class MultiTaskModel(nnx.Module):
         self.final_norm = RMSNorm(d, cfg.norm_eps, pd, rngs=rngs)
         if not cfg.tie_embeddings:
             self.w_dv = param(rngs, normal(d**-0.5), (d, v), ("embed", "vocab"), pd)
-        self.classifiers = nnx.Dict(
-            {h.task: Classifier(cfg, h, rngs=rngs) for h in cfg.heads if h.kind == "classify"}
-        )
+        self.classifiers = nnx.Dict({h.task: Classifier(cfg, h, rngs=rngs) for h in cfg.heads if h.kind == "classify"})
 
     def task_index(self, task: str) -> int:
         return self.cfg.task_names.index(task)
@@ -89,7 +87,7 @@ class MultiTaskModel(nnx.Module):
         # width, a matmul partitions cleanly where a gather would be replicated.
         scale = jnp.asarray(cfg.d_model**0.5, dt)
         one_hot = jax.nn.one_hot(tokens, cfg.vocab_size, dtype=dt)  # [B, T, V]
-        x = jnp.einsum("BTV,VD->BTD", one_hot, self.embed_vd[...].astype(dt)) * scale
+        x = contract("BTV,VD->BTD", one_hot, self.embed_vd[...].astype(dt)) * scale
         task_one_hot = jax.nn.one_hot(task_ids, self.task_embed.shape[0], dtype=dt)  # [B, tasks]
         task_vec = jnp.einsum("BJ,JD->BD", task_one_hot, self.task_embed[...].astype(dt)) * scale
         x = x + jnp.where(positions[..., None] == 0, task_vec[:, None, :], 0).astype(dt)  # [B, T, D]
@@ -110,10 +108,10 @@ class MultiTaskModel(nnx.Module):
     def lm_logits(self, hidden: jax.Array) -> jax.Array:
         """Language-model logits in f32: [B, T, D] -> [B, T, V]."""
         if self.cfg.tie_embeddings:
-            w = self.embed_vd[...].astype(hidden.dtype)
-            logits = jnp.einsum("BTD,VD->BTV", hidden, w)
+            w_dv = self.embed_vd[...].astype(hidden.dtype).T
         else:
-            logits = jnp.einsum("BTD,DV->BTV", hidden, self.w_dv[...].astype(hidden.dtype))
+            w_dv = self.w_dv[...].astype(hidden.dtype)
+        logits = contract("BTD,DV->BTV", hidden, w_dv)
         return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
     def classify_logits(self, task: str, hidden: jax.Array, lengths: jax.Array) -> jax.Array:

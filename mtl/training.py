@@ -113,9 +113,7 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch, *, task: 
 
 def batch_shardings(batch: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, jax.sharding.NamedSharding]:
     """Every batch array is split along its leading (batch) axis."""
-    return {
-        k: named_sharding(("batch",) + (None,) * (np.ndim(v) - 1), np.shape(v), mesh) for k, v in batch.items()
-    }
+    return {k: named_sharding(("batch",) + (None,) * (np.ndim(v) - 1), np.shape(v), mesh) for k, v in batch.items()}
 
 
 def compile_train_step(graphdef, shardings, mesh, example_batch: dict, *, task: str, kind: str):

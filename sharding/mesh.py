@@ -47,7 +47,9 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
     known = math.prod(size for size in sizes.values() if size != -1)
     if fill:
         if num_devices % known:
-            raise ValueError(f"--mesh {spec!r}: {num_devices} devices do not divide into the fixed sizes' product {known}")
+            raise ValueError(
+                f"--mesh {spec!r}: {num_devices} devices do not divide into the fixed sizes' product {known}"
+            )
         sizes[fill[0]] = num_devices // known
     elif known != num_devices:
         raise ValueError(f"--mesh {spec!r} covers {known} devices but {num_devices} are present")

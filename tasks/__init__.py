@@ -3,16 +3,32 @@
 Importing the package registers the built-in tasks (``g2p``, ``langid``).
 """
 
-from tasks import metrics
+from tasks import (
+    builtin,  # noqa: F401  (registers the built-in tasks)
+    metrics,
+)
 from tasks.data import EncodedSplit, encode_split, labels_of, prompt_ids
 from tasks.registry import KINDS, Task, get, names, register, resolve
 from tasks.sampler import MixtureSampler, mixture_rates
 from tasks.schema import COLUMNS, SPLITS
 from tasks.tokenizer import ByteTokenizer, Tokenizer
-from tasks import builtin  # noqa: F401  (registers the built-in tasks)
 
 __all__ = [
-    "COLUMNS", "KINDS", "SPLITS", "ByteTokenizer", "EncodedSplit", "MixtureSampler",
-    "Task", "Tokenizer", "encode_split", "get", "labels_of", "metrics", "mixture_rates",
-    "names", "prompt_ids", "register", "resolve",
+    "COLUMNS",
+    "KINDS",
+    "SPLITS",
+    "ByteTokenizer",
+    "EncodedSplit",
+    "MixtureSampler",
+    "Task",
+    "Tokenizer",
+    "encode_split",
+    "get",
+    "labels_of",
+    "metrics",
+    "mixture_rates",
+    "names",
+    "prompt_ids",
+    "register",
+    "resolve",
 ]

@@ -99,21 +99,23 @@ def load_langid() -> datasets.DatasetDict:
 
 
 def _dataset_dict(rows: dict[str, dict[str, list[str]]]) -> datasets.DatasetDict:
-    return datasets.DatasetDict(
-        {split: datasets.Dataset.from_dict(columns) for split, columns in rows.items()}
+    return datasets.DatasetDict({split: datasets.Dataset.from_dict(columns) for split, columns in rows.items()})
+
+
+G2P = register(
+    Task(
+        name="g2p",
+        kind="generate",
+        description="English word to ARPAbet phonemes (CMUdict), e.g. hello -> HH AH0 L OW1.",
+        load=load_g2p,
     )
+)
 
-
-G2P = register(Task(
-    name="g2p",
-    kind="generate",
-    description="English word to ARPAbet phonemes (CMUdict), e.g. hello -> HH AH0 L OW1.",
-    load=load_g2p,
-))
-
-LANGID = register(Task(
-    name="langid",
-    kind="classify",
-    description=f"Language of a CLDR display name, one of {', '.join(LANGID_LANGUAGES)}.",
-    load=load_langid,
-))
+LANGID = register(
+    Task(
+        name="langid",
+        kind="classify",
+        description=f"Language of a CLDR display name, one of {', '.join(LANGID_LANGUAGES)}.",
+        load=load_langid,
+    )
+)

@@ -114,8 +114,7 @@ def encode_split(
     """
     if task_kind not in ENCODED_KINDS:
         raise ValueError(
-            f"Task kind {task_kind!r} cannot be encoded yet; accepted kinds are "
-            f"{', '.join(ENCODED_KINDS)}."
+            f"Task kind {task_kind!r} cannot be encoded yet; accepted kinds are {', '.join(ENCODED_KINDS)}."
         )
     if max_len < 1:
         raise ValueError(f"max_len {max_len} is not accepted; it must be at least 1.")
@@ -174,9 +173,7 @@ def _encode_classify(inputs, label_texts, tokenizer, max_len, labels):
     index = {label: i for i, label in enumerate(labels)}
     missing = sorted({t for t in label_texts if t not in index})
     if missing:
-        raise ValueError(
-            f"Label {missing[0]!r} is not in the task's labels; accepted labels are {', '.join(labels)}."
-        )
+        raise ValueError(f"Label {missing[0]!r} is not in the task's labels; accepted labels are {', '.join(labels)}.")
     seqs = [prompt_ids(tokenizer, text) for text in inputs]
     seq_lens = np.array([len(s) for s in seqs], dtype=np.int64)
     keep = seq_lens <= max_len

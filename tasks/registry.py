@@ -32,13 +32,9 @@ class Task:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(
-                f"Task {self.name!r} has kind {self.kind!r}; accepted kinds are {', '.join(KINDS)}."
-            )
+            raise ValueError(f"Task {self.name!r} has kind {self.kind!r}; accepted kinds are {', '.join(KINDS)}.")
         if not self.name or "=" in self.name or "," in self.name:
-            raise ValueError(
-                f"Task name {self.name!r} is not accepted; use a non-empty name without '=' or ','."
-            )
+            raise ValueError(f"Task name {self.name!r} is not accepted; use a non-empty name without '=' or ','.")
 
 
 _TASKS: dict[str, Task] = {}
@@ -65,9 +61,7 @@ def get(name: str) -> Task:
     try:
         return _TASKS[name]
     except KeyError:
-        raise ValueError(
-            f"Unknown task {name!r}; known tasks are {', '.join(names()) or 'none'}."
-        ) from None
+        raise ValueError(f"Unknown task {name!r}; known tasks are {', '.join(names()) or 'none'}.") from None
 
 
 def names() -> list[str]:
@@ -96,9 +90,7 @@ def resolve(specs: list[str]) -> list[Task]:
         if "=" in spec:
             name, path = (part.strip() for part in spec.split("=", 1))
             if not name or not path:
-                raise ValueError(
-                    f"Task spec {spec!r} is not accepted; use a task name or NAME=PATH."
-                )
+                raise ValueError(f"Task spec {spec!r} is not accepted; use a task name or NAME=PATH.")
             kind, load = user_files.load_task_file(path)
             task = Task(name, kind, f"{kind} task from {path}", load)
         else:

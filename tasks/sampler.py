@@ -72,9 +72,7 @@ def _positive_number(spec: str, arg: str) -> float:
     except ValueError:
         value = float("nan")
     if not value > 0 or value == float("inf"):
-        raise ValueError(
-            f"Mixture {spec!r} needs a positive number after ':'; use {MIXTURE_FORMS}."
-        )
+        raise ValueError(f"Mixture {spec!r} needs a positive number after ':'; use {MIXTURE_FORMS}.")
     return value
 
 
@@ -87,9 +85,7 @@ def _parse_weights(spec: str, arg: str, names: list[str]) -> dict[str, float]:
         except ValueError:
             weight = float("nan")
         if not 0 <= weight < float("inf"):
-            raise ValueError(
-                f"Mixture weight {item.strip()!r} in {spec!r} is not accepted; use NAME=W with W >= 0."
-            )
+            raise ValueError(f"Mixture weight {item.strip()!r} in {spec!r} is not accepted; use NAME=W with W >= 0.")
         if name not in names:
             raise ValueError(
                 f"Mixture {spec!r} weights task {name!r}, which is not trained; tasks are {', '.join(names)}."
@@ -122,8 +118,15 @@ class MixtureSampler:
         a contiguous slice of B // process_count examples.
     """
 
-    def __init__(self, sizes: dict[str, int], rates: dict[str, float], batch_size: int,
-                 seed: int, process_index: int = 0, process_count: int = 1):
+    def __init__(
+        self,
+        sizes: dict[str, int],
+        rates: dict[str, float],
+        batch_size: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
         if set(sizes) != set(rates):
             raise ValueError(
                 f"Mixture rates name tasks {sorted(rates)} but sizes name {sorted(sizes)}; they must match."
@@ -134,9 +137,7 @@ class MixtureSampler:
                 f"it must be a positive multiple of the process count."
             )
         if not 0 <= process_index < process_count:
-            raise ValueError(
-                f"Process index {process_index} is not accepted; it must be in [0, {process_count})."
-            )
+            raise ValueError(f"Process index {process_index} is not accepted; it must be in [0, {process_count}).")
         self.names = sorted(sizes)
         self.sizes = np.array([sizes[n] for n in self.names], dtype=np.int64)
         probs = np.array([rates[n] for n in self.names], dtype=np.float64)

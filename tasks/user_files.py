@@ -18,18 +18,10 @@ from tasks.schema import COLUMNS, KINDS, SPLITS, split_of
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 FEATURES = {
-    "generate": datasets.Features(
-        {"input": datasets.Value("string"), "target": datasets.Value("string")}
-    ),
-    "classify": datasets.Features(
-        {"input": datasets.Value("string"), "label": datasets.Value("string")}
-    ),
-    "regress": datasets.Features(
-        {"input": datasets.Value("string"), "value": datasets.Value("float32")}
-    ),
-    "tag": datasets.Features(
-        {"input": datasets.Value("string"), "tags": datasets.Sequence(datasets.Value("string"))}
-    ),
+    "generate": datasets.Features({"input": datasets.Value("string"), "target": datasets.Value("string")}),
+    "classify": datasets.Features({"input": datasets.Value("string"), "label": datasets.Value("string")}),
+    "regress": datasets.Features({"input": datasets.Value("string"), "value": datasets.Value("float32")}),
+    "tag": datasets.Features({"input": datasets.Value("string"), "tags": datasets.Sequence(datasets.Value("string"))}),
 }
 
 
@@ -74,8 +66,7 @@ def load_task_file(path: str) -> tuple[str, Callable[[], datasets.DatasetDict]]:
     table = _read(path)
     kind = detect_kind(path, list(table))
     n = len(table["input"])
-    columns = {name: [_clean(path, kind, name, row, v) for row, v in enumerate(table[name])]
-               for name in COLUMNS[kind]}
+    columns = {name: [_clean(path, kind, name, row, v) for row, v in enumerate(table[name])] for name in COLUMNS[kind]}
     if kind == "tag":
         _check_tag_counts(path, columns["input"], columns["tags"])
 
@@ -84,13 +75,15 @@ def load_task_file(path: str) -> tuple[str, Callable[[], datasets.DatasetDict]]:
     else:
         splits = [split_of(text) for text in columns["input"]]
     rows_of = {split: [i for i in range(n) if splits[i] == split] for split in SPLITS}
-    result = datasets.DatasetDict({
-        split: datasets.Dataset.from_dict(
-            {name: [values[i] for i in rows] for name, values in columns.items()},
-            features=FEATURES[kind],
-        )
-        for split, rows in rows_of.items()
-    })
+    result = datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                {name: [values[i] for i in rows] for name, values in columns.items()},
+                features=FEATURES[kind],
+            )
+            for split, rows in rows_of.items()
+        }
+    )
     return kind, lambda: result
 
 
@@ -99,17 +92,14 @@ def _read(path: str) -> dict[str, list[Any]]:
     ext = os.path.splitext(path)[1].lower()
     if ext not in BUILDERS:
         raise ValueError(
-            f"Task file {path!r} has extension {ext or '(none)'!r}; "
-            f"accepted extensions are .jsonl, .csv and .parquet."
+            f"Task file {path!r} has extension {ext or '(none)'!r}; accepted extensions are .jsonl, .csv and .parquet."
         )
     if not os.path.isfile(path):
         raise ValueError(f"Task file {path!r} does not exist.")
     if os.path.getsize(path) == 0:
         raise ValueError(f"Task file {path!r} is empty.")
     try:
-        dataset = datasets.load_dataset(
-            BUILDERS[ext], data_files=os.path.abspath(path), split="train"
-        )
+        dataset = datasets.load_dataset(BUILDERS[ext], data_files=os.path.abspath(path), split="train")
     except Exception as e:  # datasets raises many types; the user needs only the reason
         if "corresponds to no data" in str(e):  # how datasets reports a file of no rows
             raise ValueError(f"Task file {path!r} has no rows.") from e
@@ -150,9 +140,7 @@ def _clean(path: str, kind: str, column: str, row: int, value: Any) -> Any:
         )
     # input, target, label are text; numeric labels (0/1 in a CSV) become text.
     if isinstance(value, (list, dict)):
-        raise ValueError(
-            f"Task file {path!r} has {column} {value!r} in row {row + 1}; text is accepted."
-        )
+        raise ValueError(f"Task file {path!r} has {column} {value!r} in row {row + 1}; text is accepted.")
     return str(value)
 
 
@@ -168,7 +156,6 @@ def _check_tag_counts(path: str, inputs: list[str], tags: list[list[str]]) -> No
 def _split_value(path: str, row: int, value: Any) -> str:
     if value not in SPLITS:
         raise ValueError(
-            f"Task file {path!r} has split {value!r} in row {row + 1}; "
-            f"accepted splits are {', '.join(SPLITS)}."
+            f"Task file {path!r} has split {value!r} in row {row + 1}; accepted splits are {', '.join(SPLITS)}."
         )
     return value

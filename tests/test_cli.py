@@ -11,16 +11,33 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
 TRAIN = [
-    "--preset", "tiny", "--tasks", "g2p,langid", "--mesh", "data=2,fsdp=2,tensor=2", "--steps", "12",
-    "--batch-size", "8", "--set", "train.checkpoint_every=4", "--set", "train.log_every=1",
-    "--set", "train.eval_examples=8",
+    "--preset",
+    "tiny",
+    "--tasks",
+    "g2p,langid",
+    "--mesh",
+    "data=2,fsdp=2,tensor=2",
+    "--steps",
+    "12",
+    "--batch-size",
+    "8",
+    "--set",
+    "train.checkpoint_every=4",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.eval_examples=8",
 ]
 
 
 def run(script, *args, env=None, stdin=None):
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], capture_output=True, text=True, env=env or ENV,
-        input=stdin, timeout=600,
+        [sys.executable, str(ROOT / script), *args],
+        capture_output=True,
+        text=True,
+        env=env or ENV,
+        input=stdin,
+        timeout=600,
     )
 
 
@@ -64,8 +81,16 @@ REQUESTS = [
     {"id": "l1", "task": "langid", "input": "Allemagne"},
     "this line is not json",
     {"id": "bad-task", "task": "nope", "input": "x"},
-    {"id": "g2", "task": "g2p", "input": "world", "temperature": 0.9, "top_k": 20, "top_p": 0.9, "seed": 4,
-     "max_new_tokens": 5},
+    {
+        "id": "g2",
+        "task": "g2p",
+        "input": "world",
+        "temperature": 0.9,
+        "top_k": 20,
+        "top_p": 0.9,
+        "seed": 4,
+        "max_new_tokens": 5,
+    },
     {"task": "g2p", "input": "no id"},
     {"id": "bad-temp", "task": "g2p", "input": "cat", "temperature": -1},
     {"id": "long", "task": "g2p", "input": "x" * 500},
@@ -81,8 +106,19 @@ def test_serve_answers_mixed_and_bad_requests_on_another_mesh(runs, mesh, tmp_pa
     lines = "\n".join(r if isinstance(r, str) else json.dumps(r) for r in REQUESTS) + "\n"
     (tmp_path / "requests.jsonl").write_text(lines)
     out = tmp_path / "responses.jsonl"
-    served = run("serve.py", "--ckpt", str(resumed), "--requests", str(tmp_path / "requests.jsonl"),
-                 "--out", str(out), "--mesh", mesh, "--max-batch", "4")
+    served = run(
+        "serve.py",
+        "--ckpt",
+        str(resumed),
+        "--requests",
+        str(tmp_path / "requests.jsonl"),
+        "--out",
+        str(out),
+        "--mesh",
+        mesh,
+        "--max-batch",
+        "4",
+    )
     assert served.returncode == 0, served.stderr[-3000:]
     responses = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r.get("id") for r in responses] == ["g1", "l1", None, "bad-task", "g2", None, "bad-temp", "long", 7, "g3"]
@@ -108,7 +144,9 @@ def test_serve_answers_mixed_and_bad_requests_on_another_mesh(runs, mesh, tmp_pa
 @pytest.mark.slow
 def test_serve_same_greedy_answers_on_any_mesh(runs, tmp_path):
     _, resumed, _ = runs
-    requests = "".join(json.dumps({"id": i, "task": "g2p", "input": w}) + "\n" for i, w in enumerate(["tree", "stone", "a"]))
+    requests = "".join(
+        json.dumps({"id": i, "task": "g2p", "input": w}) + "\n" for i, w in enumerate(["tree", "stone", "a"])
+    )
     outputs = []
     for mesh in ("data=8", "data=2,fsdp=2,tensor=2"):
         served = run("serve.py", "--ckpt", str(resumed / "checkpoints" / "12"), "--mesh", mesh, stdin=requests)

@@ -131,3 +131,29 @@ def test_sampling_depends_on_seed_and_position_only():
 def test_length_buckets():
     assert length_buckets(128) == (16, 32, 64, 128)
     assert length_buckets(96) == (16, 32, 64, 96)
+
+
+def test_no_retrace_after_warm_up():
+    engine = make_engine(make_model(), max_batch=4)
+    warm = [Request(task="spell", prompt=[1, 40, 3]), Request(task="lang", prompt=[1, 40, 3])]
+    engine.generate(warm[:1])
+    engine.classify(warm[1:])
+    assert engine.traces == {"start": 1, "step": 1, "classify": 1}
+    rng = np.random.default_rng(0)
+    for i in range(12):  # mixed tasks, lengths within the first bucket, sampling settings, batch sizes
+        n = int(rng.integers(1, 7))
+        reqs = [
+            Request(
+                task=str(rng.choice(["spell", "echo"])),
+                prompt=[1] + rng.integers(4, 200, int(rng.integers(1, 14))).tolist() + [3],
+                max_new_tokens=int(rng.integers(1, 12)),
+                temperature=float(rng.choice([0.0, 0.8])),
+                top_k=int(rng.integers(0, 5)),
+                top_p=float(rng.choice([1.0, 0.9])),
+                seed=i,
+            )
+            for _ in range(n)
+        ]
+        engine.generate(reqs)
+        engine.classify([Request(task="lang", prompt=[1, 5 + i, 3])] * n)
+    assert engine.traces == {"start": 1, "step": 1, "classify": 1}

@@ -14,7 +14,9 @@ from tests.helpers import tiny_model_config
 def naive_attention(x, attn: Attention, positions, theta):
     """Causal GQA written out with numpy: repeat kv heads, mask, softmax."""
     x = np.asarray(x, np.float64)
-    wq, wk, wv, wo = (np.asarray(w[...], np.float64) for w in (attn.w_dnh, attn.w_dkh_key, attn.w_dkh_value, attn.w_nhd))
+    wq, wk, wv, wo = (
+        np.asarray(w[...], np.float64) for w in (attn.w_dnh, attn.w_dkh_key, attn.w_dkh_value, attn.w_nhd)
+    )
     q = np.einsum("btd,dnh->btnh", x, wq)
     k = np.einsum("btd,dkh->btkh", x, wk)
     v = np.einsum("btd,dkh->btkh", x, wv)

@@ -257,9 +257,7 @@ def test_parameters_follow_the_rules_on_2x2x2():
 
     # Each device holds a quarter of an MLP weight: [L, D/2, F/2].
     gate = mlp["w_df_gate"][...]
-    assert {s.data.shape for s in gate.addressable_shards} == {
-        (MODEL.n_layers, MODEL.d_model // 2, MODEL.d_ff // 2)
-    }
+    assert {s.data.shape for s in gate.addressable_shards} == {(MODEL.n_layers, MODEL.d_model // 2, MODEL.d_ff // 2)}
 
     # The optimizer's moments live where their parameters do.
     adam = run.state["optimizer"]["opt_state"][1][0]

@@ -18,6 +18,7 @@ def b(text):
 
 # --- tokenizer ----------------------------------------------------------------
 
+
 def test_byte_tokenizer_ids():
     assert (TOK.pad_id, TOK.bos_id, TOK.eos_id, TOK.sep_id, TOK.vocab_size) == (0, 1, 2, 3, 260)
     assert TOK.encode("hi") == [4 + 104, 4 + 105]
@@ -33,6 +34,7 @@ def test_byte_tokenizer_round_trip_and_decode_rules():
 
 
 # --- generate -----------------------------------------------------------------
+
 
 def _generate_ds(pairs):
     return datasets.Dataset.from_dict({"input": [p[0] for p in pairs], "target": [p[1] for p in pairs]})
@@ -98,6 +100,7 @@ def test_g2p_encodes_every_example_consistently():
 
 # --- classify -----------------------------------------------------------------
 
+
 def test_classify_layout():
     ds = datasets.Dataset.from_dict({"input": ["hej", "ciao!"], "label": ["sv", "it"]})
     enc = encode_split("classify", ds, TOK, max_len=64, labels=("de", "it", "sv"), task_id=1)
@@ -108,7 +111,11 @@ def test_classify_layout():
     np.testing.assert_array_equal(enc.arrays["label"], [2, 1])
     batch = enc.batch(np.array([1]))
     assert {k: v.dtype for k, v in batch.items()} == {
-        "tokens": np.int32, "lengths": np.int32, "label": np.int32, "task_id": np.int32}
+        "tokens": np.int32,
+        "lengths": np.int32,
+        "label": np.int32,
+        "task_id": np.int32,
+    }
     np.testing.assert_array_equal(batch["task_id"], [1])
     assert enc.references == ["sv", "it"]
 
@@ -124,11 +131,13 @@ def test_classify_drops_long_and_rejects_unknown_label():
 
 
 def test_labels_of_spans_all_splits():
-    dd = datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"input": ["a", "b"], "label": ["z", "a"]}),
-        "validation": datasets.Dataset.from_dict({"input": ["c"], "label": ["m"]}),
-        "test": datasets.Dataset.from_dict({"input": [], "label": []}),
-    })
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"input": ["a", "b"], "label": ["z", "a"]}),
+            "validation": datasets.Dataset.from_dict({"input": ["c"], "label": ["m"]}),
+            "test": datasets.Dataset.from_dict({"input": [], "label": []}),
+        }
+    )
     assert labels_of(dd) == ("a", "m", "z")
 
 

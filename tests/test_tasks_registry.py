@@ -12,8 +12,8 @@ import pytest
 import tasks
 from tasks.schema import COLUMNS, SPLITS, split_of
 
-
 # --- registry -----------------------------------------------------------------
+
 
 def test_builtin_tasks_are_registered():
     assert {"g2p", "langid"} <= set(tasks.names())
@@ -39,10 +39,16 @@ def test_task_rejects_unknown_kind():
 def test_split_of_is_a_stable_hash():
     # Pinned values: a switch to Python's salted hash() or a new digest fails here.
     assert [split_of(w) for w in ["hello", "world", "phoneme", "zebra", "tree"]] == [
-        "train", "train", "validation", "validation", "train"]
+        "train",
+        "train",
+        "validation",
+        "validation",
+        "train",
+    ]
 
 
 # --- built-in tasks -----------------------------------------------------------
+
 
 def _check_splits(dd, kind):
     assert set(dd) == set(SPLITS)
@@ -85,7 +91,7 @@ def test_langid():
     assert "Afghanistan" not in by_text  # shared by several languages
     assert by_text["Vereinigte Staaten"] == {"de"}
     assert all(text and text == " ".join(text.split()) for text in by_text)
-    counts = collections.Counter(l for s in SPLITS for l in dd[s]["label"])
+    counts = collections.Counter(label for s in SPLITS for label in dd[s]["label"])
     assert min(counts.values()) > 500
 
 
@@ -186,18 +192,18 @@ def _bad_file_cases(tmp_path):
         (str(empty), "is empty"),
         (str(header_only), "has no rows"),
         (str(tmp_path / "x.txt"), "extension '.txt'"),
-        (_write(tmp_path / "none.jsonl", [{"input": "a", "answer": "b"}]),
-         r"columns \['answer', 'input'\].*no kind"),
-        (_write(tmp_path / "two.jsonl", [{"input": "a", "target": "b", "label": "c"}]),
-         r"more than one kind \(generate, classify\)"),
-        (_write(tmp_path / "split.jsonl", [{"input": "a", "target": "b", "split": "dev"}]),
-         "split 'dev' in row 1"),
-        (_write(tmp_path / "null.jsonl", [{"input": "a", "target": "b"}, {"input": None, "target": "c"}]),
-         "empty 'input' in row 2"),
-        (_write(tmp_path / "tags.jsonl", [{"input": "a b c", "tags": ["X"]}]),
-         "1 tags for 3 tokens in row 1"),
-        (_write(tmp_path / "value.csv", [{"input": "a", "value": "high"}]),
-         "value 'high' in row 1"),
+        (_write(tmp_path / "none.jsonl", [{"input": "a", "answer": "b"}]), r"columns \['answer', 'input'\].*no kind"),
+        (
+            _write(tmp_path / "two.jsonl", [{"input": "a", "target": "b", "label": "c"}]),
+            r"more than one kind \(generate, classify\)",
+        ),
+        (_write(tmp_path / "split.jsonl", [{"input": "a", "target": "b", "split": "dev"}]), "split 'dev' in row 1"),
+        (
+            _write(tmp_path / "null.jsonl", [{"input": "a", "target": "b"}, {"input": None, "target": "c"}]),
+            "empty 'input' in row 2",
+        ),
+        (_write(tmp_path / "tags.jsonl", [{"input": "a b c", "tags": ["X"]}]), "1 tags for 3 tokens in row 1"),
+        (_write(tmp_path / "value.csv", [{"input": "a", "value": "high"}]), "value 'high' in row 1"),
     ]
 
 

@@ -13,6 +13,7 @@ SIZES = {"big": 9000, "mid": 1000, "small": 100}
 
 # --- mixture_rates ------------------------------------------------------------
 
+
 def test_rates_by_form():
     r = mixture_rates("uniform", SIZES)
     assert r == pytest.approx({"big": 1 / 3, "mid": 1 / 3, "small": 1 / 3})
@@ -30,20 +31,23 @@ def test_rates_by_form():
         assert sum(mixture_rates(spec, SIZES).values()) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("spec, named", [
-    ("bogus", "'bogus'"),
-    ("uniform:2", "'uniform:2'"),
-    ("temperature", "'temperature'"),
-    ("temperature:0", "'temperature:0'"),
-    ("temperature:hot", "'temperature:hot'"),
-    ("proportional:-5", "'proportional:-5'"),
-    ("weights:big=1,mid=1", "'small'"),
-    ("weights:big=1,mid=1,small=1,huge=2", "'huge'"),
-    ("weights:big=1,mid=-1,small=1", "'mid=-1'"),
-    ("weights:big=1,mid,small=1", "'mid'"),
-    ("weights:big=0,mid=0,small=0", "all weights 0"),
-    ("weights:big=1,big=2,mid=1,small=1", "'big' twice"),
-])
+@pytest.mark.parametrize(
+    "spec, named",
+    [
+        ("bogus", "'bogus'"),
+        ("uniform:2", "'uniform:2'"),
+        ("temperature", "'temperature'"),
+        ("temperature:0", "'temperature:0'"),
+        ("temperature:hot", "'temperature:hot'"),
+        ("proportional:-5", "'proportional:-5'"),
+        ("weights:big=1,mid=1", "'small'"),
+        ("weights:big=1,mid=1,small=1,huge=2", "'huge'"),
+        ("weights:big=1,mid=-1,small=1", "'mid=-1'"),
+        ("weights:big=1,mid,small=1", "'mid'"),
+        ("weights:big=0,mid=0,small=0", "all weights 0"),
+        ("weights:big=1,big=2,mid=1,small=1", "'big' twice"),
+    ],
+)
 def test_bad_mixture_specs(spec, named):
     with pytest.raises(ValueError, match=named) as info:
         mixture_rates(spec, SIZES)
@@ -56,6 +60,7 @@ def test_empty_task_is_refused():
 
 
 # --- MixtureSampler -----------------------------------------------------------
+
 
 def _sampler(seed=0, batch_size=8, rates=None, **kw):
     return MixtureSampler(SIZES, rates or mixture_rates("temperature:2", SIZES), batch_size, seed, **kw)
@@ -70,8 +75,10 @@ def test_same_seed_and_step_same_batch():
         np.testing.assert_array_equal(ia, ib)
         assert ia.dtype == np.int64 and ia.shape == (8,)
     other = _sampler(seed=1)
-    assert any(a.batch_at(s)[0] != other.batch_at(s)[0] or not np.array_equal(a.batch_at(s)[1], other.batch_at(s)[1])
-               for s in range(10))
+    assert any(
+        a.batch_at(s)[0] != other.batch_at(s)[0] or not np.array_equal(a.batch_at(s)[1], other.batch_at(s)[1])
+        for s in range(10)
+    )
 
 
 @pytest.mark.parametrize("step", [537, CHUNK + 37])
@@ -118,7 +125,7 @@ def test_each_epoch_is_a_permutation():
     epochs = len(walk) // 100
     assert epochs >= 10
     for e in range(epochs):
-        assert sorted(walk[e * 100:(e + 1) * 100]) == list(range(100))
+        assert sorted(walk[e * 100 : (e + 1) * 100]) == list(range(100))
     assert not np.array_equal(walk[:100], walk[100:200])  # a fresh order each epoch
 
 
@@ -126,7 +133,7 @@ def test_batch_larger_than_task():
     s = MixtureSampler({"tiny": 3}, {"tiny": 1.0}, batch_size=7, seed=0)
     walk = np.concatenate([s.batch_at(step)[1] for step in range(3)])  # 21 = 7 epochs
     for e in range(7):
-        assert sorted(walk[3 * e:3 * e + 3]) == [0, 1, 2]
+        assert sorted(walk[3 * e : 3 * e + 3]) == [0, 1, 2]
 
 
 def test_process_slices_concatenate_to_the_global_batch():
