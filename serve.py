@@ -156,19 +156,18 @@ class Server:
                 rid = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), (str, int)) else None
                 parsed.append({"id": rid, "error": str(e)})
         good = [(i, p) for i, p in enumerate(parsed) if isinstance(p, Parsed)]
+        self.engine.warmup(
+            [p.request for _, p in good if p.task.kind != "generate"],
+            [p.request for _, p in good if p.task.kind == "generate"],
+        )
+        # Latency counts from here: every request of a batch file arrives at once, after warm-up.
+        now = time.perf_counter()
+        good = [(i, dataclasses.replace(p, request=dataclasses.replace(p.request, arrival=now))) for i, p in good]
         responses: list[dict] = [p for p in parsed]  # errors stay, answers replace the rest
-        scored = [(i, p) for i, p in good if p.task.kind == "classify"]
+        scored = [(i, p) for i, p in good if p.task.kind != "generate"]
         generated = [(i, p) for i, p in good if p.task.kind == "generate"]
-        for (i, p), scores in zip(scored, self.engine.classify([p.request for _, p in scored])):
-            label_probs = {label: round(float(q), 6) for label, q in zip(p.task.labels, scores.probs)}
-            best = p.task.labels[int(scores.probs.argmax())]
-            responses[i] = {
-                "id": p.id,
-                "task": p.task.name,
-                "label": best,
-                "scores": label_probs,
-                "latency_ms": round(scores.latency_ms, 2),
-            }
+        for (i, p), answer in zip(scored, self.engine.score([p.request for _, p in scored])):
+            responses[i] = head_response(p, answer)
         for (i, p), gen in zip(generated, self.engine.generate([p.request for _, p in generated])):
             text, reason, count = self.tokenizer.decode(gen.tokens), gen.finish_reason, len(gen.tokens)
             cut = min((text.find(s) for s in p.stop if s in text), default=-1)
@@ -185,6 +184,19 @@ class Server:
                 "latency_ms": round(gen.latency_ms, 2),
             }
         return responses
+
+
+def head_response(p: Parsed, answer) -> dict:
+    """The response to a request answered by a non-generation head, by the task's kind."""
+    response = {"id": p.id, "task": p.task.name}
+    if p.task.kind == "classify":
+        probs = answer.values
+        response["label"] = p.task.labels[int(probs.argmax())]
+        response["scores"] = {label: round(float(q), 6) for label, q in zip(p.task.labels, probs)}
+    else:
+        raise NotImplementedError(f"serving {p.task.kind} tasks")  # unreachable: training takes no such task yet
+    response["latency_ms"] = round(answer.latency_ms, 2)
+    return response
 
 
 def _field(raw: dict, name: str, kind: type, default, ok, accepted: str):

@@ -193,8 +193,8 @@ def evaluate(engine, plan: Plan, split: str, limit: int) -> dict[str, dict[str, 
         refs = [encoded.references[i] for i in picks]
         metric_fns = tasks.metrics.metrics_for(d.kind)
         if d.kind == "classify":
-            scores = engine.classify([Request(d.name, p) for p in prompts])
-            preds = [int(s.probs.argmax()) for s in scores]
+            answers = engine.score([Request(d.name, p) for p in prompts])
+            preds = [int(a.values.argmax()) for a in answers]
             golds = [d.labels.index(r) for r in refs]
             results[d.name] = {name: fn(preds, golds) for name, fn in metric_fns.items()}
         else:

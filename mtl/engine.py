@@ -1,7 +1,7 @@
 """The serving engine: batched prefill and decoding of mixed-task requests.
 
 Requests arrive as token ids with a task name and sampling settings. Requests
-whose task classifies are answered from one prefill; generation requests of
+whose task has a non-generation head (classify) are answered from one prefill; generation requests of
 any generation task share decode batches. Shapes are fixed by
 ``max_batch``, a few prompt-length buckets and the model's ``max_len``, so
 after warm-up nothing recompiles. This is static batching: a batch decodes
@@ -48,8 +48,10 @@ class Generation:
 
 
 @dataclasses.dataclass(frozen=True)
-class Scores:
-    probs: np.ndarray  # [C] over the task's labels
+class HeadOutput:
+    """A non-generation head's answer for one request (see ``MultiTaskModel.head_outputs``)."""
+
+    values: np.ndarray  # classify: [C] label probabilities
     latency_ms: float
 
 
@@ -63,7 +65,7 @@ def length_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
 
 
 class Engine:
-    """Serves classify and generate requests from one sharded model."""
+    """Serves requests of every task kind from one sharded model."""
 
     def __init__(
         self,
@@ -86,17 +88,17 @@ class Engine:
         self.kinds = {h.task: h.kind for h in self.cfg.heads}
         self.task_ids = {h.task: i for i, h in enumerate(self.cfg.heads)}
         self.traces = collections.Counter()  # compilations by function, counted as they trace
-        self._classify = jax.jit(self._classify_fn)
+        self._heads = jax.jit(self._heads_fn)
         self._start = jax.jit(self._start_fn)
         self._step = jax.jit(self._step_fn, donate_argnums=1)
 
     # Pure functions of (params, arrays); jitted once per shape.
 
-    def _classify_fn(self, params, tokens, lengths, task_ids):
-        self.traces["classify"] += 1
+    def _heads_fn(self, params, tokens, lengths, task_ids):
+        self.traces["heads"] += 1
         model = nnx.merge(self.graphdef, params)
         hidden, _ = model(tokens, task_ids)
-        return {task: jax.nn.softmax(model.classify_logits(task, hidden, lengths)) for task in model.classifiers}
+        return model.head_outputs(hidden, lengths)
 
     def _start_fn(self, params, tokens, lengths, task_ids, sampling, max_new):
         self.traces["start"] += 1
@@ -120,8 +122,7 @@ class Engine:
 
     def _pack(self, requests: Sequence[Request]):
         """Right-pads prompts to a shared bucket and the batch to ``max_batch`` rows."""
-        longest = max(len(r.prompt) for r in requests)
-        width = next(b for b in self.buckets if b >= longest)
+        width = max(self.bucket(r) for r in requests)
         tokens = np.full((self.max_batch, width), self.pad_id, np.int32)
         lengths = np.ones(self.max_batch, np.int32)
         task_ids = np.zeros(self.max_batch, np.int32)
@@ -131,16 +132,28 @@ class Engine:
             task_ids[row] = self.task_ids[r.task]
         return self._put(tokens), self._put(lengths), self._put(task_ids)
 
-    def classify(self, requests: Sequence[Request]) -> list[Scores]:
-        """Answers classification requests (any mix of classify tasks) from their prefill."""
-        results: list[Scores] = []
+    def bucket(self, request: Request) -> int:
+        return next(b for b in self.buckets if b >= len(request.prompt))
+
+    def warmup(self, scored: Sequence[Request], generate: Sequence[Request]) -> None:
+        """Compiles what these requests will need, one small call per prompt bucket,
+        so that compilation is not counted in their latency."""
+        for bucket in sorted({self.bucket(r) for r in scored}):
+            self.score([next(r for r in scored if self.bucket(r) == bucket)])
+        for bucket in sorted({self.bucket(r) for r in generate}):
+            request = next(r for r in generate if self.bucket(r) == bucket)
+            self.generate([dataclasses.replace(request, max_new_tokens=2)])
+
+    def score(self, requests: Sequence[Request]) -> list[HeadOutput]:
+        """Answers requests of non-generation tasks (any mix of them) from their prefill."""
+        results: list[HeadOutput] = []
         for chunk in _chunks(requests, self.max_batch):
             with jax.set_mesh(self.mesh):
-                probs = self._classify(self.params, *self._pack(chunk))
-            probs = jax.device_get(probs)
+                outputs = self._heads(self.params, *self._pack(chunk))
+            outputs = jax.device_get(outputs)
             now = time.perf_counter()
             for row, r in enumerate(chunk):
-                results.append(Scores(probs[r.task][row], (now - r.arrival) * 1e3))
+                results.append(HeadOutput(outputs[r.task][row], (now - r.arrival) * 1e3))
         return results
 
     def generate(self, requests: Sequence[Request], check_every: int = 8) -> list[Generation]:

@@ -114,6 +114,13 @@ class MultiTaskModel(nnx.Module):
         logits = contract("BTD,DV->BTV", hidden, w_dv)
         return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
+    def head_outputs(self, hidden: jax.Array, lengths: jax.Array) -> dict[str, jax.Array]:
+        """What every non-generation head answers for a prefilled batch, by task.
+
+        classify: label probabilities [B, C].
+        """
+        return {task: jax.nn.softmax(self.classify_logits(task, hidden, lengths)) for task in self.classifiers}
+
     def classify_logits(self, task: str, hidden: jax.Array, lengths: jax.Array) -> jax.Array:
         """One classification task's logits from the last real position: [B, C]."""
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]

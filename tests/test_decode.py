@@ -81,11 +81,11 @@ def test_engine_on_a_sharded_mesh_matches_one_device():
 
 def test_engine_classify_returns_distributions():
     engine = make_engine(make_model())
-    scores = engine.classify([Request(task="lang", prompt=[1, 9, 3]), Request(task="lang", prompt=[1, 9, 9, 9, 9, 3])])
+    scores = engine.score([Request(task="lang", prompt=[1, 9, 3]), Request(task="lang", prompt=[1, 9, 9, 9, 9, 3])])
     for s in scores:
-        assert s.probs.shape == (5,)
-        np.testing.assert_allclose(s.probs.sum(), 1.0, rtol=1e-5)
-    assert not np.allclose(scores[0].probs, scores[1].probs)
+        assert s.values.shape == (5,)
+        np.testing.assert_allclose(s.values.sum(), 1.0, rtol=1e-5)
+    assert not np.allclose(scores[0].values, scores[1].values)
 
 
 def test_max_new_tokens_is_honoured():
@@ -137,8 +137,8 @@ def test_no_retrace_after_warm_up():
     engine = make_engine(make_model(), max_batch=4)
     warm = [Request(task="spell", prompt=[1, 40, 3]), Request(task="lang", prompt=[1, 40, 3])]
     engine.generate(warm[:1])
-    engine.classify(warm[1:])
-    assert engine.traces == {"start": 1, "step": 1, "classify": 1}
+    engine.score(warm[1:])
+    assert engine.traces == {"start": 1, "step": 1, "heads": 1}
     rng = np.random.default_rng(0)
     for i in range(12):  # mixed tasks, lengths within the first bucket, sampling settings, batch sizes
         n = int(rng.integers(1, 7))
@@ -155,5 +155,5 @@ def test_no_retrace_after_warm_up():
             for _ in range(n)
         ]
         engine.generate(reqs)
-        engine.classify([Request(task="lang", prompt=[1, 5 + i, 3])] * n)
-    assert engine.traces == {"start": 1, "step": 1, "classify": 1}
+        engine.score([Request(task="lang", prompt=[1, 5 + i, 3])] * n)
+    assert engine.traces == {"start": 1, "step": 1, "heads": 1}
