@@ -29,12 +29,15 @@ import numpy as np
 from flax import nnx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from tensorboardX import SummaryWriter
 
+import evaluate
 import tasks
 from mtl import config as C
-from mtl import training
+from mtl import perf, training
 from mtl.checkpoint import Checkpoints
-from mtl.engine import Engine, Request
+from mtl.model import MultiTaskModel
+from mtl.partition import abstract_state
 from sharding import make_mesh
 
 
@@ -62,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field by its dotted name"
     )
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the newest checkpoint in --out and exit")
     return p
 
 
@@ -102,9 +106,9 @@ class TaskData:
     name: str
     kind: str
     description: str
-    labels: tuple[str, ...]
+    labels: tuple[str, ...]  # classify: labels; tag: tags
     splits: dict  # split name -> tasks.EncodedSplit
-    max_new_tokens: int
+    max_new_tokens: int  # generate: the longest training target, with its EOS
 
     def meta(self) -> dict:
         return {
@@ -114,6 +118,12 @@ class TaskData:
             "labels": list(self.labels),
             "max_new_tokens": self.max_new_tokens,
         }
+
+    def head(self) -> C.HeadConfig:
+        if self.kind != "regress":
+            return C.HeadConfig(self.name, self.kind, len(self.labels))
+        values = self.splits["train"].arrays["value"]
+        return C.HeadConfig(self.name, self.kind, 0, float(values.mean()), float(max(values.std(), 1e-6)))
 
 
 @dataclasses.dataclass
@@ -142,13 +152,11 @@ def prepare(cfg, log=print) -> Plan:
         raise UsageError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
         )
-    data, heads = [], []
+    data = []
     for task_id, task in enumerate(resolved):
-        if task.kind not in ("generate", "classify"):
-            raise UsageError(f"task {task.name!r} is a {task.kind} task, which this version cannot train yet")
         t0 = time.perf_counter()
         splits_raw = task.load()
-        labels = tasks.labels_of(splits_raw) if task.kind == "classify" else ()
+        labels = tasks.labels_of(splits_raw)
         splits = {}
         for split in tasks.SPLITS:
             splits[split] = tasks.encode_split(
@@ -161,7 +169,6 @@ def prepare(cfg, log=print) -> Plan:
             # The longest target in training, with its EOS: the task's own length limit.
             max_new = int(splits["train"].arrays["loss_mask"].sum(axis=1).max())
         data.append(TaskData(task.name, task.kind, task.description, labels, splits, max_new))
-        heads.append(C.HeadConfig(task.name, task.kind, len(labels)))
         sizes = ", ".join(f"{s} {len(e)}" for s, e in splits.items())
         dropped = sum(e.dropped for e in splits.values())
         log(f"task {task.name} ({task.kind}): {sizes}; {dropped} too long; {time.perf_counter() - t0:.1f}s")
@@ -169,60 +176,15 @@ def prepare(cfg, log=print) -> Plan:
         tasks.mixture_rates(cfg.train.mixture, {d.name: len(d.splits["train"]) for d in data})
     except ValueError as e:
         raise UsageError(str(e)) from None
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, heads=tuple(heads)))
+    unknown = sorted(set(C.parse_weights(cfg.train.loss_weights)) - {d.name for d in data})
+    if unknown:
+        raise UsageError(f"train.loss_weights names {unknown[0]!r}, which is not among the run's tasks")
+    try:
+        evaluate.check_selection(cfg.train.best_metric, {d.name: d.kind for d in data})
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, heads=tuple(d.head() for d in data)))
     return Plan(cfg, data, mesh)
-
-
-# ---------------------------------------------------------------------------
-# Evaluation
-
-
-def evaluate(engine, plan: Plan, split: str, limit: int) -> dict[str, dict[str, float]]:
-    """Per-task metrics of the model in ``engine`` on the first ``limit`` examples of ``split``."""
-
-    tokenizer = tasks.ByteTokenizer()
-    results = {}
-    for d in plan.data:
-        encoded = d.splits[split]
-        n = min(limit, len(encoded))
-        if n == 0:
-            continue
-        # Evenly spaced examples: a split's order may follow its source (by language, say).
-        picks = np.linspace(0, len(encoded) - 1, n).astype(int)
-        prompts = [tasks.prompt_ids(tokenizer, encoded.inputs[i]) for i in picks]
-        refs = [encoded.references[i] for i in picks]
-        metric_fns = tasks.metrics.metrics_for(d.kind)
-        if d.kind == "classify":
-            answers = engine.score([Request(d.name, p) for p in prompts])
-            preds = [int(a.values.argmax()) for a in answers]
-            golds = [d.labels.index(r) for r in refs]
-            results[d.name] = {name: fn(preds, golds) for name, fn in metric_fns.items()}
-        else:
-            budget = min(d.max_new_tokens, engine.cfg.max_len)
-            gens = engine.generate([Request(d.name, p, max_new_tokens=budget) for p in prompts])
-            preds = [tokenizer.decode(g.tokens) for g in gens]
-            results[d.name] = {name: fn(preds, refs) for name, fn in metric_fns.items()}
-    return results
-
-
-def make_engine(model, mesh, max_batch: int):
-
-    tokenizer = tasks.ByteTokenizer()
-    return Engine(
-        model,
-        mesh,
-        max_batch=max_batch,
-        allowed_tokens=allowed_tokens(tokenizer, model.cfg.vocab_size),
-        eos_id=tokenizer.eos_id,
-        pad_id=tokenizer.pad_id,
-    )
-
-
-def allowed_tokens(tokenizer, vocab_size: int) -> np.ndarray:
-    """Tokens generation may produce: the tokenizer's, less PAD, BOS and SEP."""
-    allowed = np.arange(vocab_size) < tokenizer.vocab_size
-    allowed[[tokenizer.pad_id, tokenizer.bos_id, tokenizer.sep_id]] = False
-    return allowed
 
 
 # ---------------------------------------------------------------------------
@@ -235,6 +197,7 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
         self.metrics_path = self.path / "metrics.jsonl"
+        self._board = None  # TensorBoard writer, opened on the first record
 
     def check_resumable(self, cfg) -> None:
         """Raises UsageError if the folder holds a run of another model or data."""
@@ -287,6 +250,22 @@ class RunFolder:
             return  # one writer in a multi-process run
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self._tensorboard(record)
+
+    def _tensorboard(self, record: dict) -> None:
+        """The same numbers as TensorBoard scalars: ``train/TASK/loss``, ``validation/TASK/accuracy``, ..."""
+        if self._board is None:
+            self._board = SummaryWriter(str(self.path / "tensorboard"), flush_secs=10)
+        section = record.get("split", "train")
+        for key, value in record.items():
+            if key in ("step", "task", "split", "steps") or not isinstance(value, (int, float)):
+                continue
+            tag = f"throughput/{key}" if key in ("tokens_per_s", "mfu") else f"{section}/{record['task']}/{key}"
+            self._board.add_scalar(tag, value, record["step"])
+
+    def close(self) -> None:
+        if self._board is not None:
+            self._board.close()
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
@@ -336,9 +315,15 @@ def run(plan: Plan, out: str | os.PathLike, console=None) -> dict:
     console.log(f"model: {params / 1e6:.2f}M parameters")
 
     step_fns = {}
+    weights = C.parse_weights(cfg.train.loss_weights)
     fault_step = int(os.environ.get("MTL_KILL_AFTER_STEP", "0"))
-    evaluator = Evaluator(plan, folder, graphdef)
-    window = _Window()
+    evaluator = evaluate.Evaluator(plan.data, mesh, min(cfg.train.batch_size, 64), cfg.train.eval_examples, folder.log)
+    best = BestCheckpoint(folder.path / "best", cfg.train.best_metric, {d.name: d.kind for d in plan.data})
+    with console.status("measuring the device's matmul peak (for MFU)"):
+        peak = perf.matmul_peak(cfg.model.dtype)
+    console.log(f"matmul peak {peak / 1e9:.0f} GFLOP/s ({cfg.model.dtype})")
+    window = _Window(peak)
+    compiled: set[tuple[str, int]] = set()
     meta_base = {"config": C.to_dict(cfg), "tasks": [d.meta() for d in plan.data]}
     last_metrics: dict = {}
     progress = _progress(console, cfg.train.steps, start)
@@ -349,9 +334,25 @@ def run(plan: Plan, out: str | os.PathLike, console=None) -> dict:
             batch = trim(d.splits["train"].batch(indices))
             if name not in step_fns:
                 progress.console.log(f"compiling the train step for {name}")
-                step_fns[name] = training.compile_train_step(graphdef, shardings, mesh, batch, task=name, kind=d.kind)
+                step_fns[name] = training.compile_train_step(
+                    graphdef,
+                    shardings,
+                    mesh,
+                    batch,
+                    task=name,
+                    kind=d.kind,
+                    weight=weights.get(name, 1.0),
+                    uncertainty=cfg.train.loss_weighting == "uncertainty",
+                )
+            width = batch["tokens"].shape[1]
             window.tokens += int(np.count_nonzero(batch["tokens"]))
+            window.flops += perf.train_flops_per_token(cfg.model, width) * batch["tokens"].size
+            t0 = time.perf_counter()
             state, metrics = step_fns[name](state, training.put_batch(batch, mesh))
+            if (name, width) not in compiled:  # a new shape compiled: keep it out of the throughput
+                compiled.add((name, width))
+                jax.block_until_ready(metrics)
+                window.excluded += time.perf_counter() - t0
             window.add(name, metrics)
             done = step + 1
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
@@ -367,14 +368,39 @@ def run(plan: Plan, out: str | os.PathLike, console=None) -> dict:
             if done == fault_step:
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
-                evaluator(state, "validation", done, progress.console)
+                scores = evaluator(nnx.merge(graphdef, state).model, "validation", done, progress.console)
+                best.offer(done, state, scores, {**meta_base, "step": done})
     with console.status("evaluating on validation and test splits"), jax.set_mesh(mesh):
-        evaluator(state, "validation", cfg.train.steps, console)
-        test = evaluator(state, "test", cfg.train.steps, console)
+        model = nnx.merge(graphdef, state).model
+        scores = evaluator(model, "validation", cfg.train.steps, console)
+        best.offer(cfg.train.steps, state, scores, {**meta_base, "step": cfg.train.steps})
+        test = evaluator(model, "test", cfg.train.steps, console)
     with console.status("finishing the last checkpoint"):
-        checkpoints.wait()
-        checkpoints.close()
+        for manager in (checkpoints, best.checkpoints):
+            manager.wait()
+            manager.close()
+    folder.close()
     return test
+
+
+class BestCheckpoint:
+    """``best/``: the checkpoint whose validation metrics rank highest by ``train.best_metric``.
+
+    Its meta records the score, so a resumed run keeps comparing against it.
+    """
+
+    def __init__(self, path: pathlib.Path, spec: str, kinds: dict[str, str]):
+        self.spec, self.kinds = spec, kinds
+        self.checkpoints = Checkpoints(path, keep=1)
+        step = self.checkpoints.latest_step()
+        self.score = -np.inf if step is None else self.checkpoints.read_meta(step)["score"]
+
+    def offer(self, step: int, state, scores: dict, meta: dict) -> None:
+        score = evaluate.selection_score(self.spec, self.kinds, scores)
+        if score > self.score and step not in self.checkpoints.all_steps():
+            self.score = score
+            meta = {**meta, "score": score, "best_metric": self.spec}
+            self.checkpoints.save(step, state["model"], state["optimizer"], meta)
 
 
 def trim(batch: dict[str, np.ndarray], multiple: int = 32) -> dict[str, np.ndarray]:
@@ -390,54 +416,38 @@ def trim(batch: dict[str, np.ndarray], multiple: int = 32) -> dict[str, np.ndarr
     return {k: v[:, :width] if v.ndim == 2 else v for k, v in batch.items()}
 
 
-class Evaluator:
-    """Evaluates the current train state; one engine, compiled once, serves every evaluation."""
-
-    def __init__(self, plan: Plan, folder: RunFolder, graphdef):
-        self.plan, self.folder, self.graphdef = plan, folder, graphdef
-        self.engine = None
-
-    def __call__(self, state, split: str, step: int, console) -> dict[str, dict[str, float]]:
-
-        model = nnx.merge(self.graphdef, state).model
-        if self.engine is None:
-            self.engine = make_engine(model, self.plan.mesh, max_batch=min(self.plan.config.train.batch_size, 64))
-        else:
-            self.engine.params = nnx.state(model)  # the step donates old buffers: always take the current ones
-        t0 = time.perf_counter()
-        scores = evaluate(self.engine, self.plan, split, self.plan.config.train.eval_examples)
-        for task, values in scores.items():
-            record = {"step": step, "task": task, "split": split, **{k: round(v, 5) for k, v in values.items()}}
-            self.folder.log(record)
-            console.log(f"eval {split} step {step} {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
-        console.log(f"{split} evaluation took {time.perf_counter() - t0:.1f}s")
-        return scores
-
-
 class _Window:
-    """Per-task metric sums between two log lines; device values fetched only at flush."""
+    """Per-task metrics between two log lines; device values are fetched only at flush.
 
-    def __init__(self):
+    ``tokens`` counts real (non-padding) tokens, ``flops`` the model FLOPs of
+    the padded batches the devices computed; ``excluded`` holds seconds spent
+    compiling, which are not training throughput.
+    """
+
+    def __init__(self, peak_flops: float):
+        self.peak_flops = peak_flops
         self.reset()
 
     def reset(self):
         self.sums: dict[str, list] = {}
         self.tokens = 0
+        self.flops = 0.0
+        self.excluded = 0.0
         self.t0 = time.perf_counter()
 
     def add(self, task: str, metrics) -> None:
         self.sums.setdefault(task, []).append(metrics)
 
     def flush(self, step: int) -> list[dict]:
-
         fetched = jax.device_get(self.sums)  # the one host sync of a log interval
-        seconds = time.perf_counter() - self.t0
+        seconds = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
         records = []
         for task, items in sorted(fetched.items()):
             keys = [k for k in items[0] if k != "target_tokens"]
             record = {"step": step, "task": task, "steps": len(items)}
             record.update({k: round(float(np.mean([m[k] for m in items])), 6) for k in keys})
             record["tokens_per_s"] = round(self.tokens / seconds, 1)
+            record["mfu"] = round(self.flops / seconds / self.peak_flops, 4)
             records.append(record)
         self.reset()
         return records
@@ -466,6 +476,40 @@ def _progress(console, total: int, start: int):
 # ---------------------------------------------------------------------------
 
 
+def eval_only(out: str, argv: Sequence[str], console: Console) -> dict:
+    """Evaluates the newest checkpoint of run ``out`` on its validation and test splits.
+
+    Only ``--mesh`` and ``--set`` apply; the rest of the config is the run's own.
+    ``--set train.eval_examples=0`` evaluates whole splits.
+    """
+    saved = pathlib.Path(out) / "config.json"
+    if not saved.exists():
+        raise UsageError(f"--out {out!r} holds no mtl run to evaluate")
+    args = build_parser().parse_args(argv)
+    cfg = C.from_dict(json.loads(saved.read_text()))
+    try:
+        if args.mesh is not None:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mesh=args.mesh))
+        for assignment in args.set:
+            cfg = C.override(cfg, assignment)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    plan = prepare(cfg, log=console.log)
+    checkpoints = Checkpoints(pathlib.Path(out) / "checkpoints", read_only=True)
+    step = checkpoints.latest_step()
+    if step is None:
+        raise UsageError(f"--out {out!r} has no complete checkpoint yet")
+    graphdef, params, _ = abstract_state(lambda: MultiTaskModel(plan.config.model, rngs=nnx.Rngs(0)), plan.mesh)
+    checkpoints.restore(step, params)
+    model = nnx.merge(graphdef, params)
+    folder = RunFolder(out)
+    evaluator = evaluate.Evaluator(
+        plan.data, plan.mesh, min(cfg.train.batch_size, 64), cfg.train.eval_examples, folder.log
+    )
+    with jax.set_mesh(plan.mesh):
+        return {split: evaluator(model, split, step, console) for split in ("validation", "test")}
+
+
 def list_tasks() -> None:
 
     for name in tasks.names():
@@ -479,6 +523,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--list-tasks" in argv:
         list_tasks()
+        return 0
+    if "--eval-only" in argv:
+        argv = [a for a in argv if a != "--eval-only"]
+        args = build_parser().parse_args(argv)
+        try:
+            if not args.out:
+                raise UsageError("--eval-only needs --out, the run folder to evaluate")
+            print(json.dumps(eval_only(args.out, argv, Console(stderr=True))))
+        except UsageError as e:
+            print(f"train.py: error: {e}", file=sys.stderr)
+            return 2
         return 0
     try:
         cfg = resolve_config(argv)

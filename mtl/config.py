@@ -24,11 +24,15 @@ class HeadConfig:
       task: the task's name; requests name it.
       kind: one of ``HEAD_KINDS``.
       num_classes: the number of labels (classify) or tags (tag); 0 otherwise.
+      value_mean, value_std: regress only: the training targets' mean and
+        standard deviation; the head predicts in standard units.
     """
 
     task: str
     kind: str
     num_classes: int = 0
+    value_mean: float = 0.0
+    value_std: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +81,9 @@ class TrainConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    loss_weights: str = ""  # static per-task weights, "g2p=1,langid=2"; tasks not named weigh 1
+    loss_weighting: str = "static"  # or "uncertainty": learned per-task scales (Kendall et al., 2018)
+    best_metric: str = "mean"  # "TASK/METRIC", or "mean" of each task's main metric; picks checkpoints/best
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     eval_examples: int = 64  # validation examples per task and evaluation
@@ -266,3 +273,24 @@ def validate(config: Config) -> None:
     for head in m.heads:
         if head.kind not in HEAD_KINDS:
             raise ValueError(f"head {head.task!r} has kind {head.kind!r}; kinds: {', '.join(HEAD_KINDS)}")
+    if t.loss_weighting not in ("static", "uncertainty"):
+        raise ValueError(f"train.loss_weighting={t.loss_weighting!r} must be static or uncertainty")
+    parse_weights(t.loss_weights)
+
+
+def parse_weights(spec: str) -> dict[str, float]:
+    """Parses ``train.loss_weights`` ("g2p=1,langid=2.5") into {task: weight}.
+
+    Raises:
+      ValueError: a part is not NAME=NUMBER with a number of at least 0.
+    """
+    weights = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = (s.strip() for s in part.partition("="))
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name or weights.get(name, -1.0) < 0:
+            raise ValueError(f"train.loss_weights part {part!r} must be TASK=WEIGHT with a weight of at least 0")
+    return weights

@@ -4,7 +4,8 @@ A task conditions the backbone through a learned task embedding added at the
 first position (the BOS token), so every later position can read it through
 attention. Generation tasks share the language-model head (tied to the token
 embedding by default); each classification task has its own classifier over
-the hidden state of the prompt's last real token.
+the hidden state of the prompt's last real token, each regression task a
+scalar head there, and each tagging task a classifier at every position.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sharding import constrain
 
 
 class Classifier(nnx.Module):
-    """A linear classifier over one task's labels: [B, D] -> [B, C]."""
+    """A linear classifier over one task's labels or tags: [..., D] -> [..., C], in f32."""
 
     def __init__(self, cfg: ModelConfig, head: HeadConfig, *, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
@@ -28,8 +29,34 @@ class Classifier(nnx.Module):
         self.b_c = param(rngs, jax.nn.initializers.zeros, (c,), ("classes",), pd)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        logits = jnp.einsum("BD,DC->BC", x.astype(jnp.float32), self.w_dc[...].astype(jnp.float32))
+        logits = contract("...D,DC->...C", x.astype(jnp.float32), self.w_dc[...].astype(jnp.float32))
         return logits + self.b_c[...].astype(jnp.float32)
+
+
+class Regressor(nnx.Module):
+    """A scalar head: [B, D] -> [B], in the units of the task's targets.
+
+    It predicts a standardised value and maps it back with the training
+    targets' mean and standard deviation (fixed in the head's config), so its
+    loss has the same scale as the other tasks' whatever the units.
+    """
+
+    def __init__(self, cfg: ModelConfig, head: HeadConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        # Zero at start: the head first predicts the mean, so an untrained head
+        # cannot send large squared errors back into the shared backbone.
+        self.w_d = param(rngs, jax.nn.initializers.zeros, (cfg.d_model,), ("embed",), pd)
+        self.b = param(rngs, jax.nn.initializers.zeros, (), (), pd)
+        self.mean, self.std = head.value_mean, head.value_std
+
+    def standardised(self, x: jax.Array) -> jax.Array:
+        return x.astype(jnp.float32) @ self.w_d[...].astype(jnp.float32) + self.b[...].astype(jnp.float32)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.mean + self.std * self.standardised(x)
+
+
+HEADS = {"classify": Classifier, "regress": Regressor, "tag": Classifier}
 
 
 class MultiTaskModel(nnx.Module):
@@ -43,6 +70,8 @@ class MultiTaskModel(nnx.Module):
         # so the tied output logits start at unit scale.
         self.embed_vd = param(rngs, normal(d**-0.5), (v, d), ("vocab", "embed"), pd)
         self.task_embed = param(rngs, normal(d**-0.5), (max(len(cfg.heads), 1), d), ("tasks", "embed"), pd)
+        # log sigma^2 of each task's loss, learned under train.loss_weighting=uncertainty, else unused.
+        self.task_log_var = param(rngs, jax.nn.initializers.zeros, (max(len(cfg.heads), 1),), ("tasks",), pd)
 
         @nnx.split_rngs(splits=cfg.n_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
@@ -53,7 +82,8 @@ class MultiTaskModel(nnx.Module):
         self.final_norm = RMSNorm(d, cfg.norm_eps, pd, rngs=rngs)
         if not cfg.tie_embeddings:
             self.w_dv = param(rngs, normal(d**-0.5), (d, v), ("embed", "vocab"), pd)
-        self.classifiers = nnx.Dict({h.task: Classifier(cfg, h, rngs=rngs) for h in cfg.heads if h.kind == "classify"})
+        # Generation tasks share the LM head; every other task has its own.
+        self.heads = nnx.Dict({h.task: HEADS[h.kind](cfg, h, rngs=rngs) for h in cfg.heads if h.kind != "generate"})
 
     def task_index(self, task: str) -> int:
         return self.cfg.task_names.index(task)
@@ -117,14 +147,32 @@ class MultiTaskModel(nnx.Module):
     def head_outputs(self, hidden: jax.Array, lengths: jax.Array) -> dict[str, jax.Array]:
         """What every non-generation head answers for a prefilled batch, by task.
 
-        classify: label probabilities [B, C].
+        classify: label probabilities [B, C]; regress: values [B]; tag: tag
+        probabilities at every position [B, T, C] (a word's tag is read at its
+        last byte).
         """
-        return {task: jax.nn.softmax(self.classify_logits(task, hidden, lengths)) for task in self.classifiers}
+        outputs = {}
+        for head in self.cfg.heads:
+            if head.kind == "classify":
+                outputs[head.task] = jax.nn.softmax(self.classify_logits(head.task, hidden, lengths))
+            elif head.kind == "regress":
+                outputs[head.task] = self.heads[head.task](last_position(hidden, lengths))
+            elif head.kind == "tag":
+                outputs[head.task] = jax.nn.softmax(self.tag_logits(head.task, hidden))
+        return outputs
 
     def classify_logits(self, task: str, hidden: jax.Array, lengths: jax.Array) -> jax.Array:
         """One classification task's logits from the last real position: [B, C]."""
-        last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
-        return self.classifiers[task](last)
+        return self.heads[task](last_position(hidden, lengths))
+
+    def tag_logits(self, task: str, hidden: jax.Array) -> jax.Array:
+        """One tagging task's logits at every position: [B, T, C]."""
+        return self.heads[task](hidden)
+
+
+def last_position(hidden: jax.Array, lengths: jax.Array) -> jax.Array:
+    """The hidden state of each row's last real token: [B, T, D] -> [B, D]."""
+    return jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
 
 def count_params(tree) -> int:

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from mtl.config import ModelConfig, TrainConfig
-from mtl.model import MultiTaskModel
+from mtl.model import MultiTaskModel, last_position
 from mtl.partition import abstract_state, create_sharded
 from sharding import named_sharding
 
@@ -92,18 +92,60 @@ def classify_loss(model: MultiTaskModel, task: str, batch: Batch) -> tuple[jax.A
     return loss, {"loss": loss, "accuracy": accuracy, "target_tokens": jnp.float32(batch["label"].shape[0])}
 
 
+def regress_loss(model: MultiTaskModel, task: str, batch: Batch) -> tuple[jax.Array, dict]:
+    hidden, _ = model(batch["tokens"], batch["task_id"])
+    head = model.heads[task]
+    predicted = head.standardised(last_position(hidden, batch["lengths"]))  # [B]
+    loss = jnp.mean(jnp.square(predicted - (batch["value"] - head.mean) / head.std))  # in standard units
+    mse = jnp.mean(jnp.square(head.mean + head.std * predicted - batch["value"]))
+    return loss, {"loss": loss, "mse": mse, "target_tokens": jnp.float32(batch["value"].shape[0])}
+
+
+def tag_loss(model: MultiTaskModel, task: str, batch: Batch) -> tuple[jax.Array, dict]:
+    hidden, _ = model(batch["tokens"], batch["task_id"])
+    logits = model.tag_logits(task, hidden)  # [B, T, C]
+    tags = batch["tags"]  # [B, T]: a tag id at each word's last byte, -1 elsewhere
+    mask = (tags >= 0).astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(tags, 0))
+    words = jnp.maximum(mask.sum(), 1.0)
+    loss = (nll * mask).sum() / words
+    correct = ((logits.argmax(-1) == tags) * mask).sum()
+    return loss, {"loss": loss, "tag_accuracy": correct / words, "target_tokens": mask.sum()}
+
+
 LOSSES: dict[str, Callable[[MultiTaskModel, str, Batch], tuple[jax.Array, dict]]] = {
     "generate": generate_loss,
     "classify": classify_loss,
+    "regress": regress_loss,
+    "tag": tag_loss,
 }
 
 
-def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch, *, task: str, kind: str):
-    """One optimizer update on one task's batch: ``(state, batch) -> (state, metrics)``."""
+def train_step(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    batch: Batch,
+    *,
+    task: str,
+    kind: str,
+    weight: float = 1.0,
+    uncertainty: bool = False,
+):
+    """One optimizer update on one task's batch: ``(state, batch) -> (state, metrics)``.
+
+    The task's loss is scaled by its static ``weight``; with ``uncertainty``
+    it is also scaled by a learned ``exp(-s)`` and ``s`` is added, ``s`` the
+    task's log variance (Kendall et al., 2018). Metrics report the unscaled loss.
+    """
     train_state = nnx.merge(graphdef, state)
 
     def loss_fn(model):
-        return LOSSES[kind](model, task, batch)
+        loss, metrics = LOSSES[kind](model, task, batch)
+        if uncertainty:
+            log_var = model.task_log_var[...][model.task_index(task)]
+            loss = jnp.exp(-log_var) * loss + log_var
+            metrics["log_var"] = log_var
+        return weight * loss, metrics
 
     (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(train_state.model)
     train_state.optimizer.update(train_state.model, grads)
@@ -116,11 +158,11 @@ def batch_shardings(batch: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str,
     return {k: named_sharding(("batch",) + (None,) * (np.ndim(v) - 1), np.shape(v), mesh) for k, v in batch.items()}
 
 
-def compile_train_step(graphdef, shardings, mesh, example_batch: dict, *, task: str, kind: str):
+def compile_train_step(
+    graphdef, shardings, mesh, example_batch: dict, *, task: str, kind: str, weight=1.0, uncertainty=False
+):
     """The jitted step for one task, with explicit shardings and the state donated."""
-    if kind not in LOSSES:
-        raise ValueError(f"task {task!r} has kind {kind!r}, which training does not support yet")
-    step = functools.partial(train_step, graphdef, task=task, kind=kind)
+    step = functools.partial(train_step, graphdef, task=task, kind=kind, weight=weight, uncertainty=uncertainty)
     return jax.jit(
         step,
         in_shardings=(shardings, batch_shardings(example_batch, mesh)),

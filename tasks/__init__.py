@@ -7,7 +7,7 @@ from tasks import (
     builtin,  # noqa: F401  (registers the built-in tasks)
     metrics,
 )
-from tasks.data import EncodedSplit, encode_split, labels_of, prompt_ids
+from tasks.data import EncodedSplit, encode_split, labels_of, prompt_ids, tags_at_word_ends, word_ends
 from tasks.registry import KINDS, Task, get, names, register, resolve
 from tasks.sampler import MixtureSampler, mixture_rates
 from tasks.schema import COLUMNS, SPLITS
@@ -29,6 +29,8 @@ __all__ = [
     "mixture_rates",
     "names",
     "prompt_ids",
+    "tags_at_word_ends",
+    "word_ends",
     "register",
     "resolve",
 ]

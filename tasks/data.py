@@ -9,13 +9,18 @@ them. For a generate example with input tokens ``x`` and target tokens ``y``::
     loss_mask = 1.0 where targets[i] is in y + [EOS], i.e. from the SEP
                 position up to the position that predicts EOS; 0.0 elsewhere
 
-A classify example is ``seq = [BOS] x [SEP]`` with ``tokens`` (padded),
-``lengths = len(seq)`` and ``label`` (the index of its label in the task's
-sorted label list). Every batch also carries ``task_id``. The server prompts
-every kind with ``prompt_ids``, which is exactly the training prefix.
+The other kinds are answered from the prompt ``seq = [BOS] x [SEP]`` alone:
+``tokens`` (padded) and ``lengths = len(seq)``, plus
+    classify: ``label``, the index of its label in the task's sorted labels;
+    regress:  ``value``, the float32 target;
+    tag:      ``tags`` [L], the tag index at the last byte of each
+              whitespace-separated word (``word_ends``), -1 elsewhere.
+Every batch also carries ``task_id``. The server prompts every kind with
+``prompt_ids``, which is exactly the training prefix.
 """
 
 import dataclasses
+import re
 from typing import Sequence
 
 import datasets
@@ -23,7 +28,7 @@ import numpy as np
 
 from tasks.tokenizer import Tokenizer
 
-ENCODED_KINDS = ("generate", "classify")
+ENCODED_KINDS = ("generate", "classify", "regress", "tag")
 
 
 def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -32,12 +37,38 @@ def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
 
 
 def labels_of(dataset_dict: datasets.DatasetDict) -> tuple[str, ...]:
-    """Returns the sorted unique labels over all splits of a classify task.
+    """Returns the sorted unique labels (classify) or tags (tag) over all splits.
 
     All splits count, so a label seen only in ``test`` still gets a class and
-    the label indices are the same whichever split is encoded.
+    the label indices are the same whichever split is encoded. Other kinds
+    have no labels: ``()``.
     """
-    return tuple(sorted({label for split in dataset_dict.values() for label in split.unique("label")}))
+    columns = next(iter(dataset_dict.values())).column_names
+    if "label" in columns:
+        return tuple(sorted({label for split in dataset_dict.values() for label in split.unique("label")}))
+    if "tags" in columns:
+        return tuple(sorted({tag for split in dataset_dict.values() for row in split["tags"] for tag in row}))
+    return ()
+
+
+def tags_at_word_ends(probs: np.ndarray, text: str) -> list[int]:
+    """A tag head's answer for ``text``: the most likely tag id of each word.
+
+    Args:
+      probs: [T, C] tag probabilities at every prompt position.
+      text: the request's input.
+    """
+    return [int(probs[end].argmax()) for end in word_ends(text)]
+
+
+def word_ends(text: str) -> list[int]:
+    """The prompt position of each whitespace-separated word's last byte.
+
+    A tag task's head reads a word's tag at the word's last byte, where
+    causal attention has seen the whole word. Positions count the BOS that
+    starts every prompt, and bytes as the byte tokenizer does.
+    """
+    return [1 + len(text[: m.end()].encode("utf-8")) - 1 for m in re.finditer(r"\S+", text)]
 
 
 @dataclasses.dataclass
@@ -99,11 +130,11 @@ def encode_split(
     a truncated target would teach the model to stop early.
 
     Args:
-      task_kind: ``generate`` or ``classify``.
+      task_kind: one of ``ENCODED_KINDS``.
       dataset: one split, with the kind's columns.
       tokenizer: the tokenizer (``ByteTokenizer`` by default elsewhere).
       max_len: the longest row kept.
-      labels: classify only: the task's sorted labels, from ``labels_of``.
+      labels: classify and tag: the task's sorted labels or tags, from ``labels_of``.
       task_id: the task's index, copied into every batch.
 
     Returns:
@@ -126,12 +157,21 @@ def encode_split(
         references = columns["target"]
         arrays, keep = _encode_generate(inputs, references, tokenizer, max_len)
         labels = ()
+    elif task_kind == "regress":
+        references = columns["value"]
+        arrays, keep = _encode_prompts(inputs, tokenizer, max_len)
+        arrays["value"] = np.asarray(references, dtype=np.float32)[keep]
+        labels = ()
     else:
         if labels is None:
-            raise ValueError("encode_split needs labels= for a classify task; get them from labels_of.")
+            raise ValueError(f"encode_split needs labels= for a {task_kind} task; get them from labels_of.")
         labels = tuple(labels)
-        references = columns["label"]
-        arrays, keep = _encode_classify(inputs, references, tokenizer, max_len, labels)
+        if task_kind == "classify":
+            references = columns["label"]
+            arrays, keep = _encode_classify(inputs, references, tokenizer, max_len, labels)
+        else:
+            references = columns["tags"]
+            arrays, keep = _encode_tag(inputs, references, tokenizer, max_len, labels)
     kept = np.flatnonzero(keep)
     return EncodedSplit(
         kind=task_kind,
@@ -169,11 +209,8 @@ def _encode_generate(inputs, targets, tokenizer, max_len):
     return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask}, keep
 
 
-def _encode_classify(inputs, label_texts, tokenizer, max_len, labels):
-    index = {label: i for i, label in enumerate(labels)}
-    missing = sorted({t for t in label_texts if t not in index})
-    if missing:
-        raise ValueError(f"Label {missing[0]!r} is not in the task's labels; accepted labels are {', '.join(labels)}.")
+def _encode_prompts(inputs, tokenizer, max_len):
+    """Prompts alone, for the kinds answered from the prefill: tokens and lengths."""
     seqs = [prompt_ids(tokenizer, text) for text in inputs]
     seq_lens = np.array([len(s) for s in seqs], dtype=np.int64)
     keep = seq_lens <= max_len
@@ -181,8 +218,36 @@ def _encode_classify(inputs, label_texts, tokenizer, max_len, labels):
     seq_lens = seq_lens[keep]
     length = _row_length(seq_lens, max_len)
     tokens = _pad(seqs, seq_lens, length, tokenizer.pad_id)
-    label_ids = np.array([index[t] for t, k in zip(label_texts, keep) if k], dtype=np.int32)
-    return {"tokens": tokens, "lengths": seq_lens.astype(np.int32), "label": label_ids}, keep
+    return {"tokens": tokens, "lengths": seq_lens.astype(np.int32)}, keep
+
+
+def _check_labels(found, labels):
+    missing = sorted(set(found) - set(labels))
+    if missing:
+        raise ValueError(f"Label {missing[0]!r} is not in the task's labels; accepted labels are {', '.join(labels)}.")
+
+
+def _encode_classify(inputs, label_texts, tokenizer, max_len, labels):
+    _check_labels(label_texts, labels)
+    index = {label: i for i, label in enumerate(labels)}
+    arrays, keep = _encode_prompts(inputs, tokenizer, max_len)
+    arrays["label"] = np.array([index[t] for t, k in zip(label_texts, keep) if k], dtype=np.int32)
+    return arrays, keep
+
+
+def _encode_tag(inputs, tag_rows, tokenizer, max_len, labels):
+    """``tags`` [N, L]: the tag id at each word's last byte (see ``word_ends``), -1 elsewhere."""
+    _check_labels([t for row in tag_rows for t in row], labels)
+    index = {label: i for i, label in enumerate(labels)}
+    arrays, keep = _encode_prompts(inputs, tokenizer, max_len)
+    tags = np.full(arrays["tokens"].shape, -1, dtype=np.int32)
+    for row, i in enumerate(np.flatnonzero(keep)):
+        ends = word_ends(inputs[i])
+        if len(ends) != len(tag_rows[i]):
+            raise ValueError(f"Input {inputs[i]!r} has {len(ends)} words but {len(tag_rows[i])} tags.")
+        tags[row, ends] = [index[t] for t in tag_rows[i]]
+    arrays["tags"] = tags
+    return arrays, keep
 
 
 def _row_length(row_lens: np.ndarray, max_len: int) -> int:

@@ -8,6 +8,7 @@ and for reports).
 from typing import Callable, Sequence
 
 import numpy as np
+import sacrebleu
 
 
 def edit_distance(a: Sequence, b: Sequence) -> int:
@@ -90,32 +91,101 @@ def macro_f1(pred_ids: Sequence[int], label_ids: Sequence[int]) -> float:
     return float(np.mean(scores))
 
 
+def chrf(preds: Sequence[str], refs: Sequence[str]) -> float:
+    """Returns corpus chrF (sacrebleu, default settings) on a 0-1 scale."""
+    _check_pair(preds, refs)
+    return float(sacrebleu.corpus_chrf(list(preds), [list(refs)]).score) / 100.0
+
+
+def mse(preds: Sequence[float], refs: Sequence[float]) -> float:
+    """Returns the mean squared error."""
+    _check_pair(preds, refs)
+    if len(refs) == 0:
+        return 0.0
+    return float(np.mean(np.square(np.asarray(preds, np.float64) - np.asarray(refs, np.float64))))
+
+
+def pearson(preds: Sequence[float], refs: Sequence[float]) -> float:
+    """Returns Pearson's r; 0.0 where either side is constant (r is undefined there)."""
+    _check_pair(preds, refs)
+    x, y = np.asarray(preds, np.float64), np.asarray(refs, np.float64)
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return 0.0
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 1, ties given their mean rank."""
+    ranks = np.empty(len(x), np.float64)
+    ranks[np.argsort(x, kind="stable")] = np.arange(1, len(x) + 1)
+    _, group = np.unique(x, return_inverse=True)
+    return (np.bincount(group, ranks) / np.bincount(group))[group]
+
+
+def spearman(preds: Sequence[float], refs: Sequence[float]) -> float:
+    """Returns Spearman's rho: Pearson's r of the ranks (ties at their mean rank)."""
+    _check_pair(preds, refs)
+    return pearson(_ranks(np.asarray(preds, np.float64)), _ranks(np.asarray(refs, np.float64)))
+
+
+def _flat(rows: Sequence[Sequence[int]]) -> list[int]:
+    return [t for row in rows for t in row]
+
+
+def tag_accuracy(pred_rows: Sequence[Sequence[int]], gold_rows: Sequence[Sequence[int]]) -> float:
+    """Returns token-level accuracy over all words of all examples."""
+    _check_pair(pred_rows, gold_rows)
+    return accuracy(_flat(pred_rows), _flat(gold_rows))
+
+
+def tag_f1(pred_rows: Sequence[Sequence[int]], gold_rows: Sequence[Sequence[int]]) -> float:
+    """Returns token-level macro-F1 over the tags."""
+    _check_pair(pred_rows, gold_rows)
+    return macro_f1(_flat(pred_rows), _flat(gold_rows))
+
+
 _BY_KIND: dict[str, dict[str, Callable[..., float]]] = {
     # generate metrics take (predicted texts, reference texts).
     "generate": {
         "exact_match": exact_match,
         "token_error_rate": token_error_rate,
         "char_error_rate": char_error_rate,
+        "chrf": chrf,
     },
     # classify metrics take (predicted class ids, label ids).
     "classify": {"accuracy": accuracy, "macro_f1": macro_f1},
+    # regress metrics take (predicted values, target values).
+    "regress": {"mse": mse, "pearson": pearson, "spearman": spearman},
+    # tag metrics take (predicted tag ids a row, gold tag ids a row).
+    "tag": {"tag_accuracy": tag_accuracy, "tag_f1": tag_f1},
 }
+
+# Each kind's headline metric: the one "mean" best-checkpoint selection averages.
+MAIN = {"generate": "exact_match", "classify": "accuracy", "regress": "pearson", "tag": "tag_f1"}
 
 HIGHER_IS_BETTER = {
     "exact_match": True,
     "token_error_rate": False,
     "char_error_rate": False,
+    "chrf": True,
     "accuracy": True,
     "macro_f1": True,
+    "mse": False,
+    "pearson": True,
+    "spearman": True,
+    "tag_accuracy": True,
+    "tag_f1": True,
 }
 
 
 def metrics_for(kind: str) -> dict[str, Callable[..., float]]:
     """Returns the metrics of a task kind, by name.
 
-    generate: ``exact_match``, ``token_error_rate``, ``char_error_rate``, each
-    ``f(predicted_texts, reference_texts)``. classify: ``accuracy``,
-    ``macro_f1``, each ``f(predicted_ids, label_ids)``.
+    generate: ``exact_match``, ``token_error_rate``, ``char_error_rate``,
+    ``chrf``, each ``f(predicted_texts, reference_texts)``. classify:
+    ``accuracy``, ``macro_f1``, each ``f(predicted_ids, label_ids)``.
+    regress: ``mse``, ``pearson``, ``spearman``, each ``f(predicted, target)``.
+    tag: ``tag_accuracy``, ``tag_f1``, each ``f(predicted_rows, gold_rows)``.
 
     Raises:
       ValueError: a kind with no metrics yet.

@@ -91,7 +91,10 @@ def resolve(specs: list[str]) -> list[Task]:
             name, path = (part.strip() for part in spec.split("=", 1))
             if not name or not path:
                 raise ValueError(f"Task spec {spec!r} is not accepted; use a task name or NAME=PATH.")
-            kind, load = user_files.load_task_file(path)
+            if path.startswith(user_files.HUB_PREFIX):
+                kind, load = user_files.load_hub_task(path)
+            else:
+                kind, load = user_files.load_task_file(path)
             task = Task(name, kind, f"{kind} task from {path}", load)
         else:
             task = get(spec)

@@ -75,6 +75,8 @@ def load_task_file(path: str) -> tuple[str, Callable[[], datasets.DatasetDict]]:
     else:
         splits = [split_of(text) for text in columns["input"]]
     rows_of = {split: [i for i in range(n) if splits[i] == split] for split in SPLITS}
+    if not rows_of["train"]:
+        raise ValueError(f"Task file {path!r} has no rows in its train split; at least one is needed to train.")
     result = datasets.DatasetDict(
         {
             split: datasets.Dataset.from_dict(
@@ -159,3 +161,83 @@ def _split_value(path: str, row: int, value: Any) -> str:
             f"Task file {path!r} has split {value!r} in row {row + 1}; accepted splits are {', '.join(SPLITS)}."
         )
     return value
+
+
+HUB_PREFIX = "hf:"
+
+
+def load_hub_task(spec: str) -> tuple[str, Callable[[], datasets.DatasetDict]]:
+    """Reads a Hugging Face dataset named by ``hf:DATASET[:CONFIG][?COLUMN=SOURCE&...]``.
+
+    ``DATASET`` is a hub name (``nyu-mll/glue``) or a local folder of data
+    files; ``CONFIG`` its configuration (``sst2``). Each ``COLUMN=SOURCE``
+    maps a column of ours (``input``, ``target``, ``label``, ``value``,
+    ``tags``) to the dataset's, so ``hf:nyu-mll/glue:sst2?input=sentence``
+    reads GLUE's SST-2 as a classify task. Integer class labels become their
+    names. The dataset's own ``train``/``validation``/``test`` splits are kept
+    (a missing validation or test split is cut from train by hash). Once
+    downloaded, the cache serves it offline (``HF_DATASETS_OFFLINE=1``).
+
+    Raises:
+      ValueError: a malformed spec, a dataset that cannot be loaded (offline
+        and not cached, say), or columns that fit no kind.
+    """
+    body, _, query = spec[len(HUB_PREFIX) :].partition("?")
+    name, _, config = body.partition(":")
+    ours_all = {c for cols in COLUMNS.values() for c in cols}
+    mapping = {}
+    for part in filter(None, query.split("&")):
+        ours, sep, theirs = part.partition("=")
+        if not sep or ours not in ours_all:
+            raise ValueError(
+                f"Hub task {spec!r} maps {part!r}; use COLUMN=SOURCE with COLUMN one of {', '.join(sorted(ours_all))}."
+            )
+        mapping[ours] = theirs
+    if not name:
+        raise ValueError(f"Hub task {spec!r} names no dataset; use hf:DATASET[:CONFIG][?input=COLUMN&...].")
+    try:
+        loaded = datasets.load_dataset(name, config or None)
+    except Exception as e:  # the hub client raises many types; the user needs only the reason
+        raise ValueError(
+            f"Hub task {spec!r} could not be loaded: {_root_reason(e)} (offline, it must be cached)."
+        ) from e
+    if "train" not in loaded:
+        raise ValueError(f"Hub task {spec!r} has no train split; it has {', '.join(loaded)}.")
+    renamed = {}
+    for split, dataset in loaded.items():
+        for ours, theirs in mapping.items():
+            if theirs not in dataset.column_names:
+                raise ValueError(
+                    f"Hub task {spec!r} maps {ours} to {theirs!r}, which is not among {dataset.column_names}."
+                )
+        labels = {
+            t: dataset.features[t].names
+            for t in dataset.column_names
+            if isinstance(dataset.features[t], datasets.ClassLabel)
+        }
+        columns = {}
+        for ours in ours_all:
+            source = mapping.get(ours, ours)
+            if source in dataset.column_names:
+                values = dataset[source]
+                columns[ours] = [labels[source][v] if v >= 0 else None for v in values] if source in labels else values
+        renamed[split] = columns
+    kind = detect_kind(spec, list(renamed["train"]))
+    rows = {split: {c: [] for c in COLUMNS[kind]} for split in SPLITS}
+    missing = {s for s in SPLITS if s not in loaded}  # cut from train by hash
+    for split, columns in renamed.items():
+        if split not in SPLITS:
+            continue  # e.g. an "unsupervised" split
+        for i in range(len(columns["input"])):
+            cells = {c: columns[c][i] for c in COLUMNS[kind]}
+            if any(v is None for v in cells.values()):
+                continue  # unlabelled rows, as in GLUE's test splits
+            target = split
+            if split == "train" and split_of(cells["input"]) in missing:
+                target = split_of(cells["input"])
+            for c in COLUMNS[kind]:
+                rows[target][c].append(_clean(spec, kind, c, i, cells[c]))
+    result = datasets.DatasetDict({s: datasets.Dataset.from_dict(rows[s], features=FEATURES[kind]) for s in SPLITS})
+    if result["train"].num_rows == 0:
+        raise ValueError(f"Hub task {spec!r} has no labelled rows in its train split.")
+    return kind, lambda: result

@@ -74,6 +74,23 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(runs):
     assert "exact_match" in next(r for r in evals if r["task"] == "g2p")
     assert 0.0 <= next(r for r in evals if r["task"] == "langid")["accuracy"] <= 1.0
     assert sorted(int(p.name) for p in (resumed / "checkpoints").iterdir()) == [4, 8, 12]
+    assert 0 < records[0]["mfu"] < 1
+    assert list((resumed / "tensorboard").glob("events.out.tfevents.*"))
+    assert [p.name for p in (resumed / "best").iterdir()] == ["12"]  # the only validation: at the end
+
+
+@pytest.mark.slow
+def test_eval_only_on_a_finished_run(runs):
+    whole, _, _ = runs
+    before = (whole / "metrics.jsonl").read_text().splitlines()
+    result = run("train.py", "--eval-only", "--out", str(whole), "--set", "train.eval_examples=4", "--mesh", "fsdp=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads(result.stdout.splitlines()[-1])
+    assert set(scores) == {"validation", "test"} and set(scores["test"]) == {"g2p", "langid"}
+    added = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()[len(before) :]]
+    assert {(r["split"], r["task"], r["step"]) for r in added} == {
+        (s, t, 12) for s in ("validation", "test") for t in ("g2p", "langid")
+    }
 
 
 REQUESTS = [
@@ -165,6 +182,9 @@ def test_serve_same_greedy_answers_on_any_mesh(runs, tmp_path):
         (["--set", "model.d_modle=4"], "d_modle"),
         (["--set", "model.n_heads=3"], "n_heads=3"),
         (["--preset", "huge"], "huge"),
+        (["--set", "train.best_metric=g2p/accuracy"], "g2p/accuracy"),
+        (["--set", "train.loss_weights=g2p=-1"], "g2p=-1"),
+        (["--set", "train.loss_weights=klingon=2"], "klingon"),
     ],
 )
 def test_train_usage_errors_are_one_line_and_write_nothing(args, message, tmp_path):

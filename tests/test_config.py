@@ -26,7 +26,8 @@ def manual_backbone_params(m: ModelConfig) -> int:
     norms = 2 * m.d_model
     embeddings = m.vocab_size * m.d_model + m.d_model  # tokens, and one task row
     untied = 0 if m.tie_embeddings else m.d_model * m.vocab_size
-    return embeddings + m.n_layers * (attention + mlp + norms) + m.d_model + untied
+    task_log_var = 1  # one task's loss scale (uncertainty weighting)
+    return embeddings + m.n_layers * (attention + mlp + norms) + m.d_model + untied + task_log_var
 
 
 @pytest.mark.parametrize("name", sorted(config.PRESETS))
@@ -44,7 +45,7 @@ def test_preset_builds_and_matches_its_docstring(name):
 
 def test_heads_add_only_their_classifiers():
     cfg = dataclasses.replace(config.tiny().model, heads=HEADS)
-    task_rows = (len(HEADS) - 1) * cfg.d_model  # the task embedding grows a row per task
+    task_rows = (len(HEADS) - 1) * (cfg.d_model + 1)  # a task embedding row and a loss scale per task
     classifiers = sum(cfg.d_model * h.num_classes + h.num_classes for h in HEADS if h.kind == "classify")
     assert backbone_params(cfg) == manual_backbone_params(cfg) + task_rows + classifiers
 

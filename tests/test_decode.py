@@ -75,8 +75,12 @@ def test_engine_on_a_sharded_mesh_matches_one_device():
     model = make_model(seed=3)
     requests = [Request(task="spell", prompt=[1, 40 + i, 41, 3], max_new_tokens=6) for i in range(8)]
     one = make_engine(model, max_batch=8).generate(requests)
-    sharded = make_engine(model, max_batch=8, mesh=make_mesh("data=2,fsdp=2,tensor=2")).generate(requests)
+    engine = make_engine(model, max_batch=8, mesh=make_mesh("data=2,fsdp=2,tensor=2"))
+    sharded = engine.generate(requests)
     assert [g.tokens for g in one] == [g.tokens for g in sharded]
+    # The KV cache [L, B, S, K, H]: slots over data and fsdp, kv heads over tensor.
+    expected = jax.sharding.PartitionSpec(None, ("data", "fsdp"), None, "tensor", None)
+    assert engine.state.cache.key.sharding.spec == expected
 
 
 def test_engine_classify_returns_distributions():
@@ -138,7 +142,7 @@ def test_no_retrace_after_warm_up():
     warm = [Request(task="spell", prompt=[1, 40, 3]), Request(task="lang", prompt=[1, 40, 3])]
     engine.generate(warm[:1])
     engine.score(warm[1:])
-    assert engine.traces == {"start": 1, "step": 1, "heads": 1}
+    assert engine.traces == {"prefill": 1, "insert": 1, "step": 1}
     rng = np.random.default_rng(0)
     for i in range(12):  # mixed tasks, lengths within the first bucket, sampling settings, batch sizes
         n = int(rng.integers(1, 7))
@@ -156,4 +160,4 @@ def test_no_retrace_after_warm_up():
         ]
         engine.generate(reqs)
         engine.score([Request(task="lang", prompt=[1, 5 + i, 3])] * n)
-    assert engine.traces == {"start": 1, "step": 1, "heads": 1}
+    assert engine.traces == {"prefill": 1, "insert": 1, "step": 1}

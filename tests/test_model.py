@@ -65,7 +65,7 @@ def test_model_shapes():
     assert cache.key.shape == (cfg.n_layers, 3, 11, cfg.n_kv_heads, cfg.head_dim)
     assert model.lm_logits(hidden).shape == (3, 11, cfg.vocab_size)
     assert model.classify_logits("lang", hidden, jnp.array([11, 3, 1])).shape == (3, 5)
-    assert set(model.classifiers) == {"lang"}
+    assert set(model.heads) == {"lang"}
 
 
 def test_task_embedding_changes_the_output():

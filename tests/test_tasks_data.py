@@ -149,7 +149,61 @@ def test_langid_encodes():
     assert [labels[i] for i in enc.arrays["label"]] == enc.references
 
 
-def test_kinds_without_an_encoding_are_refused():
+def test_unknown_kind_is_refused():
     ds = datasets.Dataset.from_dict({"input": ["a"], "value": [1.0]})
-    with pytest.raises(ValueError, match="'regress'"):
-        encode_split("regress", ds, TOK, max_len=8)
+    with pytest.raises(ValueError, match="'rank'"):
+        encode_split("rank", ds, TOK, max_len=8)
+
+
+# --- regress and tag ------------------------------------------------------------
+
+
+def test_regress_layout():
+    ds = datasets.Dataset.from_dict({"input": ["ok", "a much longer input"], "value": [1.5, -2.0]})
+    enc = encode_split("regress", ds, TOK, max_len=8)
+    assert len(enc) == 1 and enc.dropped == 1  # 1 + 19 + 1 tokens do not fit 8
+    assert enc.arrays["tokens"][0, :4].tolist() == [BOS, *b("ok"), SEP]
+    assert enc.arrays["lengths"].tolist() == [4]
+    assert enc.arrays["value"].dtype == np.float32 and enc.arrays["value"].tolist() == [1.5]
+    assert enc.references == [1.5]
+
+
+def test_word_ends_count_bytes_after_bos():
+    assert tasks.word_ends("ab  cde f") == [2, 7, 9]
+    assert tasks.word_ends(" é x") == [3, 5]  # é is two bytes
+    text = "na ïve words"
+    ids = prompt_ids(TOK, text)
+    for end, word in zip(tasks.word_ends(text), text.split()):
+        assert ids[end] == TOK.encode(word)[-1]  # the word's last byte
+
+
+def test_tag_layout():
+    ds = datasets.Dataset.from_dict({"input": ["the cat  sat"], "tags": [["D", "N", "V"]]})
+    labels = labels_of(datasets.DatasetDict({"train": ds}))
+    assert labels == ("D", "N", "V")
+    enc = encode_split("tag", ds, TOK, max_len=32, labels=labels)
+    tags = enc.arrays["tags"][0]
+    expected = np.full(enc.length, -1)
+    expected[[3, 7, 12]] = [0, 1, 2]  # last bytes of "the", "cat", "sat"
+    np.testing.assert_array_equal(tags, expected)
+    assert enc.arrays["lengths"].tolist() == [len(prompt_ids(TOK, "the cat  sat"))]
+    probs = np.zeros((enc.length, 3))
+    probs[[3, 7, 12], [2, 1, 0]] = 1.0
+    assert tasks.tags_at_word_ends(probs, "the cat  sat") == [2, 1, 0]
+
+
+def test_tag_rejects_unknown_tag_and_count_mismatch():
+    ds = datasets.Dataset.from_dict({"input": ["a b"], "tags": [["X", "Y"]]})
+    with pytest.raises(ValueError, match="'Y'"):
+        encode_split("tag", ds, TOK, max_len=16, labels=("X",))
+    ds = datasets.Dataset.from_dict({"input": ["a b"], "tags": [["X"]]})
+    with pytest.raises(ValueError, match="2 words but 1 tags"):
+        encode_split("tag", ds, TOK, max_len=16, labels=("X",))
+
+
+def test_builtin_regress_and_tag_encode():
+    for name, column in (("valence", "value"), ("hyphenate", "tags")):
+        dd = tasks.get(name).load()
+        enc = encode_split(tasks.get(name).kind, dd["validation"], TOK, max_len=64, labels=labels_of(dd) or None)
+        assert len(enc) == len(dd["validation"]) - enc.dropped > 0
+        assert column in enc.arrays

@@ -1,5 +1,6 @@
 """Tests for tasks.metrics, against values worked out by hand."""
 
+import numpy as np
 import pytest
 
 from tasks import metrics
@@ -42,14 +43,39 @@ def test_results_are_plain_floats():
 
 
 def test_metrics_for_and_direction():
-    assert set(metrics.metrics_for("generate")) == {"exact_match", "token_error_rate", "char_error_rate"}
+    assert set(metrics.metrics_for("generate")) == {"exact_match", "token_error_rate", "char_error_rate", "chrf"}
     assert set(metrics.metrics_for("classify")) == {"accuracy", "macro_f1"}
-    for kind in ("generate", "classify"):
+    assert set(metrics.metrics_for("regress")) == {"mse", "pearson", "spearman"}
+    assert set(metrics.metrics_for("tag")) == {"tag_accuracy", "tag_f1"}
+    for kind in ("generate", "classify", "regress", "tag"):
         for name in metrics.metrics_for(kind):
             assert name in metrics.HIGHER_IS_BETTER
+        assert metrics.HIGHER_IS_BETTER[metrics.MAIN[kind]]
     assert metrics.HIGHER_IS_BETTER["accuracy"] and not metrics.HIGHER_IS_BETTER["token_error_rate"]
-    with pytest.raises(ValueError, match="'tag'"):
-        metrics.metrics_for("tag")
+    with pytest.raises(ValueError, match="'rank'"):
+        metrics.metrics_for("rank")
+
+
+def test_regress_metrics_against_their_definitions():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=200)
+    y = 2 * x + rng.normal(size=200)
+    assert metrics.mse(x, y) == pytest.approx(np.mean((x - y) ** 2))
+    xc, yc = x - x.mean(), y - y.mean()
+    assert metrics.pearson(x, y) == pytest.approx((xc @ yc) / np.sqrt((xc @ xc) * (yc @ yc)))
+    # Spearman without ties: 1 - 6 sum d^2 / (n (n^2 - 1)).
+    d = np.argsort(np.argsort(x)) - np.argsort(np.argsort(y))
+    assert metrics.spearman(x, y) == pytest.approx(1 - 6 * np.sum(d**2) / (200 * (200**2 - 1)))
+    assert metrics.spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)  # ties at mean ranks
+    assert metrics.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert metrics.pearson([1, 1, 1], [1, 2, 3]) == 0.0  # undefined: constant side
+
+
+def test_tag_and_chrf_metrics():
+    assert metrics.tag_accuracy([[0, 1], [1]], [[0, 0], [1]]) == pytest.approx(2 / 3)
+    assert metrics.tag_f1([[0, 1], [1]], [[0, 1], [1]]) == 1.0
+    assert metrics.chrf(["hello"], ["hello"]) == pytest.approx(1.0)
+    assert 0 < metrics.chrf(["helo wrld"], ["hello world"]) < 1
 
 
 def test_length_mismatch_raises():

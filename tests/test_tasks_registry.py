@@ -5,6 +5,7 @@ import csv
 import json
 import re
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -16,9 +17,27 @@ from tasks.schema import COLUMNS, SPLITS, split_of
 
 
 def test_builtin_tasks_are_registered():
-    assert {"g2p", "langid"} <= set(tasks.names())
-    assert tasks.get("g2p").kind == "generate"
-    assert tasks.get("langid").kind == "classify"
+    assert {"g2p", "langid", "valence", "hyphenate"} <= set(tasks.names())
+    kinds = {name: tasks.get(name).kind for name in ("g2p", "langid", "valence", "hyphenate")}
+    assert kinds == {"g2p": "generate", "langid": "classify", "valence": "regress", "hyphenate": "tag"}
+
+
+def test_valence():
+    dd = tasks.get("valence").load()
+    rows = {text: value for split in SPLITS for text, value in zip(dd[split]["input"], dd[split]["value"])}
+    assert len(rows) > 7000
+    assert rows["good"] == pytest.approx(1.9) and rows[":("] == pytest.approx(-1.9)
+    assert min(rows.values()) >= -4 and max(rows.values()) <= 4
+    assert not set(dd["train"]["input"]) & set(dd["test"]["input"])
+
+
+def test_hyphenate():
+    dd = tasks.get("hyphenate").load()
+    rows = {text: tags for split in SPLITS for text, tags in zip(dd[split]["input"], dd[split]["tags"])}
+    assert 15_000 < len(rows) < 40_000
+    for text, tags in list(rows.items())[:500]:
+        assert len(text.split()) == len(tags) >= 5 and set(tags) <= {"B", "I"} and tags[0] == "I"
+    assert rows["r e m e m b e r"] == ["I", "I", "B", "I", "I", "B", "I", "I"]  # re-mem-ber
 
 
 def test_unknown_name_lists_known_names():
@@ -221,3 +240,44 @@ def test_bad_files_get_one_sentence_naming_the_file(tmp_path):
 def test_bad_spec():
     with pytest.raises(ValueError, match="'=x.csv'"):
         tasks.resolve(["=x.csv"])
+
+
+# --- hub datasets (a local folder stands in for the hub: tests never go online) ---
+
+
+def test_hub_spec_reads_a_dataset_with_a_column_mapping(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    pq.write_table(
+        pa.table({"sentence": [f"w{i}" for i in range(40)], "mood": ["up", "down"] * 20}), folder / "train.parquet"
+    )
+    pq.write_table(pa.table({"sentence": ["t1", "t2"], "mood": ["up", "down"]}), folder / "test.parquet")
+    (task,) = tasks.resolve([f"moods=hf:{folder}?input=sentence&label=mood"])
+    assert task.kind == "classify"
+    dd = task.load()
+    assert len(dd["test"]) == 2 and dd["test"]["input"] == ["t1", "t2"]  # the dataset's own test split
+    assert len(dd["train"]) + len(dd["validation"]) == 40  # validation cut from train by hash
+    assert set(dd["train"]["label"]) == {"up", "down"}
+
+
+def test_hub_spec_errors(tmp_path, monkeypatch):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    pq.write_table(pa.table({"sentence": ["a"], "mood": ["up"]}), folder / "train.parquet")
+    with pytest.raises(ValueError, match="'colour=mood'"):
+        tasks.resolve([f"m=hf:{folder}?colour=mood"])
+    with pytest.raises(ValueError, match="'nothere'"):
+        tasks.resolve([f"m=hf:{folder}?input=nothere"])
+    with pytest.raises(ValueError, match="names no dataset"):
+        tasks.resolve(["m=hf:"])
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    with pytest.raises(ValueError, match="could not be loaded.*cached"):
+        tasks.resolve(["m=hf:no-such-org/no-such-dataset"])
+
+
+def test_file_without_train_rows_is_refused(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"input": "a", "label": "x", "split": "test"}\n')
+    with pytest.raises(ValueError, match=f"{path}.*no rows in its train split"):
+        tasks.resolve([f"t={path}"])

@@ -1,0 +1,302 @@
+"""Serving benchmark: continuous vs static batching, vs transformers, and the decode step's lower bound.
+
+    python benchmarks/serve_bench.py                      # small preset, random weights
+    python benchmarks/serve_bench.py --requests 64 --rates 4,16 --no-transformers
+
+A mixed-task workload (two generation tasks, one classifier) with heavy-tailed
+prompt and output lengths (Pareto, clipped to the model) is served offline
+(every request at once) and at request rates (Poisson arrivals), by continuous
+and by static batching of the same engine. Generation never stops on EOS (it
+is not an allowed token), so every policy generates the same tokens. Figures
+are printed as ratios measured within one run; see docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mtl import config as C  # noqa: E402
+from mtl.config import HeadConfig  # noqa: E402
+from mtl.engine import Engine, Generation, Request  # noqa: E402
+from mtl.model import MultiTaskModel, count_params  # noqa: E402
+from sharding import make_mesh  # noqa: E402
+
+HEADS = (HeadConfig("g2p", "generate"), HeadConfig("spell", "generate"), HeadConfig("langid", "classify", 10))
+
+
+def workload(n: int, max_len: int, seed: int, alpha: float = 1.3) -> list[Request]:
+    """``n`` mixed requests: 80% generation with Pareto prompt and output lengths, 20% classification."""
+    rng = np.random.default_rng(seed)
+    requests = []
+    for i in range(n):
+        prompt_len = int(min(max_len // 2, 4 + rng.pareto(alpha) * 6))
+        prompt = [1, *rng.integers(4, 260, prompt_len - 2).tolist(), 3]
+        if rng.random() < 0.2:
+            requests.append(Request("langid", prompt))
+            continue
+        out = int(min(max_len - prompt_len, 1 + rng.pareto(alpha) * 8))
+        task = "g2p" if rng.random() < 0.5 else "spell"
+        temperature = 0.0 if rng.random() < 0.5 else 0.8
+        requests.append(Request(task, prompt, max_new_tokens=out, temperature=temperature, top_k=40, seed=i))
+    return requests
+
+
+def run(engine: Engine, requests: list[Request], batching: str, arrivals: np.ndarray | None) -> dict:
+    """Serves ``requests`` (all at once, or at ``arrivals`` seconds) on this thread; returns the figures."""
+    engine.batching = batching
+    t0 = time.perf_counter()
+    tickets, i = [], 0
+    offsets = np.zeros(len(requests)) if arrivals is None else arrivals
+    while i < len(requests) or engine.busy():
+        now = time.perf_counter() - t0
+        while i < len(requests) and offsets[i] <= now and len(engine.queue) < engine.max_queue:
+            tickets.append(engine.submit(dataclasses.replace(requests[i], arrival=t0 + offsets[i])))
+            i += 1
+        if engine.busy():
+            engine.run_once()
+        elif i < len(requests):
+            time.sleep(max(0.0, offsets[i] - (time.perf_counter() - t0)))
+    wall = time.perf_counter() - t0
+    results = [t.wait() for t in tickets]
+    gens = [r for r in results if isinstance(r, Generation)]
+    tokens = sum(len(g.tokens) for g in gens)
+    latency = np.array([r.latency_ms for r in results])
+    ttft = np.array([g.ttft_ms for g in gens])
+    tpot = np.array([(g.latency_ms - g.ttft_ms) / (len(g.tokens) - 1) for g in gens if len(g.tokens) > 1])
+    return {
+        "req/s": len(results) / wall,
+        "tok/s": tokens / wall,
+        "ttft p50": np.percentile(ttft, 50),
+        "ttft p99": np.percentile(ttft, 99),
+        "tpot p50": np.percentile(tpot, 50),
+        "lat p50": np.percentile(latency, 50),
+        "lat p99": np.percentile(latency, 99),
+        "wall s": wall,
+    }
+
+
+def matmul_peak() -> float:
+    """Measured f32 matmul FLOP/s (best of a few sizes and repeats)."""
+    best = 0.0
+    for n in (512, 1024):
+        a = jnp.ones((n, n), jnp.float32)
+        f = jax.jit(lambda x: x @ x)
+        f(a).block_until_ready()
+        for _ in range(5):
+            t = time.perf_counter()
+            f(a).block_until_ready()
+            best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+def memory_bandwidth() -> float:
+    """Measured bytes/s of streaming a 256 MB array through a reduction."""
+    x = jnp.ones((64 * 1024 * 1024,), jnp.float32)
+    f = jax.jit(lambda x: jnp.sum(x))
+    f(x).block_until_ready()
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = max(best, x.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def decode_step_cost(cfg, batch: int, n_params: int) -> tuple[float, float]:
+    """FLOPs and bytes moved by one decode step of ``batch`` slots over a full-length cache."""
+    d, f, n, k, h, v, s, layers = (
+        cfg.d_model,
+        cfg.d_ff,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+        cfg.max_len,
+        cfg.n_layers,
+    )
+    per_layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f  # projection weights
+    matmul = layers * per_layer + 2 * v * d  # the one-hot embedding matmul and the LM head
+    attention = layers * 2 * 2 * n * s * h  # QK and PV over the whole cache (masked, not skipped)
+    flops = 2 * batch * matmul + batch * attention
+    cache = 2 * layers * batch * s * k * h * 4
+    return float(flops), float(n_params * 4 + cache)
+
+
+def time_decode_step(engine: Engine, repeats: int = 30) -> float:
+    """Seconds per jitted decode step with every slot live (host loop excluded)."""
+    prompt = [1, *range(10, 24), 3]
+    tickets = [
+        engine.submit(Request("g2p", prompt, max_new_tokens=engine.cfg.max_len)) for _ in range(engine.max_batch)
+    ]
+    engine.run_once()
+    params = engine.params
+    with jax.set_mesh(engine.mesh):
+        engine.state, tokens = engine._step(params, engine.state)
+        tokens.block_until_ready()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            engine.state, tokens = engine._step(params, engine.state)
+        tokens.block_until_ready()
+    seconds = (time.perf_counter() - t) / repeats
+    for ticket in tickets:
+        engine.cancel(ticket)
+    engine.run_once()
+    return seconds
+
+
+def transformers_tokens_per_s(cfg, batch: int, prompt_len: int, new: int) -> float:
+    """Generated tokens/s of Hugging Face ``generate()`` on a GPT-2 of the same width, depth and vocabulary."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    gpt = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.max_len,
+            n_embd=cfg.d_model,
+            n_layer=cfg.n_layers,
+            n_head=cfg.n_heads,
+        )
+    ).eval()
+    ids = torch.randint(4, 260, (batch, prompt_len))
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        gpt.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        t = time.perf_counter()
+        out = gpt.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        seconds = time.perf_counter() - t
+    assert out.shape == (batch, prompt_len + new)
+    return batch * new / seconds
+
+
+def ours_tokens_per_s(engine: Engine, batch: int, prompt_len: int, new: int) -> float:
+    """The same fixed batch through our engine (one prefill batch, then decode steps)."""
+    rng = np.random.default_rng(0)
+    requests = [Request("g2p", [1, *rng.integers(4, 260, prompt_len - 1).tolist()], max_new_tokens=new)] * batch
+    engine.generate(requests)
+    t = time.perf_counter()
+    gens = engine.generate(requests)
+    seconds = time.perf_counter() - t
+    assert all(len(g.tokens) == new for g in gens)
+    return batch * new / seconds
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--prefill-batch", type=int, default=8)
+    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--rates", default="8,32", help="Poisson request rates (requests/s), comma-separated")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", default="", help="serving mesh (default: all devices on data)")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    args = p.parse_args(argv)
+
+    cfg = dataclasses.replace(C.PRESETS[args.preset]().model, heads=HEADS)
+    model = MultiTaskModel(cfg, rngs=nnx.Rngs(0))
+    n_params = count_params(nnx.state(model, nnx.Param))
+    allowed = np.zeros(cfg.vocab_size, bool)
+    allowed[4:260] = True  # bytes only: no EOS, so every policy generates the same lengths
+    mesh = make_mesh(args.mesh)
+    engine = Engine(
+        model,
+        mesh,
+        max_batch=args.max_batch,
+        prefill_batch=args.prefill_batch,
+        allowed_tokens=allowed,
+        eos_id=2,
+        pad_id=0,
+    )
+    t = time.perf_counter()
+    engine.warmup()
+    print(
+        f"model: {args.preset}, {n_params / 1e6:.2f}M parameters, D={cfg.d_model} L={cfg.n_layers} "
+        f"V={cfg.vocab_size} max_len={cfg.max_len}; {args.max_batch} slots, prefill batch {args.prefill_batch}; "
+        f"mesh {dict(mesh.shape)}; {len(jax.devices())} {jax.devices()[0].platform} device(s)"
+    )
+    print(f"warm-up: {sum(engine.traces.values())} programs compiled in {time.perf_counter() - t:.1f}s")
+
+    requests = workload(args.requests, cfg.max_len, args.seed)
+    gens = [r for r in requests if r.task != "langid"]
+    outs = sorted(r.max_new_tokens for r in gens)
+    print(
+        f"workload: {len(requests)} requests ({len(gens)} generation), output tokens p50 {outs[len(outs) // 2]} "
+        f"max {outs[-1]} total {sum(outs)}; prompt tokens max {max(len(r.prompt) for r in requests)}"
+    )
+
+    traces = dict(engine.traces)
+    rows = []
+    rng = np.random.default_rng(args.seed + 1)
+    scenarios = [("offline", None)] + [
+        (f"{rate:g} req/s", np.cumsum(rng.exponential(1 / rate, len(requests))))
+        for rate in map(float, args.rates.split(","))
+    ]
+    header = f"{'scenario':<12}{'batching':<12}" + "".join(
+        f"{k:>10}" for k in ("req/s", "tok/s", "ttft p50", "ttft p99", "tpot p50", "lat p50", "lat p99")
+    )
+    print("\n" + header + "   (times in ms)")
+    for name, arrivals in scenarios:
+        figures = {}
+        for batching in ("continuous", "static"):
+            figures[batching] = run(engine, requests, batching, arrivals)
+            f = figures[batching]
+            print(
+                f"{name:<12}{batching:<12}"
+                + "".join(
+                    f"{f[k]:>10.1f}"
+                    for k in ("req/s", "tok/s", "ttft p50", "ttft p99", "tpot p50", "lat p50", "lat p99")
+                )
+            )
+        ratio = figures["continuous"]["tok/s"] / figures["static"]["tok/s"]
+        rows.append((name, ratio))
+        print(
+            f"{'':<12}continuous / static: {ratio:.2f}x tokens/s, "
+            f"p99 latency {figures['static']['lat p99'] / figures['continuous']['lat p99']:.2f}x lower"
+        )
+    engine.batching = "continuous"
+    assert engine.traces == traces, f"recompiled after warm-up: {engine.traces} vs {traces}"
+    print("recompilations after warm-up: 0")
+
+    step = time_decode_step(engine)
+    flops, moved = decode_step_cost(cfg, args.max_batch, n_params)
+    peak, bandwidth = matmul_peak(), memory_bandwidth()
+    bound = max(flops / peak, moved / bandwidth)
+    print(
+        f"\ndecode step ({args.max_batch} live slots, cache {cfg.max_len}): {step * 1e3:.2f} ms; "
+        f"{flops / 1e6:.1f} MFLOP, {moved / 1e6:.1f} MB moved"
+    )
+    print(
+        f"measured peaks: matmul {peak / 1e9:.1f} GFLOP/s, memory {bandwidth / 1e9:.1f} GB/s; "
+        f"lower bound max({flops / peak * 1e3:.3f}, {moved / bandwidth * 1e3:.3f}) = {bound * 1e3:.3f} ms; "
+        f"step / bound = {step / bound:.2f}x"
+    )
+
+    if not args.no_transformers:
+        try:
+            prompt_len, new = 16, 64
+            ours = ours_tokens_per_s(engine, args.max_batch, prompt_len, new)
+            theirs = transformers_tokens_per_s(cfg, args.max_batch, prompt_len, new)
+            print(
+                f"\nfixed batch of {args.max_batch} x ({prompt_len} prompt + {new} new tokens), greedy: "
+                f"mtl {ours:.0f} tok/s, transformers generate() {theirs:.0f} tok/s: {ours / theirs:.2f}x"
+            )
+        except ImportError as e:
+            print(f"\ntransformers comparison skipped ({e}); pip install -e '.[bench]'")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Evaluation of a model on its tasks, through the same engine that serves it.
+
+Used while training (validation and test metrics, best-checkpoint choice),
+by ``train.py --eval-only`` and by benchmarks. Like ``train.py`` it joins
+``tasks`` (data, metrics) and ``mtl`` (the engine), which never import each other.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from flax import nnx
+
+import tasks
+from mtl.engine import Engine, Request
+
+
+def evaluate(engine: Engine, data: Sequence, split: str, limit: int) -> dict[str, dict[str, float]]:
+    """Per-task metrics of the model in ``engine`` on ``split``.
+
+    Args:
+      engine: serves the model, exactly as ``serve.py`` does.
+      data: the run's tasks (``train.TaskData``: name, kind, labels, splits, max_new_tokens).
+      split: ``validation`` or ``test``.
+      limit: examples a task, evenly spaced over the split; 0 for all of them.
+    """
+    tokenizer = tasks.ByteTokenizer()
+    results = {}
+    for d in data:
+        encoded = d.splits[split]
+        n = len(encoded) if limit <= 0 else min(limit, len(encoded))
+        if n == 0:
+            continue
+        # Evenly spaced examples: a split's order may follow its source (by language, say).
+        picks = np.linspace(0, len(encoded) - 1, n).astype(int)
+        prompts = [tasks.prompt_ids(tokenizer, encoded.inputs[i]) for i in picks]
+        refs = [encoded.references[i] for i in picks]
+        if d.kind == "generate":
+            budget = min(d.max_new_tokens, engine.cfg.max_len)
+            gens = engine.generate([Request(d.name, p, max_new_tokens=budget) for p in prompts])
+            preds = [tokenizer.decode(g.tokens) for g in gens]
+        else:
+            answers = engine.score([Request(d.name, p) for p in prompts])
+            if d.kind == "classify":
+                preds = [int(a.values.argmax()) for a in answers]
+                refs = [d.labels.index(r) for r in refs]
+            elif d.kind == "regress":
+                preds = [float(a.values) for a in answers]
+            else:
+                preds = [tasks.tags_at_word_ends(a.values, encoded.inputs[i]) for a, i in zip(answers, picks)]
+                refs = [[d.labels.index(t) for t in row] for row in refs]
+        metric_fns = tasks.metrics.metrics_for(d.kind)
+        results[d.name] = {name: fn(preds, refs) for name, fn in metric_fns.items()}
+    return results
+
+
+def make_engine(model, mesh, max_batch: int) -> Engine:
+    """The engine that serves ``model`` with the byte tokenizer's special tokens."""
+    tokenizer = tasks.ByteTokenizer()
+    return Engine(
+        model,
+        mesh,
+        max_batch=max_batch,
+        allowed_tokens=allowed_tokens(tokenizer, model.cfg.vocab_size),
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+    )
+
+
+def allowed_tokens(tokenizer, vocab_size: int) -> np.ndarray:
+    """Tokens generation may produce: the tokenizer's, less PAD, BOS and SEP."""
+    allowed = np.arange(vocab_size) < tokenizer.vocab_size
+    allowed[[tokenizer.pad_id, tokenizer.bos_id, tokenizer.sep_id]] = False
+    return allowed
+
+
+class Evaluator:
+    """Evaluates a model as it trains; one engine, compiled once, serves every evaluation.
+
+    Args:
+      data: the run's tasks.
+      mesh: the mesh the model lives on.
+      max_batch: the engine's batch.
+      limit: examples a task and evaluation (0: all).
+      log: called with each evaluation record (``metrics.jsonl`` lines).
+    """
+
+    def __init__(self, data: Sequence, mesh, max_batch: int, limit: int, log: Callable[[dict], None]):
+        self.data, self.mesh, self.max_batch, self.limit, self.log = data, mesh, max_batch, limit, log
+        self.engine: Engine | None = None
+
+    def __call__(self, model, split: str, step: int, console) -> dict[str, dict[str, float]]:
+        if self.engine is None:
+            self.engine = make_engine(model, self.mesh, self.max_batch)
+        else:
+            self.engine.params = nnx.state(model)  # a train step donates old buffers: take the current ones
+        t0 = time.perf_counter()
+        scores = evaluate(self.engine, self.data, split, self.limit)
+        for task, values in scores.items():
+            self.log({"step": step, "task": task, "split": split, **{k: round(v, 5) for k, v in values.items()}})
+            console.log(f"eval {split} step {step} {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        console.log(f"{split} evaluation took {time.perf_counter() - t0:.1f}s")
+        return scores
+
+
+def selection_score(spec: str, kinds: dict[str, str], scores: dict[str, dict[str, float]]) -> float:
+    """The number ``train.best_metric`` ranks checkpoints by; higher is better.
+
+    ``mean`` averages each task's main metric (``tasks.metrics.MAIN``, all
+    higher-is-better); ``TASK/METRIC`` takes one metric, negated when lower is
+    better (an error rate, say).
+    """
+    if spec == "mean":
+        return float(np.mean([scores[t][tasks.metrics.MAIN[kind]] for t, kind in kinds.items()]))
+    task, metric = spec.split("/")
+    sign = 1.0 if tasks.metrics.HIGHER_IS_BETTER[metric] else -1.0
+    return sign * scores[task][metric]
+
+
+def check_selection(spec: str, kinds: dict[str, str]) -> None:
+    """Raises ValueError, naming the bad value, if ``spec`` cannot rank this run's checkpoints."""
+    if spec == "mean":
+        return
+    task, sep, metric = spec.partition("/")
+    if not sep or task not in kinds:
+        raise ValueError(f"train.best_metric={spec!r} must be mean or TASK/METRIC with TASK one of {', '.join(kinds)}")
+    known = tasks.metrics.metrics_for(kinds[task])
+    if metric not in known:
+        raise ValueError(f"train.best_metric={spec!r}: {task} has the metrics {', '.join(known)}")

@@ -1,0 +1,178 @@
+"""The continuous-batching engine: slots refilled as they free, mixed tasks, stops,
+admission control, cancelling, and no compilation after warm-up."""
+
+import contextlib
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from mtl.engine import Cancelled, Engine, QueueFull, Request
+from mtl.model import MultiTaskModel
+from sharding import make_mesh
+from tests.helpers import tiny_model_config
+
+CFG = tiny_model_config(max_len=32)
+EOS = 2
+NO_EOS = np.arange(CFG.vocab_size) >= 3  # EOS banned too: lengths follow max_new_tokens exactly
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """One warmed-up engine for the module: 4 slots, prefills of 2, generation never stops early."""
+    model = MultiTaskModel(CFG, rngs=nnx.Rngs(1))
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    engine = Engine(model, mesh, max_batch=4, prefill_batch=2, allowed_tokens=NO_EOS, eos_id=EOS, pad_id=0)
+    engine.warmup()
+    return engine
+
+
+@contextlib.contextmanager
+def counting_compilations():
+    """Counts every XLA compilation in the process (jitted or eager) while the block runs."""
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def gen(prompt, n, task="spell", **kw):
+    return Request(task=task, prompt=[1, *prompt, 3], max_new_tokens=n, **kw)
+
+
+def test_warmup_compiles_every_bucket_once(engine):
+    assert engine.traces == {"prefill": len(engine.buckets), "insert": 1, "step": 1}
+
+
+def test_a_freed_slot_is_refilled_on_the_next_step(engine):
+    # Slot sharing: one long request, then many short ones that cycle through the other slots.
+    requests = [gen([40], 20)] + [gen([50 + i], 3) for i in range(9)]
+    before = engine.stats["steps"]
+    continuous = engine.generate(requests)
+    continuous_steps = engine.stats["steps"] - before
+    before = engine.stats["steps"]
+    static = engine.generate(requests, batching="static")
+    static_steps = engine.stats["steps"] - before
+    assert [g.tokens for g in continuous] == [g.tokens for g in static]
+    assert [len(g.tokens) for g in continuous] == [20] + [3] * 9
+    # Continuous: the long request's 19 steps cover all short ones (3 slots, 2 steps each, 3 rounds).
+    assert continuous_steps == 19
+    # Static: batches of 4 wait for their longest: 19 + 2 + 2 steps.
+    assert static_steps == 23
+    assert all(g.finish_reason == "length" for g in continuous)
+
+
+def test_greedy_output_is_the_same_alone_and_among_other_tasks(engine):
+    target = gen([40, 41, 42], 12)
+    alone = engine.generate([target])[0].tokens
+    crowd = [
+        gen(list(range(60, 85)), 5, task="echo", temperature=1.0, seed=3),
+        Request(task="lang", prompt=[1, 9, 9, 3]),
+        gen([90], 2, temperature=0.7, top_k=5, seed=1),
+        gen([5, 6, 7], 9, task="echo", top_p=0.5, temperature=0.9),
+        Request(task="lang", prompt=[1] + list(range(100, 125)) + [3]),
+        gen([8], 4, task="echo"),
+    ]
+    tickets = [engine.submit(r) for r in crowd[:3]]
+    engine.run_once()  # the crowd is decoding when the target arrives
+    tickets += [engine.submit(target)] + [engine.submit(r) for r in crowd[3:]]
+    while engine.busy():
+        engine.run_once()
+    assert tickets[3].wait().tokens == alone
+    assert tickets[1].wait().values.shape == (5,)
+
+
+def test_stop_sequences_cut_the_output(engine):
+    free = engine.generate([gen([70, 71], 16)])[0].tokens
+    stop = tuple(free[5:7])
+    first = next(i for i in range(len(free) - 1) if tuple(free[i : i + 2]) == stop)
+    g = engine.generate([gen([70, 71], 16, stop=((999,), stop))])[0]
+    assert g.tokens == free[:first] and g.finish_reason == "stop"
+
+
+def test_admission_control(engine):
+    with pytest.raises(ValueError, match="prompts take 1 to 31 tokens"):
+        engine.submit(Request(task="spell", prompt=[5] * 32))
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        engine.submit(Request(task="nope", prompt=[5]))
+    engine.max_queue = 2
+    try:
+        tickets = [engine.submit(gen([1], 2)) for _ in range(2)]
+        with pytest.raises(QueueFull):
+            engine.submit(gen([1], 2))
+    finally:
+        engine.max_queue = 1024
+    while engine.busy():
+        engine.run_once()
+    assert all(len(t.wait().tokens) == 2 for t in tickets)
+
+
+def test_cancel_frees_the_slot(engine):
+    long = engine.submit(gen([33], 25))
+    queued = [engine.submit(gen([34 + i], 25)) for i in range(4)]  # the fifth waits for a slot
+    engine.run_once()
+    assert sum(s is not None for s in engine.slots) == 4
+    engine.cancel(queued[-1])  # still queued: answered at once
+    engine.cancel(long)  # in a slot: freed at the next iteration
+    with pytest.raises(Cancelled):
+        queued[-1].wait(0)
+    engine.run_once()
+    with pytest.raises(Cancelled):
+        long.wait(0)
+    assert sum(s is not None for s in engine.slots) == 3
+    while engine.busy():
+        engine.run_once()
+    assert all(len(t.wait().tokens) == 25 for t in queued[:-1])
+
+
+def test_no_compilation_after_warm_up_across_a_long_mixed_workload(engine):
+    rng = np.random.default_rng(0)
+    traces = dict(engine.traces)
+    with counting_compilations() as compiled:
+        for round_ in range(6):
+            requests = []
+            for i in range(int(rng.integers(3, 12))):
+                length = int(rng.integers(1, 30))  # both buckets
+                prompt = [1] + rng.integers(4, 200, length - 1).tolist()
+                if rng.random() < 0.3:
+                    requests.append(Request(task="lang", prompt=prompt))
+                else:
+                    requests.append(
+                        Request(
+                            task=str(rng.choice(["spell", "echo"])),
+                            prompt=prompt,
+                            max_new_tokens=int(rng.integers(1, 40)),
+                            temperature=float(rng.choice([0.0, 0.8])),
+                            top_k=int(rng.integers(0, 5)),
+                            top_p=float(rng.choice([1.0, 0.9])),
+                            seed=round_ * 100 + i,
+                            stop=((int(rng.integers(4, 200)),),),
+                        )
+                    )
+            tickets = engine.serve(requests, batching="static" if round_ == 3 else None)
+            assert all(t.done() for t in tickets)
+            if round_ == 4:
+                t = engine.submit(gen([5], 30))
+                engine.run_once()
+                engine.cancel(t)
+                engine.run_once()
+    assert compiled == [] and engine.traces == traces
+
+
+def test_background_thread_serves_concurrent_submissions(engine):
+    engine.start()
+    try:
+        tickets = [engine.submit(gen([60 + i], 3 + i)) for i in range(6)]
+        results = [t.wait(60) for t in tickets]
+    finally:
+        engine.stop()
+    assert [len(g.tokens) for g in results] == [3 + i for i in range(6)]
+    assert all(g.ttft_ms <= g.latency_ms for g in results)
