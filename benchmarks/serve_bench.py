@@ -155,6 +155,9 @@ def time_decode_step(engine: Engine, repeats: int = 30) -> float:
     return seconds
 
 
+REPEATS = 3
+
+
 def transformers_tokens_per_s(cfg, batch: int, prompt_len: int, new: int) -> float:
     """Generated tokens/s of Hugging Face ``generate()`` on a GPT-2 of the same width, depth and vocabulary."""
     import torch
@@ -174,11 +177,13 @@ def transformers_tokens_per_s(cfg, batch: int, prompt_len: int, new: int) -> flo
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.inference_mode():
         gpt.generate(ids, attention_mask=torch.ones_like(ids), **kw)
-        t = time.perf_counter()
-        out = gpt.generate(ids, attention_mask=torch.ones_like(ids), **kw)
-        seconds = time.perf_counter() - t
+        seconds = []
+        for _ in range(REPEATS):  # best of a few: one slow run (a busy core) says nothing about either side
+            t = time.perf_counter()
+            out = gpt.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+            seconds.append(time.perf_counter() - t)
     assert out.shape == (batch, prompt_len + new)
-    return batch * new / seconds
+    return batch * new / min(seconds)
 
 
 def ours_tokens_per_s(engine: Engine, batch: int, prompt_len: int, new: int) -> float:
@@ -186,11 +191,13 @@ def ours_tokens_per_s(engine: Engine, batch: int, prompt_len: int, new: int) -> 
     rng = np.random.default_rng(0)
     requests = [Request("g2p", [1, *rng.integers(4, 260, prompt_len - 1).tolist()], max_new_tokens=new)] * batch
     engine.generate(requests)
-    t = time.perf_counter()
-    gens = engine.generate(requests)
-    seconds = time.perf_counter() - t
+    seconds = []
+    for _ in range(REPEATS):
+        t = time.perf_counter()
+        gens = engine.generate(requests)
+        seconds.append(time.perf_counter() - t)
     assert all(len(g.tokens) == new for g in gens)
-    return batch * new / seconds
+    return batch * new / min(seconds)
 
 
 def main(argv=None) -> int:

@@ -31,8 +31,10 @@ class Checkpoints:
 
     def __init__(self, directory: str | pathlib.Path, keep: int = 3, read_only: bool = False):
         self.directory = pathlib.Path(directory).absolute()
+        # A reader never saves, so it needs no read-only mode (whose warnings
+        # name the folder on every load): it just creates and deletes nothing.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, read_only=read_only, enable_async_checkpointing=True
+            max_to_keep=None if read_only else keep, create=not read_only, enable_async_checkpointing=True
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
