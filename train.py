@@ -347,10 +347,13 @@ def run(plan: Plan, out: str | os.PathLike, console=None) -> dict:
             width = batch["tokens"].shape[1]
             window.tokens += int(np.count_nonzero(batch["tokens"]))
             window.flops += perf.train_flops_per_token(cfg.model, width) * batch["tokens"].size
+            new_shape = (name, width) not in compiled
+            if new_shape:  # it compiles: finish the queued steps first, so only the compile is excluded
+                compiled.add((name, width))
+                jax.block_until_ready(state)
             t0 = time.perf_counter()
             state, metrics = step_fns[name](state, training.put_batch(batch, mesh))
-            if (name, width) not in compiled:  # a new shape compiled: keep it out of the throughput
-                compiled.add((name, width))
+            if new_shape:  # keep the compilation (and this one step) out of the throughput
                 jax.block_until_ready(metrics)
                 window.excluded += time.perf_counter() - t0
             window.add(name, metrics)
