@@ -56,7 +56,7 @@ def evaluate(engine: Engine, data: Sequence, split: str, limit: int) -> dict[str
     return results
 
 
-def make_engine(model, mesh, max_batch: int) -> Engine:
+def make_engine(model, mesh, max_batch: int, max_queue: int = 1024) -> Engine:
     """The engine that serves ``model`` with the byte tokenizer's special tokens."""
     tokenizer = tasks.ByteTokenizer()
     return Engine(
@@ -66,6 +66,7 @@ def make_engine(model, mesh, max_batch: int) -> Engine:
         allowed_tokens=allowed_tokens(tokenizer, model.cfg.vocab_size),
         eos_id=tokenizer.eos_id,
         pad_id=tokenizer.pad_id,
+        max_queue=max_queue,
     )
 
 

@@ -105,7 +105,10 @@ class Server:
         checkpoints.close()
         log(f"restored step {step} from {folder} onto mesh {dict(mesh.shape)} in {time.perf_counter() - t0:.1f}s")
         model = nnx.merge(graphdef, params)
-        engine = evaluate.make_engine(model, mesh, max_batch)
+        engine = evaluate.make_engine(model, mesh, max_batch, max_queue)
+        t0 = time.perf_counter()
+        engine.warmup()  # every shape compiled now, so no request waits for a compilation
+        log(f"compiled {len(engine.buckets) + 2} programs in {time.perf_counter() - t0:.1f}s")
         infos = {
             t["name"]: TaskInfo(t["name"], t["kind"], tuple(t["labels"]), t["max_new_tokens"]) for t in meta["tasks"]
         }

@@ -201,3 +201,21 @@ def test_serve_usage_errors(tmp_path):
     missing = run("serve.py", "--ckpt", str(tmp_path / "nothing"), stdin="")
     assert missing.returncode == 2 and "no complete checkpoint" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+@pytest.mark.slow
+def test_served_requests_never_wait_for_a_compilation(runs):
+    """Server.load compiles every shape; answering a mixed file afterwards compiles nothing."""
+    import jax
+
+    import serve
+
+    _, resumed, _ = runs
+    server = serve.Server.load(str(resumed), "data=2,fsdp=2,tensor=2", max_batch=8)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: compiles.append(name) if name.endswith("backend_compile_duration") else None
+    )
+    responses = server.respond([r for r in REQUESTS if isinstance(r, dict)])
+    assert len(responses) == 9 and sum("error" in r for r in responses) == 4
+    assert compiles == []
