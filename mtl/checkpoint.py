@@ -17,7 +17,6 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -97,5 +96,3 @@ def find(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
             return folder, steps[-1]
     raise ValueError(f"--ckpt {str(path)!r} holds no complete checkpoint (expected a run folder or checkpoints/<step>)")
 
-
-_ = jax  # shardings in restore targets are jax.sharding objects
