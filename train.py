@@ -36,7 +36,7 @@ import tasks
 from mtl import config as C
 from mtl import perf, training
 from mtl.checkpoint import Checkpoints
-from mtl.model import MultiTaskModel
+from mtl.model import MultiTaskModel, count_params
 from mtl.partition import abstract_state
 from sharding import make_mesh
 
@@ -311,7 +311,7 @@ def run(plan: Plan, out: str | os.PathLike, console=None) -> dict:
     else:
         with console.status("initialising the sharded model and optimizer"):
             graphdef, state, shardings = training.create_train_state(cfg.model, cfg.train, mesh)
-    params = sum(x.size for x in jax.tree.leaves(state["model"]))
+    params = count_params(state["model"])
     console.log(f"model: {params / 1e6:.2f}M parameters")
 
     step_fns = {}
@@ -446,9 +446,8 @@ class _Window:
         seconds = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
         records = []
         for task, items in sorted(fetched.items()):
-            keys = [k for k in items[0] if k != "target_tokens"]
             record = {"step": step, "task": task, "steps": len(items)}
-            record.update({k: round(float(np.mean([m[k] for m in items])), 6) for k in keys})
+            record.update({k: round(float(np.mean([m[k] for m in items])), 6) for k in items[0]})
             record["tokens_per_s"] = round(self.tokens / seconds, 1)
             record["mfu"] = round(self.flops / seconds / self.peak_flops, 4)
             records.append(record)

@@ -95,4 +95,3 @@ def find(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
         if steps:
             return folder, steps[-1]
     raise ValueError(f"--ckpt {str(path)!r} holds no complete checkpoint (expected a run folder or checkpoints/<step>)")
-
