@@ -14,6 +14,11 @@ import typing
 from typing import Any
 
 HEAD_KINDS = ("generate", "classify", "regress", "tag")
+# Rematerialisation, per Transformer layer: "none" keeps every activation for
+# the backward pass; "layer" keeps only each layer's input and recomputes the
+# rest; "matmuls" keeps the matmul outputs and recomputes the cheap
+# element-wise work between them (norms, rotary, softmax, SwiGLU).
+REMAT_POLICIES = ("none", "layer", "matmuls")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +56,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True  # generation logits reuse the token embedding
     scan_unroll: int = 1  # layers unrolled a scan iteration: small CPU models run faster unrolled
+    remat: str = "none"  # what the backward pass recomputes; see REMAT_POLICIES
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"
     heads: tuple[HeadConfig, ...] = ()  # filled from the run's tasks
@@ -81,6 +87,7 @@ class TrainConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    grad_accum: int = 1  # micro-batches a step: the same update, 1/grad_accum of the activation memory
     loss_weights: str = ""  # static per-task weights, "g2p=1,langid=2"; tasks not named weigh 1
     loss_weighting: str = "static"  # or "uncertainty": learned per-task scales (Kendall et al., 2018)
     best_metric: str = "mean"  # "TASK/METRIC", or "mean" of each task's main metric; picks checkpoints/best
@@ -259,6 +266,7 @@ def validate(config: Config) -> None:
         "train.checkpoint_every": t.checkpoint_every,
         "train.keep_checkpoints": t.keep_checkpoints,
         "model.scan_unroll": m.scan_unroll,
+        "train.grad_accum": t.grad_accum,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -273,6 +281,10 @@ def validate(config: Config) -> None:
     for head in m.heads:
         if head.kind not in HEAD_KINDS:
             raise ValueError(f"head {head.task!r} has kind {head.kind!r}; kinds: {', '.join(HEAD_KINDS)}")
+    if m.remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={m.remat!r} must be one of {', '.join(REMAT_POLICIES)}")
+    if t.batch_size % t.grad_accum:
+        raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of train.grad_accum={t.grad_accum}")
     if t.loss_weighting not in ("static", "uncertainty"):
         raise ValueError(f"train.loss_weighting={t.loss_weighting!r} must be static or uncertainty")
     parse_weights(t.loss_weights)

@@ -58,6 +58,11 @@ class Regressor(nnx.Module):
 
 HEADS = {"classify": Classifier, "regress": Regressor, "tag": Classifier}
 
+# ``model.remat`` -> the policy of ``jax.checkpoint`` around each layer. Every
+# projection is one 2-D matmul (``contract``), which is what "dots with no
+# batch dims" saves.
+REMAT = {"layer": None, "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
 
 class MultiTaskModel(nnx.Module):
     """Decoder-only backbone with per-task heads."""
@@ -131,6 +136,8 @@ class MultiTaskModel(nnx.Module):
             x, kept = block(x, positions, layer_cache)
             return x, kept
 
+        if cache is None and cfg.remat != "none":  # decoding has no backward pass to save memory for
+            layer = jax.checkpoint(layer, policy=REMAT[cfg.remat], prevent_cse=False)
         layer_caches = None if cache is None else (cache.key, cache.value)
         x, (keys, values) = jax.lax.scan(layer, x, (layers, layer_caches), unroll=cfg.scan_unroll)
         return self.final_norm(x), KVCache(keys, values)

@@ -118,7 +118,7 @@ def test_logical_to_spec_rejects_mismatched_rank():
 # --- sharded training equals one-device training ---------------------------
 
 BATCH, LENGTH = 8, 16
-MESHES = ["data=2,fsdp=2,tensor=2", "data=2,tensor=4", "fsdp=8"]
+MESHES = ["data=8", "fsdp=8", "tensor=8", "data=2,fsdp=2,tensor=2", "data=2,tensor=4"]
 MODEL = tiny_model_config()
 TRAIN = dataclasses.replace(config.tiny().train, steps=3)
 # (task, kind) of each of the 3 steps: both losses, and a step after each.

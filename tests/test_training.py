@@ -1,6 +1,7 @@
 """Per-kind losses against numpy references, and the loss weighting of the train step."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -136,3 +137,81 @@ def test_train_step_applies_weighting():
     moved = np.asarray(after["task_log_var"][...]) - np.asarray(before["task_log_var"][...])
     assert moved[1] != 0 and np.all(moved[[0, 2, 3, 4]] == 0)  # only the trained task's scale
     assert "log_var" in metrics
+
+
+# --- memory and speed options: the same update, computed another way --------
+
+STEP_CFG = tiny_model_config()
+STEP_TRAIN = dataclasses.replace(tiny().train, steps=3, batch_size=8)
+
+
+@functools.cache
+def three_steps(model_cfg=STEP_CFG, spec="data=1", grad_accum=1):
+    """Losses and final parameters of 3 generate/classify steps on fixed batches."""
+    from tests.test_sharding import SCHEDULE, fixed_batches
+
+    devices = jax.devices()[:1] if spec == "data=1" else jax.devices()
+    mesh = make_mesh(spec, devices)
+    batches = fixed_batches()
+    graphdef, state, shardings = training.create_train_state(model_cfg, STEP_TRAIN, mesh)
+    losses = []
+    with jax.set_mesh(mesh):
+        steps = {
+            kind: training.compile_train_step(
+                graphdef, shardings, mesh, batches[kind], task=task, kind=kind, grad_accum=grad_accum
+            )
+            for task, kind in dict(SCHEDULE).items()
+        }
+        for _, kind in SCHEDULE:
+            state, metrics = steps[kind](state, training.put_batch(batches[kind], mesh))
+            losses.append(float(metrics["loss"]))
+    return losses, jax.tree.map(np.asarray, state["model"])
+
+
+def assert_same_training(got, want, rtol=1e-5):
+    np.testing.assert_allclose(got[0], want[0], rtol=rtol)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # Adam amplifies f32 noise; see test_sharding
+
+
+@pytest.mark.parametrize("remat", ["layer", "matmuls"])
+def test_remat_gives_the_same_training(remat):
+    assert_same_training(three_steps(dataclasses.replace(STEP_CFG, remat=remat)), three_steps())
+
+
+def test_remat_saves_activation_memory():
+    """Compiled for a longer sequence, full remat needs less scratch memory than keeping everything."""
+    cfg = dataclasses.replace(STEP_CFG, n_layers=4, max_len=256)
+    batch = {
+        "tokens": np.ones((8, 256), np.int32),
+        "targets": np.ones((8, 256), np.int32),
+        "loss_mask": np.ones((8, 256), np.float32),
+        "task_id": np.zeros(8, np.int32),
+    }
+    mesh = make_mesh("data=1", jax.devices()[:1])
+
+    def scratch(remat):
+        model_cfg = dataclasses.replace(cfg, remat=remat)
+        graphdef, state, shardings = training.create_train_state(model_cfg, STEP_TRAIN, mesh)
+        step = training.compile_train_step(graphdef, shardings, mesh, batch, task="spell", kind="generate")
+        return step.lower(state, training.put_batch(batch, mesh)).compile().memory_analysis().temp_size_in_bytes
+
+    none, matmuls, layer = scratch("none"), scratch("matmuls"), scratch("layer")
+    assert layer < matmuls < none, (none, matmuls, layer)
+
+
+@pytest.mark.parametrize("grad_accum, spec", [(2, "data=1"), (4, "data=1"), (2, "data=2,fsdp=2,tensor=2")])
+def test_gradient_accumulation_gives_the_same_training(grad_accum, spec):
+    assert_same_training(three_steps(spec=spec, grad_accum=grad_accum), three_steps())
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    """bf16 activations change the losses only by bf16 rounding; bf16 parameters are stored as bf16."""
+    want, _ = three_steps()
+    got, _ = three_steps(dataclasses.replace(STEP_CFG, dtype="bfloat16"))
+    np.testing.assert_allclose(got, want, rtol=2e-2)
+    assert got != want  # it did compute in bf16
+
+    losses, params = three_steps(dataclasses.replace(STEP_CFG, dtype="bfloat16", param_dtype="bfloat16"))
+    np.testing.assert_allclose(losses, want, rtol=5e-2)
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}
