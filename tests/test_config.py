@@ -143,6 +143,9 @@ def with_model(**changes) -> Config:
         (override(config.tiny(), "train.batch_size=0"), ["train.batch_size=0", "positive"]),
         (override(config.tiny(), "train.learning_rate=-1e-3"), ["train.learning_rate=-0.001", "positive"]),
         (with_model(heads=(HeadConfig("x", "rank"),)), ["'x'", "'rank'", "classify"]),
+        (with_model(remat="full"), ["model.remat='full'", "none, layer, matmuls"]),
+        (override(config.tiny(), "train.grad_accum=0"), ["train.grad_accum=0", "positive"]),
+        (override(config.tiny(), "train.grad_accum=3"), ["train.batch_size=16", "train.grad_accum=3", "multiple"]),
     ],
 )
 def test_validate_rejects(cfg, fragments):
