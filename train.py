@@ -34,11 +34,12 @@ from tensorboardX import SummaryWriter
 import evaluate
 import tasks
 from mtl import config as C
-from mtl import perf, training
+from mtl import distributed, perf, training
 from mtl.checkpoint import Checkpoints
 from mtl.model import MultiTaskModel, count_params
 from mtl.partition import abstract_state
 from sharding import make_mesh
+from sharding.mesh import process_rows
 
 
 class UsageError(Exception):
@@ -66,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
     p.add_argument("--eval-only", action="store_true", help="evaluate the newest checkpoint in --out and exit")
+    p.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="join a multi-process run whose process 0 listens at HOST:PORT (env MTL_COORDINATOR)",
+    )
+    p.add_argument("--num-processes", metavar="N", help="processes in the run (env MTL_NUM_PROCESSES; 1: no cluster)")
+    p.add_argument("--process-id", metavar="I", help="this process's index, 0 to N-1 (env MTL_PROCESS_ID)")
     return p
 
 
@@ -93,6 +101,11 @@ def resolve_config(argv: Sequence[str]):
     if not cfg.train.tasks:
         raise UsageError("--tasks names no task; give at least one, e.g. --tasks g2p,langid")
     return cfg
+
+
+def _console() -> Console:
+    """Messages and the progress bar on stderr, from process 0 only."""
+    return Console(stderr=True, quiet=jax.process_index() != 0)
 
 
 # ---------------------------------------------------------------------------
@@ -209,9 +222,14 @@ class RunFolder:
             return
         old = C.from_dict(json.loads(saved.read_text()))
         # These may change between a run and its resumption; nothing else may.
+        # (Remat, unrolling and micro-batching compute the same update another way.)
         free = {"steps", "mesh", "log_every", "eval_every", "eval_examples", "checkpoint_every", "keep_checkpoints"}
+        free |= {"grad_accum"}
+        free_model = {"remat", "scan_unroll"}
         changed = [
-            f"model.{k}" for k, v in dataclasses.asdict(cfg.model).items() if dataclasses.asdict(old.model)[k] != v
+            f"model.{k}"
+            for k, v in dataclasses.asdict(cfg.model).items()
+            if k not in free_model and dataclasses.asdict(old.model)[k] != v
         ]
         changed += [
             f"train.{k}"
@@ -226,6 +244,8 @@ class RunFolder:
 
     def start(self, cfg, data: list[TaskData]) -> None:
 
+        if jax.process_index() != 0:
+            return  # one writer in a multi-process run
         self.path.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.path / "config.json", C.dumps(cfg))
         _write_atomic(self.path / "tasks.json", json.dumps([d.meta() for d in data], indent=2))
@@ -236,7 +256,7 @@ class RunFolder:
         That is every line after ``step`` and, when ``step`` ends the run, its
         final evaluation, which the resumed run repeats.
         """
-        if not self.metrics_path.exists():
+        if jax.process_index() != 0 or not self.metrics_path.exists():
             return
         records = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
         kept = [
@@ -281,22 +301,20 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 def run(plan: Plan, out: str | os.PathLike, console=None) -> dict:
     """Trains (or resumes) the planned run in ``out``; returns the final test metrics."""
 
-    console = console or Console(stderr=True)
+    console = console or _console()
     cfg, mesh = plan.config, plan.mesh
     folder = RunFolder(out)
     folder.check_resumable(cfg)
+    distributed.sync("mtl: run folder checked")  # before process 0 writes into it
     folder.start(cfg, plan.data)
     by_name = {d.name: d for d in plan.data}
     sizes = {d.name: len(d.splits["train"]) for d in plan.data}
     rates = tasks.mixture_rates(cfg.train.mixture, sizes)
-    sampler = tasks.MixtureSampler(
-        sizes,
-        rates,
-        cfg.train.batch_size,
-        cfg.train.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    # Each process draws the global batch's indices (cheap, and the same everywhere) but reads
+    # only its own rows of it; the batch's width comes from every row's length, so all agree on it.
+    sampler = tasks.MixtureSampler(sizes, rates, cfg.train.batch_size, cfg.train.seed)
+    rows = process_rows(cfg.train.batch_size, mesh)  # this process's rows of every global batch
+    lengths = {d.name: np.count_nonzero(d.splits["train"].arrays["tokens"], axis=1) for d in plan.data}  # [N]
     console.log(f"mesh {dict(mesh.shape)}; mixture {', '.join(f'{k} {v:.2f}' for k, v in rates.items())}")
 
     checkpoints = Checkpoints(folder.path / "checkpoints", keep=cfg.train.keep_checkpoints)
@@ -329,30 +347,31 @@ def run(plan: Plan, out: str | os.PathLike, console=None) -> dict:
     progress = _progress(console, cfg.train.steps, start)
     with progress, jax.set_mesh(mesh):
         for step in range(start, cfg.train.steps):
-            name, indices = sampler.batch_at(step)
+            name, indices = sampler.batch_at(step)  # [B], the global batch
             d = by_name[name]
-            batch = trim(d.splits["train"].batch(indices))
+            batch = trim(d.splits["train"].batch(indices[rows]), longest=int(lengths[name][indices].max()))
             if name not in step_fns:
                 progress.console.log(f"compiling the train step for {name}")
                 step_fns[name] = training.compile_train_step(
                     graphdef,
                     shardings,
                     mesh,
-                    batch,
+                    {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape[1:]), v.dtype) for k, v in batch.items()},
                     task=name,
                     kind=d.kind,
                     weight=weights.get(name, 1.0),
                     uncertainty=cfg.train.loss_weighting == "uncertainty",
+                    grad_accum=cfg.train.grad_accum,
                 )
             width = batch["tokens"].shape[1]
-            window.tokens += int(np.count_nonzero(batch["tokens"]))
-            window.flops += perf.train_flops_per_token(cfg.model, width) * batch["tokens"].size
+            window.tokens += int(lengths[name][indices].sum())
+            window.flops += perf.train_flops_per_token(cfg.model, width) * cfg.train.batch_size * width
             new_shape = (name, width) not in compiled
             if new_shape:  # it compiles: finish the queued steps first, so only the compile is excluded
                 compiled.add((name, width))
                 jax.block_until_ready(state)
             t0 = time.perf_counter()
-            state, metrics = step_fns[name](state, training.put_batch(batch, mesh))
+            state, metrics = step_fns[name](state, training.put_batch(batch, mesh, cfg.train.batch_size))
             if new_shape:  # keep the compilation (and this one step) out of the throughput
                 jax.block_until_ready(metrics)
                 window.excluded += time.perf_counter() - t0
@@ -406,15 +425,18 @@ class BestCheckpoint:
             self.checkpoints.save(step, state["model"], state["optimizer"], meta)
 
 
-def trim(batch: dict[str, np.ndarray], multiple: int = 32) -> dict[str, np.ndarray]:
+def trim(batch: dict[str, np.ndarray], multiple: int = 32, longest: int | None = None) -> dict[str, np.ndarray]:
     """Cuts a batch's padding to its longest row, rounded up to ``multiple``.
 
     A split is encoded at the width of its longest example, but most batches are
     far shorter; trimming them saves most of the padding's compute, at the price
-    of one compilation per width (a few per task).
+    of one compilation per width (a few per task). When ``batch`` is one
+    process's rows, ``longest`` is the global batch's longest row: every
+    process must cut to the same width.
     """
     tokens = batch["tokens"]
-    longest = int((tokens != 0).sum(axis=1).max())  # PAD is 0 and only pads
+    if longest is None:
+        longest = int((tokens != 0).sum(axis=1).max())  # PAD is 0 and only pads
     width = min(tokens.shape[1], -(-longest // multiple) * multiple)
     return {k: v[:, :width] if v.ndim == 2 else v for k, v in batch.items()}
 
@@ -470,6 +492,7 @@ def _progress(console, total: int, start: int):
         TimeRemainingColumn(),
         TextColumn("{task.fields[losses]}"),
         console=console,
+        disable=console.quiet,  # processes other than 0 show no bar
     )
     progress.add_task("train", total=total, completed=start, losses="")
     return progress
@@ -526,28 +549,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--list-tasks" in argv:
         list_tasks()
         return 0
+    try:
+        # Before anything touches a device: joining a cluster changes what the devices are.
+        args = build_parser().parse_args(argv)
+        if cluster := distributed.settings(args.coordinator, args.num_processes, args.process_id):
+            distributed.join(cluster)
+    except ValueError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    first = jax.process_index() == 0  # the process that reports
     if "--eval-only" in argv:
         argv = [a for a in argv if a != "--eval-only"]
         args = build_parser().parse_args(argv)
         try:
             if not args.out:
                 raise UsageError("--eval-only needs --out, the run folder to evaluate")
-            print(json.dumps(eval_only(args.out, argv, Console(stderr=True))))
+            scores = eval_only(args.out, argv, _console())
         except UsageError as e:
             print(f"train.py: error: {e}", file=sys.stderr)
             return 2
+        if first:
+            print(json.dumps(scores))
         return 0
     try:
         cfg = resolve_config(argv)
         args = build_parser().parse_args(argv)
         out = args.out or f"runs/{'-'.join(cfg.train.tasks)}-{cfg.train.seed}"
-        plan = prepare(cfg)
+        plan = prepare(cfg, log=print if first else lambda *_: None)
         RunFolder(out).check_resumable(plan.config)
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     test = run(plan, out)
-    print(json.dumps({"out": str(out), "test": test}))
+    if first:
+        print(json.dumps({"out": str(out), "test": test}))
     return 0
 
 

@@ -19,7 +19,7 @@ from flax import nnx
 from mtl.config import ModelConfig, TrainConfig
 from mtl.model import MultiTaskModel, last_position
 from mtl.partition import abstract_state, create_sharded
-from sharding import named_sharding
+from sharding import named_sharding, vocab_parallel
 
 Batch = dict[str, jax.Array]
 
@@ -69,55 +69,68 @@ def _train_state_fn(model_cfg: ModelConfig, train_cfg: TrainConfig):
     return lambda: TrainState(MultiTaskModel(model_cfg, rngs=nnx.Rngs(train_cfg.seed)), tx)
 
 
-# Losses, one per head kind. Each returns (scalar loss, metrics); the loop
-# averages each metric over the steps of a log interval.
+# Losses, one per head kind. Each takes the step's ``total``, the number of
+# items its loss averages over in the whole batch (tokens, rows or words, from
+# ``TOTALS``; by default this batch's own), and returns (sum over this batch / total, metrics likewise).
+# Dividing by the step's total rather than the micro-batch's own count makes
+# the micro-batches of gradient accumulation add up to the full batch's loss.
+# The loop averages each metric over the steps of a log interval.
 
 
-def generate_loss(model: MultiTaskModel, task: str, batch: Batch) -> tuple[jax.Array, dict]:
+def generate_loss(model: MultiTaskModel, task: str, batch: Batch, total=None) -> tuple[jax.Array, dict]:
+    total = TOTALS["generate"](batch) if total is None else total
     hidden, _ = model(batch["tokens"], batch["task_id"])
-    logits = model.lm_logits(hidden)  # [B, T, V]
+    logits = model.lm_logits(hidden)  # [B, T, V], split over the vocabulary under tensor parallelism
     mask = batch["loss_mask"]
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B, T]
-    tokens = jnp.maximum(mask.sum(), 1.0)
-    loss = (nll * mask).sum() / tokens
-    correct = ((logits.argmax(-1) == batch["targets"]) * mask).sum()
-    return loss, {"loss": loss, "token_accuracy": correct / tokens}
+    nll, top = vocab_parallel.cross_entropy(logits, batch["targets"])  # [B, T]: no [B, T, V] gather
+    loss = (nll * mask).sum() / total
+    return loss, {"loss": loss, "token_accuracy": (top * mask).sum() / total}
 
 
-def classify_loss(model: MultiTaskModel, task: str, batch: Batch) -> tuple[jax.Array, dict]:
+def classify_loss(model: MultiTaskModel, task: str, batch: Batch, total=None) -> tuple[jax.Array, dict]:
+    total = TOTALS["classify"](batch) if total is None else total
     hidden, _ = model(batch["tokens"], batch["task_id"])
     logits = model.classify_logits(task, hidden, batch["lengths"])  # [B, C]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    accuracy = (logits.argmax(-1) == batch["label"]).mean()
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).sum() / total
+    accuracy = (logits.argmax(-1) == batch["label"]).sum() / total
     return loss, {"loss": loss, "accuracy": accuracy}
 
 
-def regress_loss(model: MultiTaskModel, task: str, batch: Batch) -> tuple[jax.Array, dict]:
+def regress_loss(model: MultiTaskModel, task: str, batch: Batch, total=None) -> tuple[jax.Array, dict]:
+    total = TOTALS["regress"](batch) if total is None else total
     hidden, _ = model(batch["tokens"], batch["task_id"])
     head = model.heads[task]
     predicted = head.standardised(last_position(hidden, batch["lengths"]))  # [B]
-    loss = jnp.mean(jnp.square(predicted - (batch["value"] - head.mean) / head.std))  # in standard units
-    mse = jnp.mean(jnp.square(head.mean + head.std * predicted - batch["value"]))
+    loss = jnp.sum(jnp.square(predicted - (batch["value"] - head.mean) / head.std)) / total  # in standard units
+    mse = jnp.sum(jnp.square(head.mean + head.std * predicted - batch["value"])) / total
     return loss, {"loss": loss, "mse": mse}
 
 
-def tag_loss(model: MultiTaskModel, task: str, batch: Batch) -> tuple[jax.Array, dict]:
+def tag_loss(model: MultiTaskModel, task: str, batch: Batch, total=None) -> tuple[jax.Array, dict]:
+    total = TOTALS["tag"](batch) if total is None else total
     hidden, _ = model(batch["tokens"], batch["task_id"])
     logits = model.tag_logits(task, hidden)  # [B, T, C]
     tags = batch["tags"]  # [B, T]: a tag id at each word's last byte, -1 elsewhere
     mask = (tags >= 0).astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(tags, 0))
-    words = jnp.maximum(mask.sum(), 1.0)
-    loss = (nll * mask).sum() / words
+    loss = (nll * mask).sum() / total
     correct = ((logits.argmax(-1) == tags) * mask).sum()
-    return loss, {"loss": loss, "tag_accuracy": correct / words}
+    return loss, {"loss": loss, "tag_accuracy": correct / total}
 
 
-LOSSES: dict[str, Callable[[MultiTaskModel, str, Batch], tuple[jax.Array, dict]]] = {
+LOSSES: dict[str, Callable[..., tuple[jax.Array, dict]]] = {
     "generate": generate_loss,
     "classify": classify_loss,
     "regress": regress_loss,
     "tag": tag_loss,
+}
+
+# What each kind's loss averages over, counted in a whole batch (at least 1).
+TOTALS: dict[str, Callable[[Batch], jax.Array]] = {
+    "generate": lambda batch: jnp.maximum(batch["loss_mask"].sum(), 1.0),
+    "classify": lambda batch: jnp.float32(batch["label"].shape[0]),
+    "regress": lambda batch: jnp.float32(batch["value"].shape[0]),
+    "tag": lambda batch: jnp.maximum((batch["tags"] >= 0).sum().astype(jnp.float32), 1.0),
 }
 
 
@@ -130,39 +143,97 @@ def train_step(
     kind: str,
     weight: float = 1.0,
     uncertainty: bool = False,
+    grad_accum: int = 1,
 ):
     """One optimizer update on one task's batch: ``(state, batch) -> (state, metrics)``.
 
     The task's loss is scaled by its static ``weight``; with ``uncertainty``
     it is also scaled by a learned ``exp(-s)`` and ``s`` is added, ``s`` the
     task's log variance (Kendall et al., 2018). Metrics report the unscaled loss.
+
+    With ``grad_accum`` > 1 the batch is cut into that many micro-batches
+    (rows ``i, i + k, i + 2k, ...``, so each spans every device of the batch
+    axes), their gradients are summed in a ``lax.scan``, and one update is
+    made: the same update as the whole batch at once, holding the activations
+    of one micro-batch at a time.
     """
     train_state = nnx.merge(graphdef, state)
+    model_def, params, rest = nnx.split(train_state.model, nnx.Param, ...)
+    total = TOTALS[kind](batch)
 
-    def loss_fn(model):
-        loss, metrics = LOSSES[kind](model, task, batch)
+    def loss_fn(params, micro):
+        model = nnx.merge(model_def, params, rest)
+        loss, metrics = LOSSES[kind](model, task, micro, total)
         if uncertainty:
             log_var = model.task_log_var[...][model.task_index(task)]
-            loss = jnp.exp(-log_var) * loss + log_var
-            metrics["log_var"] = log_var
+            loss = jnp.exp(-log_var) * loss + log_var / grad_accum  # the log_var terms add up to one
         return weight * loss, metrics
 
-    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(train_state.model)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum == 1:
+        (_, metrics), grads = grad_fn(params, batch)
+    else:
+        micro_batches = jax.tree.map(lambda x: _micro_batches(x, grad_accum), batch)
+
+        def accumulate(sums, micro):
+            (_, metrics), grads = grad_fn(params, micro)
+            return jax.tree.map(jnp.add, sums, (grads, metrics)), None
+
+        zeros = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype),
+            jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches))),
+        )
+        (grads, metrics), _ = jax.lax.scan(accumulate, (zeros[1], zeros[0][1]), micro_batches)
+    if uncertainty:
+        metrics["log_var"] = params["task_log_var"][...][train_state.model.task_index(task)]
     train_state.optimizer.update(train_state.model, grads)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return nnx.state(train_state), metrics
 
 
-def batch_shardings(batch: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, jax.sharding.NamedSharding]:
-    """Every batch array is split along its leading (batch) axis."""
-    return {k: named_sharding(("batch",) + (None,) * (np.ndim(v) - 1), np.shape(v), mesh) for k, v in batch.items()}
+def _micro_batches(x: jax.Array, k: int) -> jax.Array:
+    """[B, ...] -> [k, B/k, ...], micro-batch ``i`` holding rows ``i, i + k, ...``."""
+    micro = x.reshape(x.shape[0] // k, k, *x.shape[1:])
+    return jnp.swapaxes(micro, 0, 1)
+
+
+def batch_shardings(
+    batch: dict[str, Any], mesh: jax.sharding.Mesh, batch_size: int | None = None
+) -> dict[str, jax.sharding.NamedSharding]:
+    """Every batch array is split along its leading (batch) axis.
+
+    Args:
+      batch: arrays (or anything with ``shape``) whose leading axis is the batch.
+      mesh: the mesh.
+      batch_size: the global B, when ``batch`` holds only one process's rows;
+        default: the arrays' own leading size. Which mesh axes split the batch
+        depends on B, so every process must ask for the global one.
+    """
+
+    def sharding(value):
+        shape = np.shape(value)
+        shape = (batch_size or shape[0], *shape[1:])
+        return named_sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
+
+    return {k: sharding(v) for k, v in batch.items()}
 
 
 def compile_train_step(
-    graphdef, shardings, mesh, example_batch: dict, *, task: str, kind: str, weight=1.0, uncertainty=False
+    graphdef,
+    shardings,
+    mesh,
+    example_batch: dict,
+    *,
+    task: str,
+    kind: str,
+    weight=1.0,
+    uncertainty=False,
+    grad_accum=1,
 ):
     """The jitted step for one task, with explicit shardings and the state donated."""
-    step = functools.partial(train_step, graphdef, task=task, kind=kind, weight=weight, uncertainty=uncertainty)
+    step = functools.partial(
+        train_step, graphdef, task=task, kind=kind, weight=weight, uncertainty=uncertainty, grad_accum=grad_accum
+    )
     return jax.jit(
         step,
         in_shardings=(shardings, batch_shardings(example_batch, mesh)),
@@ -171,7 +242,21 @@ def compile_train_step(
     )
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> Batch:
-    """Places this process's share of a global batch on the mesh."""
-    shardings = batch_shardings(batch, mesh)
-    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, batch_size: int | None = None) -> Batch:
+    """Places this process's share of a global batch on the mesh.
+
+    Args:
+      batch: this process's rows of the global batch: those that
+        ``sharding.mesh.process_rows(batch_size, mesh)`` names, in that order
+        (on one process, the whole batch).
+      mesh: the mesh; its devices span every process.
+      batch_size: the global B; default: the rows here times the process
+        count, each process holding an equal contiguous share.
+    """
+    rows = len(next(iter(batch.values())))
+    batch_size = batch_size or rows * jax.process_count()
+    shardings = batch_shardings(batch, mesh, batch_size)
+    return {
+        k: jax.make_array_from_process_local_data(shardings[k], v, (batch_size, *np.shape(v)[1:]))
+        for k, v in batch.items()
+    }

@@ -7,6 +7,8 @@ import math
 import jax
 import numpy as np
 
+from sharding.rules import named_sharding
+
 AXES = ("data", "fsdp", "tensor")
 
 
@@ -60,7 +62,12 @@ def make_mesh(spec: str = "", devices: list[jax.Device] | None = None) -> jax.sh
     """Builds a ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all).
 
     ``tensor`` is the innermost axis so that its collectives stay between
-    neighbouring devices, the ones with the fastest links.
+    neighbouring devices, the ones with the fastest links. In a multi-process
+    run the default covers every process's devices. On CPU and GPU
+    ``jax.devices()`` lists them process by process, so each process owns a
+    contiguous block of the outer axes (``data``, then ``fsdp``) and of every
+    batch; on TPU ``jax.make_mesh`` follows the chips' topology instead.
+    Either way :func:`process_rows` names the batch rows a process loads.
     """
     devices = jax.devices() if devices is None else devices
     sizes = parse_mesh(spec, len(devices))
@@ -71,3 +78,20 @@ def make_mesh(spec: str = "", devices: list[jax.Device] | None = None) -> jax.sh
     if list(devices) == jax.devices():
         return jax.make_mesh(shape, AXES, axis_types=axis_types)
     return jax.sharding.Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=axis_types)
+
+
+def process_rows(batch_size: int, mesh: jax.sharding.Mesh) -> np.ndarray:
+    """The rows of a global batch of ``batch_size`` that this process's devices hold.
+
+    In the order ``jax.make_array_from_process_local_data`` reads a process's
+    data, so ``batch[process_rows(B, mesh)]`` is what this process loads.
+    Usually that is a contiguous ``B // process_count`` rows (all of them on
+    one process); where a process's devices hold the whole batch (a mesh whose
+    ``data`` and ``fsdp`` axes do not span the processes), it loads all of it.
+    """
+    sharding = named_sharding(("batch",), (batch_size,), mesh)
+    spans = {
+        (index[0].start or 0, index[0].stop or batch_size)
+        for index in sharding.addressable_devices_indices_map((batch_size,)).values()
+    }
+    return np.concatenate([np.arange(start, stop) for start, stop in sorted(spans)])
