@@ -140,15 +140,15 @@ def time_decode_step(engine: Engine, repeats: int = 30) -> float:
         engine.submit(Request("g2p", prompt, max_new_tokens=engine.cfg.max_len)) for _ in range(engine.max_batch)
     ]
     engine.run_once()
-    params = engine.params
+    params, weights, k = engine.params, engine.weights, engine.steps_per_call
     with jax.set_mesh(engine.mesh):
-        engine.state, tokens = engine._step(params, engine.state)
+        engine.state, tokens = engine._step(params, weights, engine.state, np.int32(k))
         tokens.block_until_ready()
         t = time.perf_counter()
         for _ in range(repeats):
-            engine.state, tokens = engine._step(params, engine.state)
+            engine.state, tokens = engine._step(params, weights, engine.state, np.int32(k))
         tokens.block_until_ready()
-    seconds = (time.perf_counter() - t) / repeats
+    seconds = (time.perf_counter() - t) / repeats / k
     for ticket in tickets:
         engine.cancel(ticket)
     engine.run_once()

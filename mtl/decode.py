@@ -1,4 +1,4 @@
-"""Prefill, insertion into decode slots, the decode step over a KV cache, and per-row sampling.
+"""Prefill, insertion into decode slots, chunks of decode steps over a KV cache, and per-row sampling.
 
 These are pure functions of (model, arrays); :mod:`mtl.engine` jits them once
 per shape and drives them, in the spirit of JetStream:
@@ -8,7 +8,8 @@ per shape and drives them, in the spirit of JetStream:
   of those rows, plus what every non-generation head answers for them;
 - :func:`insert` writes prefilled rows into free slots of the engine's
   :class:`DecodeState` (its cache included);
-- :func:`decode_step` feeds every slot's last token and samples the next.
+- :func:`decode_steps` runs up to a chunk of decode steps in one program, each
+  feeding every slot's last token and sampling the next (:func:`decode_step`).
 
 Every slot carries its own task, position, sampling parameters, seed and stop
 state (``done``, ``remaining``), so requests of different tasks and settings
@@ -16,6 +17,17 @@ share one batch without recompiling, and a slot's tokens never depend on its
 neighbours. All generation tasks today share the language-model head (tied to
 the token embedding), conditioned by the task embedding; a per-task generation
 head would be chosen per slot from ``task_ids`` inside the same step.
+
+Serving reads the model through :class:`DecodeWeights`, its parameters laid
+out once: one Block's parameters per layer (a scan over the stacked [L, ...]
+weights copies every layer's slice on XLA:CPU, every call) and the
+language-model head as a [D, V] matrix. The decode cache is one (key, value)
+pair per layer, keys as [B, K, H, S] and values as [B, K, S, H], so both
+attention products are plain batched matmuls over each slot's own rows, with
+no transpose of the cache. :func:`prefill` runs the model's own Blocks layer by
+layer; :func:`decode_forward` is its forward pass for one token a row over the
+decode cache, built from the model's norms, MLP and rotary positions with its
+own attention. ``tests/test_decode.py`` holds both to ``MultiTaskModel.__call__``.
 """
 
 from __future__ import annotations
@@ -24,12 +36,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from mtl.layers import KVCache
+from mtl.layers import Attention, KVCache, contract, rope
 from mtl.model import MultiTaskModel
 from sharding import constrain
 
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+KEY_AXES = ("batch", "kv_heads", "head_dim", "length")  # a decode slot's keys, one layer: [B, K, H, S]
+VALUE_AXES = ("batch", "kv_heads", "length", "head_dim")  # ...and values: [B, K, S, H]
 
 
 class Sampling(NamedTuple):
@@ -37,7 +51,7 @@ class Sampling(NamedTuple):
 
     temperature: jax.Array
     top_k: jax.Array  # 0: no top-k filter
-    top_p: jax.Array  # 1.0: no nucleus filter
+    top_p: jax.Array  # 1.0 (or more): no nucleus filter
     seed: jax.Array  # uint32: the row's RNG key is derived from it and the position
 
 
@@ -46,9 +60,10 @@ class DecodeState(NamedTuple):
 
     The engine holds one of ``max_batch`` slots; :func:`prefill_rows` returns
     one of its prefill batch's rows, which :func:`insert` copies into slots.
+    Every leaf has the slots as its first axis.
     """
 
-    cache: KVCache  # [L, B, S, K, H] each
+    cache: tuple[KVCache, ...]  # per layer: key [B, K, H, S], value [B, K, S, H]
     tokens: jax.Array  # [B] the last token, fed at the next step
     positions: jax.Array  # [B] the position ``tokens`` is written at
     task_ids: jax.Array  # [B]
@@ -57,44 +72,158 @@ class DecodeState(NamedTuple):
     remaining: jax.Array  # [B] new tokens still allowed
 
 
+class DecodeWeights(NamedTuple):
+    """The parameters decoding reads, laid out once (see the module docstring)."""
+
+    layers: tuple[nnx.State, ...]  # one Block's parameters per layer, without the [L] axis
+    w_dv: jax.Array  # [D, V] the language-model head
+
+
+def decode_weights(model: MultiTaskModel) -> DecodeWeights:
+    """Lays out ``model``'s parameters for :func:`decode_forward` (copies them: jit it with the engine)."""
+    _, layers = nnx.split(model.blocks)
+    per_layer = tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(model.cfg.n_layers))
+    w_dv = model.embed_vd[...].T if model.cfg.tie_embeddings else model.w_dv[...]
+    return DecodeWeights(per_layer, w_dv)
+
+
 def state_axes(state: DecodeState) -> DecodeState:
-    """Logical axis names of every leaf: the cache by CACHE_AXES, the rest by slot."""
-    return jax.tree.map(lambda a: CACHE_AXES if a.ndim == 5 else ("batch",), state)
+    """Logical axis names of every leaf: keys and values by KEY_AXES and VALUE_AXES, the rest by slot."""
+    per_slot = jax.tree.map(lambda _: ("batch",), state._replace(cache=()))
+    return per_slot._replace(cache=tuple(KVCache(KEY_AXES, VALUE_AXES) for _ in state.cache))
+
+
+def empty_cache(n_layers: int, rows: int, kv_heads: int, head_dim: int, length: int, dtype, zeros=jnp.zeros):
+    """A zero decode cache of ``rows`` slots (``zeros=np.zeros`` builds it on the host)."""
+    return tuple(
+        KVCache(zeros((rows, kv_heads, head_dim, length), dtype), zeros((rows, kv_heads, length, head_dim), dtype))
+        for _ in range(n_layers)
+    )
+
+
+# Sampling.
+
+
+def _first_argmax(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, -1)`` (the first maximum) as two plain reductions: XLA:CPU's
+    variadic (value, index) reduce costs several times more."""
+    v = x.shape[-1]
+    top = jnp.max(x, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(x == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1).astype(jnp.int32)
+
+
+def _largest_at_least(keys: jax.Array, enough) -> jax.Array:
+    """The largest uint32 ``t`` per row with ``enough(t)`` true, ``enough`` ([B, 1] -> [B] bool)
+    falling in ``t`` and true at 0: 32 steps of bisection, each one pass over the row."""
+    b = keys.shape[0]
+
+    def halve(_, bounds):
+        low, high = bounds
+        gap = high - low
+        mid = low + (gap >> 1) + (gap & 1)  # the upper middle, without overflow
+        ok = enough(mid[:, None])
+        return jnp.where(ok, mid, low), jnp.where(ok, high, mid - 1)
+
+    start = (jnp.zeros(b, jnp.uint32), jnp.full(b, 0xFFFFFFFF, jnp.uint32))
+    return jax.lax.fori_loop(0, 32, halve, start)[0]
+
+
+def _ordered_bits(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 with the same order (negative numbers have their bits flipped)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _top_k_filter(scaled: jax.Array, top_k: jax.Array) -> jax.Array:
+    """Keeps each row's ``top_k`` largest values (ties at the k-th included); ``top_k == 0`` keeps all.
+
+    The k-th largest is found exactly by bisection over the values' bits, a few
+    passes over [B, V] where a sort over the vocabulary costs far more on CPU.
+    """
+    v = scaled.shape[-1]
+    keys = _ordered_bits(scaled)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), 1)
+    kth = _largest_at_least(keys, lambda t: jnp.sum(keys >= t, axis=-1) >= k)
+    keep = (keys >= kth[:, None]) | (top_k <= 0)[:, None]
+    return jnp.where(keep, scaled, -jnp.inf)
+
+
+def _nucleus_filter(probs: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Keeps the most probable tokens of each row whose mass first reaches ``top_p`` (at least one,
+    ties included); ``top_p >= 1`` keeps all. probs: [B, V], not necessarily normalised."""
+    bits = jax.lax.bitcast_convert_type(probs, jnp.uint32)  # probabilities are >= 0: bits keep their order
+    target = top_p * jnp.sum(probs, axis=-1)
+    cut = _largest_at_least(bits, lambda t: jnp.sum(jnp.where(bits >= t, probs, 0), axis=-1) >= target)
+    keep = (bits >= cut[:, None]) | (top_p >= 1)[:, None]
+    return jnp.where(keep, probs, 0)
 
 
 def sample(logits: jax.Array, sampling: Sampling, positions: jax.Array, allowed: jax.Array) -> jax.Array:
     """Draws one token a row. logits: [B, V]; allowed: [V] bool of tokens that may be produced.
 
-    The key of a row is ``fold_in(key(seed), position)``: a function of the
-    request alone, never of the batch or the slot it shares.
+    A sampled row scales by its temperature, keeps its ``top_k`` largest
+    logits, then the most probable tokens whose mass reaches ``top_p``, and
+    draws by inverting the cumulative distribution (in vocabulary order) at one
+    uniform number. Its key is ``fold_in(key(seed), position)``: a function of
+    the request alone, never of the batch or the slot it shares; each filter
+    leaves a row that does not ask for it exactly as it was, so skipping a
+    filter no row asks for (a branch on device, not a recompile) changes nothing.
     """
     logits = jnp.where(allowed, logits, -jnp.inf)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = _first_argmax(logits)
+    sampled = sampling.temperature > 0
 
     def draw():
-        v = logits.shape[-1]
         scaled = logits / jnp.maximum(sampling.temperature, 1e-6)[:, None]
-        ordered = -jnp.sort(-scaled, axis=-1)  # [B, V] descending
-        k = jnp.where(sampling.top_k > 0, jnp.minimum(sampling.top_k, v), v)
-        kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)  # [B, 1]
-        ordered = jnp.where(ordered < kth, -jnp.inf, ordered)
-        probs = jax.nn.softmax(ordered, axis=-1)
-        # Nucleus: keep the shortest prefix whose mass reaches top_p (at least one).
-        before = jnp.cumsum(probs, axis=-1) - probs
-        keep = jnp.maximum(jnp.sum(before < sampling.top_p[:, None], axis=-1), 1)
-        threshold = jnp.maximum(jnp.take_along_axis(ordered, (keep - 1)[:, None], axis=-1), kth)
-        scaled = jnp.where(scaled < threshold, -jnp.inf, scaled)
+        scaled = jax.lax.cond(
+            jnp.any(sampled & (sampling.top_k > 0)), _top_k_filter, lambda s, _: s, scaled, sampling.top_k
+        )
+        probs = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))  # unnormalised
+        probs = jax.lax.cond(
+            jnp.any(sampled & (sampling.top_p < 1)), _nucleus_filter, lambda p, _: p, probs, sampling.top_p
+        )
+        cumulative = jnp.cumsum(probs, axis=-1)
         keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(sampling.seed, positions)
-        drawn = jax.vmap(jax.random.categorical)(keys, scaled)
-        return jnp.where(sampling.temperature > 0, drawn, greedy).astype(jnp.int32)
+        point = jax.vmap(jax.random.uniform)(keys) * cumulative[:, -1]  # in [0, total mass)
+        # The first token whose cumulative mass passes the point; it has mass > 0.
+        drawn = jnp.minimum(jnp.sum(cumulative <= point[:, None], axis=-1), logits.shape[-1] - 1)
+        return jnp.where(sampled, drawn.astype(jnp.int32), greedy)
 
-    # The sort and the draws cost about a third of a small model's CPU step: skip them
-    # when every row is greedy (a branch on device, not a recompile).
-    return jax.lax.cond(jnp.any(sampling.temperature > 0), draw, lambda: greedy)
+    # Filters and draws cost more than a small model's whole CPU step: skip them when every row is greedy.
+    return jax.lax.cond(jnp.any(sampled), draw, lambda: greedy)
 
 
-def prefill(model: MultiTaskModel, tokens: jax.Array, lengths: jax.Array, task_ids: jax.Array, cache_len: int):
-    """Runs right-padded prompts through the backbone once.
+# Prefill and insertion.
+
+
+def _embed(model: MultiTaskModel, tokens: jax.Array, task_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    """The backbone's input, as ``MultiTaskModel.__call__`` builds it: [B, T] -> [B, T, D]."""
+    cfg = model.cfg
+    dt = jnp.dtype(cfg.dtype)
+    scale = jnp.asarray(cfg.d_model**0.5, dt)
+    one_hot = jax.nn.one_hot(tokens, cfg.vocab_size, dtype=dt)  # [B, T, V]
+    x = contract("BTV,VD->BTD", one_hot, model.embed_vd[...].astype(dt)) * scale
+    task_one_hot = jax.nn.one_hot(task_ids, model.task_embed.shape[0], dtype=dt)  # [B, tasks]
+    task_vec = jnp.einsum("BJ,JD->BD", task_one_hot, model.task_embed[...].astype(dt)) * scale
+    x = x + jnp.where(positions[..., None] == 0, task_vec[:, None, :], 0).astype(dt)
+    return constrain(x, ("batch", "length", "embed"))
+
+
+def _lm_logits(weights: DecodeWeights, hidden: jax.Array) -> jax.Array:
+    """``MultiTaskModel.lm_logits`` from the laid-out head: [B, T, D] -> [B, T, V] in f32."""
+    logits = contract("BTD,DV->BTV", hidden, weights.w_dv.astype(hidden.dtype))
+    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def prefill(
+    model: MultiTaskModel,
+    weights: DecodeWeights,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    task_ids: jax.Array,
+    cache_len: int,
+) -> tuple[jax.Array, tuple[KVCache, ...], jax.Array]:
+    """Runs right-padded prompts through the backbone once: ``MultiTaskModel.__call__``, layer by layer.
 
     Args:
       tokens: [B, T] prompts, right-padded.
@@ -103,19 +232,29 @@ def prefill(model: MultiTaskModel, tokens: jax.Array, lengths: jax.Array, task_i
       cache_len: S, the cache length to allocate (T <= S).
 
     Returns:
-      (hidden states [B, T, D], the KVCache padded to S, the language-model
-      logits [B, V] at each prompt's last real token).
+      (hidden states [B, T, D], the rows' decode cache padded to S (per layer,
+      keys [B, K, H, S] and values [B, K, S, H]), the language-model logits
+      [B, V] at each prompt's last real token).
     """
-    hidden, kv = model(tokens, task_ids)
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x = _embed(model, tokens, task_ids, positions)
+    block_def = nnx.graphdef(model.blocks)
+    pad = (0, cache_len - t)
+    cache = []
+    for layer in weights.layers:
+        x, (key, value) = nnx.merge(block_def, layer)(x, positions)  # keys and values [B, T, K, H]
+        key = jnp.pad(jnp.transpose(key, (0, 2, 3, 1)), ((0, 0), (0, 0), (0, 0), pad))  # [B, K, H, S]
+        value = jnp.pad(jnp.transpose(value, (0, 2, 1, 3)), ((0, 0), (0, 0), pad, (0, 0)))  # [B, K, S, H]
+        cache.append(KVCache(constrain(key, KEY_AXES), constrain(value, VALUE_AXES)))
+    hidden = model.final_norm(x)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
-    logits = model.lm_logits(last)[:, 0]
-    pad = ((0, 0), (0, 0), (0, cache_len - tokens.shape[1]), (0, 0), (0, 0))
-    cache = KVCache(*(constrain(jnp.pad(a, pad), CACHE_AXES) for a in kv))
-    return hidden, cache, logits
+    return hidden, tuple(cache), _lm_logits(weights, last)[:, 0]
 
 
 def prefill_rows(
     model: MultiTaskModel,
+    weights: DecodeWeights,
     tokens: jax.Array,
     lengths: jax.Array,
     task_ids: jax.Array,
@@ -137,7 +276,7 @@ def prefill_rows(
       (the rows as a DecodeState ready for :func:`insert`, their first tokens
       [P], and ``model.head_outputs`` of every non-generation head by task).
     """
-    hidden, cache, logits = prefill(model, tokens, lengths, task_ids, cache_len)
+    hidden, cache, logits = prefill(model, weights, tokens, lengths, task_ids, cache_len)
     heads = model.head_outputs(hidden, lengths)
     first = sample(logits, sampling, lengths - 1, allowed)
     rows = DecodeState(
@@ -160,16 +299,78 @@ def insert(state: DecodeState, rows: DecodeState, slots: jax.Array) -> DecodeSta
         drops the row, so a prefill batch may insert any number of its rows.
     """
 
-    def put(whole, part):
-        if whole.ndim == 5:  # [L, B, S, K, H]: slots are the second axis
-            return constrain(whole.at[:, slots].set(part.astype(whole.dtype), mode="drop"), CACHE_AXES)
-        return whole.at[slots].set(part.astype(whole.dtype), mode="drop")
+    def put(whole, part, axes):
+        return constrain(whole.at[slots].set(part.astype(whole.dtype), mode="drop"), axes)
 
-    return jax.tree.map(put, state, rows)
+    return jax.tree.map(put, state, rows, state_axes(state))
+
+
+# Decoding.
+
+
+def _attend(attention: Attention, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """``Attention.__call__`` for one token a row over the decode cache.
+
+    x: [B, 1, D]; positions: [B], where the row's key and value are written and
+    up to which it attends. Returns the [B, 1, D] output and the updated cache.
+    Logits and softmax are in f32 and masked logits a large negative number, as
+    in ``jax.nn.dot_product_attention``.
+    """
+    dt = attention.dtype
+    b, k_heads, h, cache_len = cache.key.shape
+    query = contract("BTD,DNH->BTNH", x, attention.w_dnh[...].astype(dt))
+    key = contract("BTD,DKH->BTKH", x, attention.w_dkh_key[...].astype(dt))
+    value = contract("BTD,DKH->BTKH", x, attention.w_dkh_value[...].astype(dt))
+    query = rope(query, positions[:, None], attention.rope_theta)[:, 0]  # [B, N, H]
+    key = rope(key, positions[:, None], attention.rope_theta)[:, 0]  # [B, K, H]
+    rows = jnp.arange(b)
+    cache = KVCache(
+        constrain(cache.key.at[rows, :, :, positions].set(key.astype(cache.key.dtype)), KEY_AXES),
+        constrain(cache.value.at[rows, :, positions].set(value[:, 0].astype(cache.value.dtype)), VALUE_AXES),
+    )
+    # Grouped query heads as jax.nn.dot_product_attention groups them: head n reads kv head n // G.
+    query = query.reshape(b, k_heads, -1, h)  # [B, K, G, H]
+    logits = jnp.einsum("BKGH,BKHS->BKGS", query, cache.key.astype(dt), preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(h**-0.5)
+    seen = jnp.arange(cache_len) <= positions[:, None]  # [B, S]
+    logits = jnp.where(seen[:, None, None, :], logits, -0.7 * jnp.finfo(jnp.float32).max)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    out = jnp.einsum("BKGS,BKSH->BKGH", probs, cache.value.astype(dt)).reshape(b, 1, -1, h)  # [B, 1, N, H]
+    out = constrain(out, ("batch", "length", "heads", "head_dim"))
+    return contract("BTNH,NHD->BTD", out, attention.w_nhd[...].astype(dt)), cache
+
+
+def decode_forward(
+    model: MultiTaskModel,
+    weights: DecodeWeights,
+    tokens: jax.Array,
+    task_ids: jax.Array,
+    positions: jax.Array,
+    cache: tuple[KVCache, ...],
+) -> tuple[jax.Array, tuple[KVCache, ...]]:
+    """``MultiTaskModel.__call__`` and ``lm_logits`` for one token a row, over the decode cache.
+
+    Args:
+      tokens, task_ids, positions: [B] each; a row's token is written to its cache at its position.
+      cache: per layer, keys [B, K, H, S] and values [B, K, S, H].
+
+    Returns:
+      (the language-model logits [B, V] in f32, the updated cache).
+    """
+    block_def = nnx.graphdef(model.blocks)
+    x = _embed(model, tokens[:, None], task_ids, positions[:, None])  # [B, 1, D]
+    kept = []
+    for layer, layer_cache in zip(weights.layers, cache):
+        block = nnx.merge(block_def, layer)
+        attended, layer_cache = _attend(block.attention, block.attention_norm(x), positions, layer_cache)
+        x = constrain(x + attended, ("batch", "length", "embed"))
+        x = constrain(x + block.mlp(block.mlp_norm(x)), ("batch", "length", "embed"))
+        kept.append(layer_cache)
+    return _lm_logits(weights, model.final_norm(x))[:, 0], tuple(kept)
 
 
 def decode_step(
-    model: MultiTaskModel, state: DecodeState, allowed: jax.Array, eos_id: int
+    model: MultiTaskModel, weights: DecodeWeights, state: DecodeState, allowed: jax.Array, eos_id: int
 ) -> tuple[DecodeState, jax.Array]:
     """Feeds every slot's last token and samples the next: one new token a slot.
 
@@ -178,13 +379,12 @@ def decode_step(
     Returns:
       (the new state, the [B] tokens sampled; meaningful only for live slots).
     """
-    hidden, cache = model(state.tokens[:, None], state.task_ids, state.positions[:, None], state.cache)
-    logits = model.lm_logits(hidden)[:, 0]  # [B, V]; all generation tasks share the LM head
-    new = sample(logits, state.sampling, state.positions, allowed)
+    logits, cache = decode_forward(model, weights, state.tokens, state.task_ids, state.positions, state.cache)
+    new = sample(logits, state.sampling, state.positions, allowed)  # all generation tasks share the LM head
     live = ~state.done
     done = state.done | (live & ((new == eos_id) | (state.remaining <= 1)))
     state = DecodeState(
-        cache=KVCache(*(constrain(a, CACHE_AXES) for a in cache)),
+        cache=cache,
         tokens=jnp.where(live, new, state.tokens),
         positions=jnp.where(live, state.positions + 1, state.positions),
         task_ids=state.task_ids,
@@ -193,3 +393,31 @@ def decode_step(
         remaining=jnp.where(live, state.remaining - 1, state.remaining),
     )
     return state, new
+
+
+def decode_steps(
+    model: MultiTaskModel,
+    weights: DecodeWeights,
+    state: DecodeState,
+    steps: jax.Array,
+    max_steps: int,
+    allowed: jax.Array,
+    eos_id: int,
+) -> tuple[DecodeState, jax.Array]:
+    """Runs ``steps`` (at most ``max_steps``, a traced count) decode steps in one program.
+
+    One call amortises the dispatch and the host's read-back over the chunk; a
+    slot that ends mid-chunk is done on device and stops advancing.
+
+    Returns:
+      (the new state, the [max_steps, B] tokens of each step; rows past
+      ``steps`` are zero).
+    """
+
+    def step(i, carry):
+        state, tokens = carry
+        state, new = decode_step(model, weights, state, allowed, eos_id)
+        return state, tokens.at[i].set(new)
+
+    tokens = jnp.zeros((max_steps, state.tokens.shape[0]), jnp.int32)
+    return jax.lax.fori_loop(0, jnp.minimum(steps, max_steps), step, (state, tokens))

@@ -8,10 +8,14 @@ a bounded queue. Each iteration of the engine (:meth:`Engine.run_once`)
    tasks (classify, regress, tag) are answered from that prefill and never
    take a slot; generation requests get their first token from it and are
    inserted into free decode slots;
-2. runs one jitted decode step for all ``max_batch`` slots (decode state
-   donated), and hands each live slot its new token; a slot whose request
-   ends (EOS, its ``max_new_tokens``, a stop sequence, or a cancel) is free
-   for the next iteration's prefill.
+2. runs one jitted chunk of up to ``steps_per_call`` decode steps for all
+   ``max_batch`` slots (decode state donated), reads the chunk's tokens back
+   once, and hands each live slot its new tokens; a slot whose request ends
+   (EOS, its ``max_new_tokens``, a stop sequence, or a cancel) is free for the
+   next iteration's prefill. The chunk stops at the step where the first
+   slot's budget runs out when requests are waiting for a slot, so admission
+   loses nothing to chunking; a row that ends earlier (EOS, a stop sequence)
+   is done on device and its slot waits for the chunk's end.
 
 With ``batching="static"`` the same functions run under the old policy: new
 generation requests are admitted only when every slot is free, so a batch
@@ -129,14 +133,34 @@ class Ticket:
             fn(self)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Active:
     """A generation request in a decode slot, as the host sees it."""
 
     ticket: Ticket
     budget: int
     first_at: float
-    tokens: list[int]
+    tokens: list[int]  # read back so far
+    scheduled: int = 0  # tokens the dispatched prefill and chunks will have produced
+
+
+@dataclasses.dataclass
+class _Prefilled:
+    """A dispatched prefill, its results not yet read: one ``_Active`` a generation row, else None."""
+
+    picked: list[Ticket]
+    actives: list[_Active | None]
+    first: jax.Array
+    heads: dict[str, jax.Array]
+
+
+@dataclasses.dataclass
+class _Decoded:
+    """A dispatched chunk of decode steps and who held each slot when it was queued."""
+
+    tokens: jax.Array  # [steps_per_call, B]
+    steps: int
+    occupants: list[_Active | None]
 
 
 def length_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
@@ -160,6 +184,9 @@ class Engine:
       prefill_batch: prompts prefilled together (default ``min(max_batch, 8)``).
       max_queue: requests that may wait; :meth:`submit` raises QueueFull beyond.
       batching: ``"continuous"`` (default) or ``"static"``.
+      steps_per_call: the most decode steps one jitted call runs (see
+        :meth:`run_once`); more amortises dispatch and read-back, fewer lets
+        arrivals in sooner.
     """
 
     def __init__(
@@ -174,19 +201,25 @@ class Engine:
         prefill_batch: int | None = None,
         max_queue: int = 1024,
         batching: str = "continuous",
+        steps_per_call: int = 8,
     ):
         if batching not in ("continuous", "static"):
             raise ValueError(f"batching {batching!r} must be 'continuous' or 'static'")
+        if steps_per_call < 1:
+            raise ValueError(f"steps_per_call {steps_per_call} must be at least 1")
         self.cfg = model.cfg
         self.mesh = mesh
         self.max_batch = max_batch
         self.prefill_batch = prefill_batch or min(max_batch, 8)
         self.max_queue = max_queue
         self.batching = batching
+        self.steps_per_call = steps_per_call
         self.eos_id = eos_id
         self.pad_id = pad_id
-        self.buckets = length_buckets(self.cfg.max_len)
-        self.graphdef, self.params = nnx.split(model)
+        self.buckets = length_buckets(self.cfg.max_len, int(__import__("os").environ.get("SMALLEST", 16)))
+        self.graphdef, params = nnx.split(model)
+        self._weights = jax.jit(lambda p: decode.decode_weights(nnx.merge(self.graphdef, p)))
+        self.params = params  # lays out the decode weights too
         self.allowed = jnp.asarray(allowed_tokens, bool)
         self.kinds = {h.task: h.kind for h in self.cfg.heads}
         self.task_ids = {h.task: i for i, h in enumerate(self.cfg.heads)}
@@ -200,47 +233,63 @@ class Engine:
         state_shardings = self._shardings(self._rows_template(self.max_batch))
         rows_shardings = self._shardings(self._rows_template(self.prefill_batch))
         # Fixed output shardings: whatever bucket a prefill ran at, its rows meet the one compiled insert.
-        self._prefill = jax.jit(self._prefill_fn, out_shardings=(rows_shardings, None, None))
+        # The host reads tokens and head outputs; with several processes it can read only whole
+        # (replicated) arrays, so there they are gathered on every device (one process: unchanged).
+        host = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if jax.process_count() > 1 else None
+        options = _compiler_options(mesh)
+        self._prefill = jax.jit(self._prefill_fn, out_shardings=(rows_shardings, host, host), compiler_options=options)
         self._insert = jax.jit(self._insert_fn, donate_argnums=0, out_shardings=state_shardings)
-        self._step = jax.jit(self._step_fn, donate_argnums=1, out_shardings=(state_shardings, None))
+        self._step = jax.jit(
+            self._step_fn, donate_argnums=2, out_shardings=(state_shardings, host), compiler_options=options
+        )
 
-        self.slots: list[_Active | None] = [None] * max_batch
+        self.slots: list[_Active | None] = [None] * max_batch  # who holds each slot for the next chunk
+        self._in_flight: collections.deque[_Prefilled | _Decoded] = collections.deque()  # in dispatch order
         self.queue: collections.deque[Ticket] = collections.deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.stats = collections.Counter()  # steps, prefills, tokens, cancelled: for benchmarks and tests
+        self.stats = collections.Counter()  # steps, calls, prefills, tokens, cancelled: for benchmarks and tests
 
     # Pure functions of (params, arrays); jitted once per shape.
 
-    def _prefill_fn(self, params, tokens, lengths, task_ids, sampling, max_new):
+    def _prefill_fn(self, params, weights, tokens, lengths, task_ids, sampling, max_new):
         self.traces["prefill"] += 1
         model = nnx.merge(self.graphdef, params)
         s = self.cfg.max_len
-        return decode.prefill_rows(model, tokens, lengths, task_ids, sampling, max_new, self.allowed, self.eos_id, s)
+        return decode.prefill_rows(
+            model, weights, tokens, lengths, task_ids, sampling, max_new, self.allowed, self.eos_id, s
+        )
 
     def _insert_fn(self, state, rows, slots):
         self.traces["insert"] += 1
         return decode.insert(state, rows, slots)
 
-    def _step_fn(self, params, state):
+    def _step_fn(self, params, weights, state, steps):
         self.traces["step"] += 1
         model = nnx.merge(self.graphdef, params)
-        return decode.decode_step(model, state, self.allowed, self.eos_id)
+        return decode.decode_steps(model, weights, state, steps, self.steps_per_call, self.allowed, self.eos_id)
+
+    @property
+    def params(self) -> nnx.State:
+        """The model's parameters; assigning new ones (after a train step) lays out the decode weights again."""
+        return self._params
+
+    @params.setter
+    def params(self, params: nnx.State) -> None:
+        self._params = params
+        with jax.set_mesh(self.mesh):
+            self.weights = self._weights(params)
 
     # Arrays on the mesh.
-
-    def _put(self, array: np.ndarray, axes=None) -> jax.Array:
-        axes = axes or ("batch",) + (None,) * (array.ndim - 1)
-        return jax.device_put(array, named_sharding(axes, array.shape, self.mesh))
 
     def _rows_template(self, n: int) -> decode.DecodeState:
         """``n`` free (done) rows with a zero cache, as numpy arrays."""
         cfg = self.cfg
-        cache_shape = (cfg.n_layers, n, cfg.max_len, cfg.n_kv_heads, cfg.head_dim)
-        zeros = np.zeros(cache_shape, self._cache_dtype)
         return decode.DecodeState(
-            cache=decode.KVCache(zeros, zeros),
+            cache=decode.empty_cache(
+                cfg.n_layers, n, cfg.n_kv_heads, cfg.head_dim, cfg.max_len, self._cache_dtype, zeros=np.zeros
+            ),
             tokens=np.zeros(n, np.int32),
             positions=np.zeros(n, np.int32),
             task_ids=np.zeros(n, np.int32),
@@ -295,12 +344,19 @@ class Engine:
                 ticket._finish(error=Cancelled("the request was cancelled"))
 
     def busy(self) -> bool:
-        return bool(self.queue) or any(self.slots)
+        return bool(self.queue) or any(self.slots) or bool(self._in_flight)
 
     # The loop.
 
     def run_once(self) -> None:
-        """One iteration: prefill and insert what fits, then one decode step if any slot is live."""
+        """One iteration: dispatch prefills for what fits and a chunk of decode steps, then hand out
+        the results of the previous iteration.
+
+        Dispatch is asynchronous and the host schedules from token budgets alone, so it
+        queues the next chunk before it reads the last one: the device never waits for
+        the host's bookkeeping. A request that ends early (EOS, a stop sequence) is seen
+        one chunk late; its slot idles for that chunk.
+        """
         self._drop_cancelled()
         # Static batching admits generation requests only into an empty batch, and then fills it.
         admit = self.batching == "continuous" or not any(self.slots)
@@ -309,8 +365,12 @@ class Engine:
             if not picked:
                 break
             self._prefill_and_insert(picked)
+        keep = 0
         if any(self.slots):
             self._decode()
+            keep = 1  # the chunk just queued runs while the host reads the older results
+        while len(self._in_flight) > keep:
+            self._deliver(self._in_flight.popleft())
 
     def _drop_cancelled(self) -> None:
         for slot, active in enumerate(self.slots):
@@ -321,9 +381,16 @@ class Engine:
 
     def _pick(self, admit_generation: bool) -> list[Ticket]:
         """Waiting requests for the next prefill batch: any non-generation request,
-        and generation requests while free slots remain."""
+        and generation requests while free slots remain.
+
+        A prefill costs its rows times its width, whatever its requests, so the batch
+        is filled first and kept as narrow as that allows: its length bucket is the
+        smallest (no less than the oldest request's) that holds as many requests as
+        the widest would, and the longest prompts that fit go first, so that long
+        prompts are prefilled together instead of each widening a batch of short
+        ones. The oldest waiting request is always in the batch.
+        """
         free = self.slots.count(None) if admit_generation else 0
-        picked = []
         with self._lock:
             # Under load (more generation requests waiting than free slots), wait for a full
             # prefill batch rather than prefilling a few rows at a full batch's cost.
@@ -331,19 +398,31 @@ class Engine:
             eligible = len(self.queue) - waiting + min(free, waiting)
             if eligible < self.prefill_batch and waiting > free and any(self.slots):
                 return []
-            for ticket in self.queue:
-                if len(picked) == self.prefill_batch:
-                    break
-                if not ticket.generates:
-                    picked.append(ticket)
-                elif free > 0:
-                    picked.append(ticket)
-                    free -= 1
+            candidates = [t for t in self.queue if free > 0 or not t.generates]
+            if not candidates:
+                return []
+            head, rest = candidates[0], candidates[1:]
+            rest.sort(key=lambda t: -self.bucket(t.request))  # stable: arrival order within a bucket
+
+            def fill(width: int) -> list[Ticket]:
+                picked, slots = [], free
+                for t in (head, *rest):
+                    if len(picked) < self.prefill_batch and self.bucket(t.request) <= width:
+                        if t.generates and slots == 0:
+                            continue
+                        picked.append(t)
+                        slots -= t.generates
+                return picked
+
+            widths = [b for b in self.buckets if b >= self.bucket(head.request)]
+            most = len(fill(widths[-1]))
+            picked = next(p for p in map(fill, widths) if len(p) == most)
             for ticket in picked:
                 self.queue.remove(ticket)
         return picked
 
     def _prefill_and_insert(self, picked: list[Ticket]) -> None:
+        """Dispatches a prefill of ``picked`` and the insertion of its generation rows into free slots."""
         p = self.prefill_batch
         width = max(self.bucket(t.request) for t in picked)
         tokens = np.full((p, width), self.pad_id, np.int32)
@@ -351,6 +430,8 @@ class Engine:
         task_ids = np.zeros(p, np.int32)
         max_new = np.ones(p, np.int32)
         sampling = _sampling_arrays(p)
+        slots = np.full(p, self.max_batch, np.int32)  # out of range: not inserted
+        actives: list[_Active | None] = []
         for row, t in enumerate(picked):
             r = t.request
             tokens[row, : len(r.prompt)] = r.prompt
@@ -359,45 +440,72 @@ class Engine:
             max_new[row] = self._budget(r)
             sampling.temperature[row], sampling.top_k[row], sampling.top_p[row] = r.temperature, r.top_k, r.top_p
             sampling.seed[row] = r.seed
-        args = [self._put(a) for a in (tokens, lengths, task_ids)]
+            active = _Active(t, int(max_new[row]), 0.0, [], scheduled=1) if t.generates else None
+            if active is not None and active.budget > 1:  # a budget of 1 is spent by the prefill
+                slots[row] = self.slots.index(None)
+                self.slots[slots[row]] = active
+            actives.append(active)
+        # Host arrays go straight into the call: a device_put of each costs more than the transfer.
         with jax.set_mesh(self.mesh):
-            rows, first, heads = self._prefill(
-                self.params, *args, jax.tree.map(self._put, sampling), self._put(max_new)
-            )
-        first, heads = jax.device_get((first, heads))
-        now = time.perf_counter()
+            rows, first, heads = self._prefill(self.params, self.weights, tokens, lengths, task_ids, sampling, max_new)
+            if (slots < self.max_batch).any():
+                self.state = self._insert(self.state, rows, slots)
+        for a in (first, *jax.tree.leaves(heads)):
+            a.copy_to_host_async()
+        self._in_flight.append(_Prefilled(picked, actives, first, heads))
         self.stats["prefills"] += 1
-        slots = np.full(p, self.max_batch, np.int32)  # out of range: not inserted
-        for row, t in enumerate(picked):
-            if not t.generates:
-                values = heads[t.request.task][row]
-                t._finish(HeadOutput(values, (now - t.request.arrival) * 1e3))
-                continue
-            active = _Active(t, int(max_new[row]), now, [])
-            if self._advance(active, int(first[row]), now):
-                continue
-            slot = self.slots.index(None)
-            self.slots[slot] = active
-            slots[row] = slot
-        if (slots < self.max_batch).any():
-            with jax.set_mesh(self.mesh):
-                self.state = self._insert(self.state, rows, self._put(slots, (None,)))
 
     def _budget(self, r: Request) -> int:
         return max(1, min(r.max_new_tokens, self.cfg.max_len - len(r.prompt)))
 
+    def _chunk(self) -> int:
+        """Decode steps for the next call: up to the step at which a waiting request could take a
+        slot (the first budget to run out; the last one under static batching), else a full chunk."""
+        left = [a.budget - a.scheduled for a in self.slots if a is not None]
+        waiting = any(t.generates for t in self.queue)
+        soonest = min(left) if waiting and self.batching == "continuous" else max(left)
+        return max(1, min(self.steps_per_call, soonest))
+
     def _decode(self) -> None:
+        """Dispatches a chunk of decode steps; a slot whose budget the chunk spends is free at once."""
+        steps = self._chunk()
         with jax.set_mesh(self.mesh):
-            self.state, tokens = self._step(self.params, self.state)
-        tokens = np.asarray(jax.device_get(tokens))
-        now = time.perf_counter()
-        self.stats["steps"] += 1
+            self.state, tokens = self._step(self.params, self.weights, self.state, np.int32(steps))
+        tokens.copy_to_host_async()
+        self._in_flight.append(_Decoded(tokens, steps, list(self.slots)))
+        self.stats["calls"] += 1
+        self.stats["steps"] += steps
         for slot, active in enumerate(self.slots):
-            if active is not None and self._advance(active, int(tokens[slot]), now):
-                self.slots[slot] = None
+            if active is not None:
+                active.scheduled += steps
+                if active.scheduled >= active.budget:
+                    self.slots[slot] = None
+
+    def _deliver(self, done: _Prefilled | _Decoded) -> None:
+        """Hands out the results of a dispatched prefill or chunk (waiting for them)."""
+        if isinstance(done, _Prefilled):
+            first, heads = jax.device_get((done.first, done.heads))
+            now = time.perf_counter()
+            for row, (t, active) in enumerate(zip(done.picked, done.actives)):
+                if active is None:
+                    t._finish(HeadOutput(heads[t.request.task][row], (now - t.request.arrival) * 1e3))
+                else:
+                    active.first_at = now
+                    self._advance(active, int(first[row]), now)
+            return
+        tokens = np.asarray(jax.device_get(done.tokens))[: done.steps].T.tolist()  # [B][steps]
+        now = time.perf_counter()
+        for active, row in zip(done.occupants, tokens):
+            if active is None:
+                continue
+            for token in row:
+                if self._advance(active, token, now):
+                    break
 
     def _advance(self, active: _Active, token: int, now: float) -> bool:
-        """Gives a request its next token; finishes it and returns True when it ends."""
+        """Gives a request its next token; finishes it, frees its slot and returns True when it ends."""
+        if active.ticket.done():  # ended (or was cancelled) before this token was read
+            return True
         reason = None
         if token == self.eos_id:
             reason = "stop"
@@ -413,6 +521,8 @@ class Engine:
                 reason = "length"
         if reason is None:
             return False
+        if active in self.slots:
+            self.slots[self.slots.index(active)] = None
         arrival = active.ticket.request.arrival
         active.ticket._finish(
             Generation(active.tokens, reason, (active.first_at - arrival) * 1e3, (now - arrival) * 1e3)
@@ -429,16 +539,17 @@ class Engine:
         assert not self.busy(), "warm up an idle engine"
         p = self.prefill_batch
         for width in self.buckets:
-            args = [self._put(a) for a in (np.zeros((p, width), np.int32), np.ones(p, np.int32), np.zeros(p, np.int32))]
+            args = (np.zeros((p, width), np.int32), np.ones(p, np.int32), np.zeros(p, np.int32))
             with jax.set_mesh(self.mesh):
                 rows, first, heads = self._prefill(
-                    self.params, *args, jax.tree.map(self._put, _sampling_arrays(p)), self._put(np.ones(p, np.int32))
+                    self.params, self.weights, *args, _sampling_arrays(p), np.ones(p, np.int32)
                 )
                 jax.device_get((first, heads))
-        drop = self._put(np.full(p, self.max_batch, np.int32), (None,))
+        drop = np.full(p, self.max_batch, np.int32)
         with jax.set_mesh(self.mesh):
             self.state = self._insert(self.state, rows, drop)
-            self.state, tokens = self._step(self.params, self.state)  # every slot is done: nothing changes
+            # Every slot is done: nothing changes.
+            self.state, tokens = self._step(self.params, self.weights, self.state, np.int32(1))
         jax.device_get(tokens)
 
     # Background serving (HTTP) and blocking conveniences (batch mode, evaluation).
@@ -468,6 +579,10 @@ class Engine:
             try:
                 self.run_once()
             except Exception as e:  # a bug: fail what is in flight, keep serving
+                for done in self._in_flight:
+                    for t in done.picked if isinstance(done, _Prefilled) else [a.ticket for a in done.occupants if a]:
+                        t._finish(error=e)
+                self._in_flight.clear()
                 for slot, active in enumerate(self.slots):
                     if active is not None:
                         active.ticket._finish(error=e)
@@ -506,6 +621,23 @@ class Engine:
     def generate(self, requests: Sequence[Request], batching: str | None = None) -> list[Generation]:
         """Generates for requests of any generation tasks; ``batching`` overrides the engine's policy."""
         return [t.wait() for t in self.serve(requests, batching)]
+
+
+# XLA:CPU hands each dot to YNNPACK by default (jaxlib 0.10); for the serving programs' small-batch
+# matmuls Eigen is faster (the decode step and prefills about 8% on the 2-core development machine,
+# see docs/serving.md), so the engine's programs, and only they, turn those fusions off.
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def _compiler_options(mesh: jax.sharding.Mesh) -> dict[str, str] | None:
+    """The engine's XLA options for ``mesh``'s platform, if this XLA knows them."""
+    if mesh.devices.flat[0].platform != "cpu":
+        return None
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=_CPU_OPTIONS).lower(np.int32(0)).compile()
+    except Exception:  # an XLA without the option: its defaults
+        return None
+    return _CPU_OPTIONS
 
 
 def _sampling_arrays(n: int) -> decode.Sampling:

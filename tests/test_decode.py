@@ -21,12 +21,41 @@ def make_model(seed=0):
 
 
 def test_cached_decoding_equals_full_recomputation():
+    # The serving path (prefill and decode_forward over DecodeWeights and the decode cache)
+    # against MultiTaskModel.__call__ on the whole sequence; f32, so 1e-4 covers summation order.
+    model = make_model()
+    weights = decode.decode_weights(model)
+    prompts = [[1, 40, 41, 42, 43], [1, 50, 51]]
+    lengths = jnp.array([5, 3])
+    tokens = jnp.array([p + [0] * (5 - len(p)) for p in prompts])
+    task_ids = jnp.array([0, 2])
+    hidden, cache, logits = decode.prefill(model, weights, tokens, lengths, task_ids, cache_len=16)
+    expected_hidden, _ = model(tokens, task_ids)
+    np.testing.assert_allclose(hidden, expected_hidden, rtol=1e-5, atol=1e-5)
+    last = jnp.take_along_axis(expected_hidden, (lengths - 1)[:, None, None], axis=1)
+    np.testing.assert_allclose(logits, model.lm_logits(last)[:, 0], rtol=1e-5, atol=1e-5)
+    continuation = np.array([[60, 61, 62, 63], [70, 71, 72, 73]])
+    for t in range(continuation.shape[1]):
+        positions = lengths + t
+        logits, cache = decode.decode_forward(
+            model, weights, jnp.asarray(continuation[:, t]), task_ids, positions, cache
+        )
+        for row, prompt in enumerate(prompts):
+            full = jnp.array([prompt + continuation[row, : t + 1].tolist()])
+            expected, _ = model(full, task_ids[row : row + 1])
+            np.testing.assert_allclose(logits[row], model.lm_logits(expected)[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_the_model_own_cache_path_equals_full_recomputation():
+    # MultiTaskModel.__call__ with its [L, B, S, K, H] cache, which training-time code may use.
     model = make_model()
     prompts = [[1, 40, 41, 42, 43], [1, 50, 51]]
     lengths = jnp.array([5, 3])
     tokens = jnp.array([p + [0] * (5 - len(p)) for p in prompts])
     task_ids = jnp.array([0, 2])
-    _, cache, _ = decode.prefill(model, tokens, lengths, task_ids, cache_len=16)
+    _, kv = model(tokens, task_ids)
+    pad = ((0, 0), (0, 0), (0, 16 - tokens.shape[1]), (0, 0), (0, 0))
+    cache = type(kv)(*(jnp.pad(a, pad) for a in kv))
     continuation = np.array([[60, 61, 62, 63], [70, 71, 72, 73]])
     for t in range(continuation.shape[1]):
         positions = lengths + t
@@ -35,6 +64,28 @@ def test_cached_decoding_equals_full_recomputation():
             full = jnp.array([prompt + continuation[row, : t + 1].tolist()])
             expected, _ = model(full, task_ids[row : row + 1])
             np.testing.assert_allclose(hidden[row, 0], expected[0, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_chunk_of_steps_equals_single_steps():
+    model = make_model()
+    weights = decode.decode_weights(model)
+    tokens = jnp.array([[1, 40, 41, 3], [1, 50, 3, 0]])
+    lengths, task_ids = jnp.array([4, 3]), jnp.array([0, 2])
+    sampled = sampling(2, temperature=0.9, top_k=7, top_p=0.8, seed=5)
+    no_eos = np.arange(CFG.vocab_size) > EOS  # lengths follow the budgets exactly
+    rows, _, _ = decode.prefill_rows(
+        model, weights, tokens, lengths, task_ids, sampled, jnp.array([9, 3]), no_eos, EOS, 16
+    )
+    one, single = rows, []
+    for _ in range(6):
+        one, new = decode.decode_step(model, weights, one, no_eos, EOS)
+        single.append(new)
+    chunk, tokens = decode.decode_steps(model, weights, rows, jnp.int32(6), 8, no_eos, EOS)
+    np.testing.assert_array_equal(tokens[:6], jnp.stack(single))
+    np.testing.assert_array_equal(tokens[6:], 0)
+    np.testing.assert_array_equal(chunk.positions, one.positions)
+    np.testing.assert_array_equal(chunk.done, [False, True])  # the second row's budget of 3 is spent
+    np.testing.assert_array_equal(chunk.positions, [4 + 6, 3 + 2])
 
 
 def greedy_by_recomputation(model, prompt, task_id, steps):
@@ -78,9 +129,11 @@ def test_engine_on_a_sharded_mesh_matches_one_device():
     engine = make_engine(model, max_batch=8, mesh=make_mesh("data=2,fsdp=2,tensor=2"))
     sharded = engine.generate(requests)
     assert [g.tokens for g in one] == [g.tokens for g in sharded]
-    # The KV cache [L, B, S, K, H]: slots over data and fsdp, kv heads over tensor.
-    expected = jax.sharding.PartitionSpec(None, ("data", "fsdp"), None, "tensor", None)
-    assert engine.state.cache.key.sharding.spec == expected
+    # The decode cache, per layer keys [B, K, H, S] and values [B, K, S, H]: slots over data and fsdp,
+    # kv heads over tensor.
+    for layer in engine.state.cache:
+        assert layer.key.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", None, None)
+        assert layer.value.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", None, None)
 
 
 def test_engine_classify_returns_distributions():
@@ -130,6 +183,32 @@ def test_sampling_depends_on_seed_and_position_only():
     positions = jnp.array([3, 3, 3, 9])
     draws = decode.sample(logits[jnp.array([0, 0, 0, 0])], sampling(4, seed=7), positions, jnp.ones(50, bool))
     assert draws[0] == draws[1] == draws[2]
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    # Bisection over the values' bits against a sort, with ties, negatives and banned (-inf) entries.
+    rng = np.random.default_rng(0)
+    x = np.round(rng.normal(size=(6, 40)), 1).astype(np.float32)
+    x[1, 5:] = -np.inf
+    x[2] = 0.0
+    top_k = np.array([1, 3, 7, 0, 40, 100], np.int32)
+    kept = np.asarray(decode._top_k_filter(jnp.asarray(x), jnp.asarray(top_k)))
+    for row, k in enumerate(top_k):
+        kth = -np.inf if k == 0 else np.sort(x[row])[::-1][min(k, 40) - 1]
+        np.testing.assert_array_equal(kept[row], np.where(x[row] >= kth, x[row], -np.inf))
+
+
+def test_a_row_draws_the_same_whatever_its_neighbours_ask():
+    # Filters run only when some row asks for them; a row that does not ask is left exactly as it was.
+    logits = jax.random.normal(jax.random.key(1), (64, 50))
+    positions = jnp.arange(64)
+    allowed = jnp.ones(50, bool)
+    plain = sampling(64, temperature=0.8, seed=3)
+    alone = decode.sample(logits, plain, positions, allowed)
+    crowd = plain._replace(top_k=plain.top_k.at[1::2].set(3), top_p=plain.top_p.at[1::2].set(0.5))
+    mixed = decode.sample(logits, crowd, positions, allowed)
+    np.testing.assert_array_equal(alone[::2], mixed[::2])
+    assert not np.array_equal(alone[1::2], mixed[1::2])
 
 
 def test_length_buckets():
