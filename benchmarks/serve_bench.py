@@ -205,6 +205,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="small")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--prefill-batch", type=int, default=8)
+    p.add_argument("--steps-per-call", type=int, default=8, help="decode steps one jitted call may run")
     p.add_argument("--requests", type=int, default=128)
     p.add_argument("--rates", default="8,32", help="Poisson request rates (requests/s), comma-separated")
     p.add_argument("--seed", type=int, default=0)
@@ -226,6 +227,7 @@ def main(argv=None) -> int:
         allowed_tokens=allowed,
         eos_id=2,
         pad_id=0,
+        steps_per_call=args.steps_per_call,
     )
     t = time.perf_counter()
     engine.warmup()

@@ -216,7 +216,7 @@ class Engine:
         self.steps_per_call = steps_per_call
         self.eos_id = eos_id
         self.pad_id = pad_id
-        self.buckets = length_buckets(self.cfg.max_len, int(__import__("os").environ.get("SMALLEST", 16)))
+        self.buckets = length_buckets(self.cfg.max_len)
         self.graphdef, params = nnx.split(model)
         self._weights = jax.jit(lambda p: decode.decode_weights(nnx.merge(self.graphdef, p)))
         self.params = params  # lays out the decode weights too
