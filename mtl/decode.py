@@ -75,14 +75,14 @@ class DecodeState(NamedTuple):
 class DecodeWeights(NamedTuple):
     """The parameters decoding reads, laid out once (see the module docstring)."""
 
-    layers: tuple[nnx.State, ...]  # one Block's parameters per layer, without the [L] axis
+    layers: tuple[dict, ...]  # one Block's parameters per layer, without the [L] axis (nnx.to_pure_dict)
     w_dv: jax.Array  # [D, V] the language-model head
 
 
 def decode_weights(model: MultiTaskModel) -> DecodeWeights:
     """Lays out ``model``'s parameters for :func:`decode_forward` (copies them: jit it with the engine)."""
     _, layers = nnx.split(model.blocks)
-    per_layer = tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(model.cfg.n_layers))
+    per_layer = tuple(nnx.to_pure_dict(jax.tree.map(lambda a, i=i: a[i], layers)) for i in range(model.cfg.n_layers))
     w_dv = model.embed_vd[...].T if model.cfg.tie_embeddings else model.w_dv[...]
     return DecodeWeights(per_layer, w_dv)
 
@@ -185,11 +185,16 @@ def sample(logits: jax.Array, sampling: Sampling, positions: jax.Array, allowed:
         cumulative = jnp.cumsum(probs, axis=-1)
         keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(sampling.seed, positions)
         point = jax.vmap(jax.random.uniform)(keys) * cumulative[:, -1]  # in [0, total mass)
-        # The first token whose cumulative mass passes the point; it has mass > 0.
-        drawn = jnp.minimum(jnp.sum(cumulative <= point[:, None], axis=-1), logits.shape[-1] - 1)
-        return jnp.where(sampled, drawn.astype(jnp.int32), greedy)
+        # The first token with mass whose cumulative mass passes the point. Only tokens with mass
+        # are candidates, and the last of them is the fallback: a cumsum computed as a tree need
+        # not be monotone to the last bit, and no rounding may draw a filtered or banned token.
+        passed = (cumulative > point[:, None]) & (probs > 0)
+        last = probs.shape[-1] - 1 - _first_argmax((probs > 0)[:, ::-1].astype(jnp.float32))
+        drawn = jnp.where(jnp.any(passed, axis=-1), _first_argmax(passed.astype(jnp.float32)), last)
+        return jnp.where(sampled, drawn, greedy)
 
-    # Filters and draws cost more than a small model's whole CPU step: skip them when every row is greedy.
+    # The filters and the draw cost about a tenth of a small model's CPU step: skip them when every
+    # row is greedy.
     return jax.lax.cond(jnp.any(sampled), draw, lambda: greedy)
 
 

@@ -4,18 +4,22 @@ Requests arrive as token ids with a task name and sampling settings and wait in
 a bounded queue. Each iteration of the engine (:meth:`Engine.run_once`)
 
 1. takes waiting requests into prefill batches of ``prefill_batch`` rows,
-   padded to one of a few prompt-length buckets: requests of non-generation
+   padded to one of a few prompt-length buckets (full batches first, then the
+   narrowest bucket, see :meth:`Engine._pick`): requests of non-generation
    tasks (classify, regress, tag) are answered from that prefill and never
    take a slot; generation requests get their first token from it and are
    inserted into free decode slots;
-2. runs one jitted chunk of up to ``steps_per_call`` decode steps for all
-   ``max_batch`` slots (decode state donated), reads the chunk's tokens back
-   once, and hands each live slot its new tokens; a slot whose request ends
-   (EOS, its ``max_new_tokens``, a stop sequence, or a cancel) is free for the
-   next iteration's prefill. The chunk stops at the step where the first
-   slot's budget runs out when requests are waiting for a slot, so admission
-   loses nothing to chunking; a row that ends earlier (EOS, a stop sequence)
-   is done on device and its slot waits for the chunk's end.
+2. queues one jitted chunk of up to ``steps_per_call`` decode steps for all
+   ``max_batch`` slots (decode state donated); the chunk ends where enough
+   budgets run out for the next prefill batch to be admitted, so admission
+   loses nothing to chunking;
+3. reads back the previous iteration's results while that chunk runs (one
+   read a chunk, not a step) and hands each request its tokens; a request ends
+   on EOS, its ``max_new_tokens``, a stop sequence or a cancel.
+
+The host schedules from token budgets alone, so it never waits for a chunk's
+tokens before queueing the next one; a request that ends early (EOS, a stop
+sequence) is seen one chunk late, and its slot idles meanwhile (done on device).
 
 With ``batching="static"`` the same functions run under the old policy: new
 generation requests are admitted only when every slot is free, so a batch
@@ -25,7 +29,8 @@ Shapes are fixed by ``max_batch``, ``prefill_batch``, the buckets and the
 model's ``max_len``; :meth:`Engine.warmup` compiles every one of them, and
 nothing compiles afterwards. The decode state is partitioned over the serving
 mesh like the model: slots over ``data`` (and ``fsdp``), kv heads over
-``tensor``.
+``tensor``. The engine keeps a second copy of the weights laid out for serving
+(``decode.DecodeWeights``), made again whenever ``params`` is assigned.
 """
 
 from __future__ import annotations
@@ -278,8 +283,10 @@ class Engine:
     @params.setter
     def params(self, params: nnx.State) -> None:
         self._params = params
+        # Plain dicts of arrays: the programs are called with them, and they flatten far faster.
+        self._arrays = nnx.to_pure_dict(params)
         with jax.set_mesh(self.mesh):
-            self.weights = self._weights(params)
+            self.weights = self._weights(self._arrays)
 
     # Arrays on the mesh.
 
@@ -360,15 +367,16 @@ class Engine:
         self._drop_cancelled()
         # Static batching admits generation requests only into an empty batch, and then fills it.
         admit = self.batching == "continuous" or not any(self.slots)
-        while True:
-            picked = self._pick(admit)
-            if not picked:
-                break
-            self._prefill_and_insert(picked)
         keep = 0
-        if any(self.slots):
-            self._decode()
-            keep = 1  # the chunk just queued runs while the host reads the older results
+        with jax.set_mesh(self.mesh):
+            while True:
+                picked = self._pick(admit)
+                if not picked:
+                    break
+                self._prefill_and_insert(picked)
+            if any(self.slots):
+                self._decode()
+                keep = 1  # the chunk just queued runs while the host reads the older results
         while len(self._in_flight) > keep:
             self._deliver(self._in_flight.popleft())
 
@@ -445,11 +453,10 @@ class Engine:
                 slots[row] = self.slots.index(None)
                 self.slots[slots[row]] = active
             actives.append(active)
-        # Host arrays go straight into the call: a device_put of each costs more than the transfer.
-        with jax.set_mesh(self.mesh):
-            rows, first, heads = self._prefill(self.params, self.weights, tokens, lengths, task_ids, sampling, max_new)
-            if (slots < self.max_batch).any():
-                self.state = self._insert(self.state, rows, slots)
+        # Host arrays go straight into the call (inside run_once's mesh): a device_put costs more.
+        rows, first, heads = self._prefill(self._arrays, self.weights, tokens, lengths, task_ids, sampling, max_new)
+        if (slots < self.max_batch).any():
+            self.state = self._insert(self.state, rows, slots)
         for a in (first, *jax.tree.leaves(heads)):
             a.copy_to_host_async()
         self._in_flight.append(_Prefilled(picked, actives, first, heads))
@@ -459,18 +466,22 @@ class Engine:
         return max(1, min(r.max_new_tokens, self.cfg.max_len - len(r.prompt)))
 
     def _chunk(self) -> int:
-        """Decode steps for the next call: up to the step at which a waiting request could take a
-        slot (the first budget to run out; the last one under static batching), else a full chunk."""
-        left = [a.budget - a.scheduled for a in self.slots if a is not None]
-        waiting = any(t.generates for t in self.queue)
-        soonest = min(left) if waiting and self.batching == "continuous" else max(left)
+        """Decode steps for the next call: up to the step at which enough slots free up for the next
+        prefill batch to be admitted (see :meth:`_pick`; under static batching, all of them), else a
+        full chunk."""
+        left = sorted(a.budget - a.scheduled for a in self.slots if a is not None)
+        waiting = sum(t.generates for t in self.queue)
+        if waiting and self.batching == "continuous":
+            needed = min(self.prefill_batch - (len(self.queue) - waiting), waiting) - self.slots.count(None)
+            soonest = left[min(max(needed, 1), len(left)) - 1]
+        else:
+            soonest = left[-1]
         return max(1, min(self.steps_per_call, soonest))
 
     def _decode(self) -> None:
         """Dispatches a chunk of decode steps; a slot whose budget the chunk spends is free at once."""
         steps = self._chunk()
-        with jax.set_mesh(self.mesh):
-            self.state, tokens = self._step(self.params, self.weights, self.state, np.int32(steps))
+        self.state, tokens = self._step(self._arrays, self.weights, self.state, np.int32(steps))
         tokens.copy_to_host_async()
         self._in_flight.append(_Decoded(tokens, steps, list(self.slots)))
         self.stats["calls"] += 1
@@ -542,14 +553,14 @@ class Engine:
             args = (np.zeros((p, width), np.int32), np.ones(p, np.int32), np.zeros(p, np.int32))
             with jax.set_mesh(self.mesh):
                 rows, first, heads = self._prefill(
-                    self.params, self.weights, *args, _sampling_arrays(p), np.ones(p, np.int32)
+                    self._arrays, self.weights, *args, _sampling_arrays(p), np.ones(p, np.int32)
                 )
                 jax.device_get((first, heads))
         drop = np.full(p, self.max_batch, np.int32)
         with jax.set_mesh(self.mesh):
             self.state = self._insert(self.state, rows, drop)
             # Every slot is done: nothing changes.
-            self.state, tokens = self._step(self.params, self.weights, self.state, np.int32(1))
+            self.state, tokens = self._step(self._arrays, self.weights, self.state, np.int32(1))
         jax.device_get(tokens)
 
     # Background serving (HTTP) and blocking conveniences (batch mode, evaluation).

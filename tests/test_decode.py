@@ -176,6 +176,9 @@ def test_sample_filters():
     assert abs((free == 0).mean() - 0.5) < 0.08 and (free == 3).any()
     banned = decode.sample(logits, sampling(512, temperature=0.0), positions, jnp.array([False, True, True, True]))
     assert (banned == 1).all()
+    some = jnp.array([True, False, True, False])
+    drawn = np.asarray(decode.sample(logits, sampling(512, temperature=2.0), positions, some))
+    assert set(drawn.tolist()) == {0, 2}  # sampled rows never draw a banned token
 
 
 def test_sampling_depends_on_seed_and_position_only():

@@ -167,6 +167,49 @@ def test_no_compilation_after_warm_up_across_a_long_mixed_workload(engine):
     assert compiled == [] and engine.traces == traces
 
 
+def test_chunks_of_steps_change_no_output():
+    # A request that ends mid-chunk (EOS on device, a stop sequence or its budget on the host) gets
+    # exactly the tokens it gets from one step a call; the extra steps of its chunk are dropped.
+    model = MultiTaskModel(CFG, rngs=nnx.Rngs(1))
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    sampled = dict(temperature=1.0, seed=4)
+    free = Engine(model, mesh, max_batch=4, prefill_batch=2, allowed_tokens=NO_EOS, eos_id=EOS, pad_id=0)
+    run = free.generate([gen([70, 71], 20, **sampled)])[0].tokens
+    end = next(i for i in range(3, 20) if run[i] not in run[:i])  # its first appearance ends the request
+    stop = tuple(run[1:3])
+    cut = next(i for i in range(20) if tuple(run[i : i + 2]) == stop)
+    requests = [
+        gen([70, 71], 20, **sampled),
+        gen([70, 71], 20, stop=(stop,), **sampled),
+        gen([70, 71], 20, task="echo", temperature=0.9, top_k=4, seed=2),
+        gen([9], 13, temperature=1.0, top_p=0.8, seed=5),
+        gen([60 + i for i in range(20)], 9),
+    ]
+    outputs = {}
+    for steps in (1, 8):
+        engine = Engine(
+            model,
+            mesh,
+            max_batch=4,
+            prefill_batch=2,
+            allowed_tokens=NO_EOS,
+            eos_id=run[end],
+            pad_id=0,
+            steps_per_call=steps,
+        )
+        outputs[steps] = [(g.tokens, g.finish_reason) for g in engine.generate(requests)]
+    assert outputs[1] == outputs[8]
+    assert outputs[8][0] == (run[:end], "stop")
+    assert outputs[8][1] == (run[:cut], "stop")
+
+
+def test_steps_per_call_must_be_positive():
+    model = MultiTaskModel(CFG, rngs=nnx.Rngs(1))
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    with pytest.raises(ValueError, match="steps_per_call 0 must be at least 1"):
+        Engine(model, mesh, max_batch=4, allowed_tokens=NO_EOS, eos_id=EOS, pad_id=0, steps_per_call=0)
+
+
 def test_background_thread_serves_concurrent_submissions(engine):
     engine.start()
     try:
