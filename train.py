@@ -337,9 +337,9 @@ def run(plan: Plan, out: str | os.PathLike, console=None) -> dict:
     fault_step = int(os.environ.get("MTL_KILL_AFTER_STEP", "0"))
     evaluator = evaluate.Evaluator(plan.data, mesh, min(cfg.train.batch_size, 64), cfg.train.eval_examples, folder.log)
     best = BestCheckpoint(folder.path / "best", cfg.train.best_metric, {d.name: d.kind for d in plan.data})
-    with console.status("measuring the device's matmul peak (for MFU)"):
-        peak = perf.matmul_peak(cfg.model.dtype)
-    console.log(f"matmul peak {peak / 1e9:.0f} GFLOP/s ({cfg.model.dtype})")
+    with console.status("measuring the matmul peak (for MFU)"):
+        peak = perf.mesh_peak(mesh, cfg.model.dtype)
+    console.log(f"matmul peak {peak / 1e9:.0f} GFLOP/s ({cfg.model.dtype}, the whole mesh)")
     window = _Window(peak)
     compiled: set[tuple[str, int]] = set()
     meta_base = {"config": C.to_dict(cfg), "tasks": [d.meta() for d in plan.data]}

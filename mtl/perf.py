@@ -2,7 +2,7 @@
 
 MFU = (model FLOPs a second) / (the peak measured here, now). The peak is a
 measurement, not a datasheet number, so MFU on a laptop CPU and on a GPU mean
-the same thing: the share of what this device's matmuls reach.
+the same thing: the share of what the mesh's matmuls reach.
 """
 
 from __future__ import annotations
@@ -62,6 +62,25 @@ def matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 10) -> 
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t0)
     return 2.0 * size**3 / best
+
+
+def mesh_peak(mesh: jax.sharding.Mesh, dtype: str = "float32") -> float:
+    """The matmul peak of a whole mesh: one device's, measured, times the devices that add compute.
+
+    Accelerators each bring their own matmul units, so the peak scales with the
+    mesh's devices. Virtual CPU devices of one process share that host's cores,
+    which one measurement already uses, so on CPU it scales with the processes
+    (hosts) instead; processes sharing one machine (a localhost test cluster)
+    make it read high and MFU low.
+    """
+    platform = mesh.devices.flat[0].platform
+    size = 2048 if platform == "cpu" else 8192  # large enough to reach an accelerator's peak
+    return matmul_peak(dtype, size=size) * peak_multiplier(platform, mesh.devices.size, jax.process_count())
+
+
+def peak_multiplier(platform: str, devices: int, processes: int) -> int:
+    """How many one-device peaks a mesh of ``devices`` over ``processes`` holds (see :func:`mesh_peak`)."""
+    return processes if platform == "cpu" else devices
 
 
 def tune_host_allocator() -> bool:
