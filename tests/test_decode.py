@@ -80,12 +80,19 @@ def test_a_chunk_of_steps_equals_single_steps():
     for _ in range(6):
         one, new = decode.decode_step(model, weights, one, no_eos, EOS)
         single.append(new)
-    chunk, tokens = decode.decode_steps(model, weights, rows, jnp.int32(6), 8, no_eos, EOS)
+    chunk, tokens, ran = decode.decode_steps(model, weights, rows, jnp.int32(6), jnp.int32(3), 8, no_eos, EOS)
+    assert ran == 6
     np.testing.assert_array_equal(tokens[:6], jnp.stack(single))
     np.testing.assert_array_equal(tokens[6:], 0)
     np.testing.assert_array_equal(chunk.positions, one.positions)
     np.testing.assert_array_equal(chunk.done, [False, True])  # the second row's budget of 3 is spent
     np.testing.assert_array_equal(chunk.positions, [4 + 6, 3 + 2])
+    # Told to end once one slot is done, the chunk stops at the step the second row's budget runs out.
+    early, tokens, ran = decode.decode_steps(model, weights, rows, jnp.int32(6), jnp.int32(1), 8, no_eos, EOS)
+    assert ran == 2
+    np.testing.assert_array_equal(tokens[:2], jnp.stack(single[:2]))
+    np.testing.assert_array_equal(tokens[2:], 0)
+    np.testing.assert_array_equal(early.positions, [4 + 2, 3 + 2])
 
 
 def greedy_by_recomputation(model, prompt, task_id, steps):

@@ -90,6 +90,27 @@ def test_greedy_output_is_the_same_alone_and_among_other_tasks(engine):
     assert tickets[1].wait().values.shape == (5,)
 
 
+def test_chunks_end_early_for_waiting_requests_when_slots_end_on_eos():
+    # EOS is one of 3 allowed tokens, sampled hot: most requests end on EOS early, some at their budget.
+    model = MultiTaskModel(CFG, rngs=nnx.Rngs(4))
+    allowed = np.zeros(CFG.vocab_size, bool)
+    allowed[[EOS, 40, 41]] = True
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    engine = Engine(model, mesh, max_batch=4, prefill_batch=2, allowed_tokens=allowed, eos_id=EOS, pad_id=0)
+    requests = [gen([50 + i, 60 + i], 12, temperature=3.0, seed=i) for i in range(24)]
+    runs = {}
+    for early in (True, False):
+        engine._eos_allowed = early  # False: chunks run their planned steps, as before early ends
+        before = engine.stats["steps"]
+        runs[early] = (engine.generate(requests), engine.stats["steps"] - before)
+    (ended, steps), (planned, planned_steps) = runs[True], runs[False]
+    assert [(g.tokens, g.finish_reason) for g in ended] == [(g.tokens, g.finish_reason) for g in planned]
+    assert {g.finish_reason for g in ended} == {"stop", "length"}
+    assert steps < planned_steps
+    static = engine.generate(requests, batching="static")
+    assert [g.tokens for g in static] == [g.tokens for g in ended]
+
+
 def test_stop_sequences_cut_the_output(engine):
     free = engine.generate([gen([70, 71], 16)])[0].tokens
     stop = tuple(free[5:7])
