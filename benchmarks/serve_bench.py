@@ -202,12 +202,13 @@ def eos_section(ckpt: str, max_batch: int, n: int, repeats: int, seed: int) -> N
             if best is None or f["wall s"] < best[0]["wall s"]:
                 best = (f, dict(engine.stats))
         f, stats = best
-        use = f["tok/s"] * f["wall s"] / (stats["steps"] * engine.max_batch)
+        use = stats["tokens"] / (stats["steps"] * engine.max_batch)
         print(
             f"{name:<28}{f['tok/s']:>10.0f}{use:>10.2f}{stats['steps']:>8}{stats['calls']:>8}"
             f"{f['lat p50']:>10.1f}{f['lat p99']:>10.1f}"
         )
     engine._eos_allowed = True
+    print(f"({stats['tokens']} tokens generated, {stats['tokens'] / n:.1f} a request)")
 
 
 def best_of(n: int, engine: Engine, requests: list[Request], policies=("continuous", "static")) -> dict:

@@ -168,9 +168,8 @@ class _Decoded:
     """A dispatched chunk of decode steps and who held each slot when it was queued."""
 
     tokens: jax.Array  # [steps_per_call, B]
-    ran: jax.Array  # [] the steps it ran: ``steps``, or fewer if it may end early
+    ran: jax.Array  # [] the steps it ran: ``steps``, or fewer if it could end early
     steps: int  # the steps it was given
-    early: bool  # whether it may end before ``steps`` (then read before the next chunk is queued)
     occupants: list[_Active | None]
 
 
@@ -509,7 +508,7 @@ class Engine:
             self._arrays, self.weights, self.state, np.int32(steps), np.int32(stop_after)
         )
         tokens.copy_to_host_async()
-        self._in_flight.append(_Decoded(tokens, ran, steps, early, list(self.slots)))
+        self._in_flight.append(_Decoded(tokens, ran, steps, list(self.slots)))
         self.stats["calls"] += 1
         self.stats["steps"] += steps
         for slot, active in enumerate(self.slots):
