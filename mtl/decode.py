@@ -334,13 +334,17 @@ def _attend(attention: Attention, x: jax.Array, positions: jax.Array, cache: KVC
         constrain(cache.value.at[rows, :, positions].set(value[:, 0].astype(cache.value.dtype)), VALUE_AXES),
     )
     # Grouped query heads as jax.nn.dot_product_attention groups them: head n reads kv head n // G.
-    query = query.reshape(b, k_heads, -1, h)  # [B, K, G, H]
-    logits = jnp.einsum("BKGH,BKHS->BKGS", query, cache.key.astype(dt), preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(h**-0.5)
+    # Both products are broadcast multiplies summed over a middle axis, not batched matmuls: with G
+    # query rows a (slot, kv head), a matmul costs per product, while XLA:CPU sums these in one
+    # vectorised pass over the cache (3x faster here, with the engine's reduce fusion).
+    f32 = jnp.float32
+    query = query.reshape(b, k_heads, -1, h).astype(f32)  # [B, K, G, H]
+    logits = jnp.sum(query[..., None] * cache.key.astype(f32)[:, :, None], axis=3) * f32(h**-0.5)  # [B, K, G, S]
     seen = jnp.arange(cache_len) <= positions[:, None]  # [B, S]
-    logits = jnp.where(seen[:, None, None, :], logits, -0.7 * jnp.finfo(jnp.float32).max)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum("BKGS,BKSH->BKGH", probs, cache.value.astype(dt)).reshape(b, 1, -1, h)  # [B, 1, N, H]
+    logits = jnp.where(seen[:, None, None, :], logits, -0.7 * jnp.finfo(f32).max)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.sum(probs[..., None] * cache.value.astype(f32)[:, :, None], axis=3)  # [B, K, G, H]
+    out = out.astype(dt).reshape(b, 1, -1, h)  # [B, 1, N, H]
     out = constrain(out, ("batch", "length", "heads", "head_dim"))
     return contract("BTNH,NHD->BTD", out, attention.w_nhd[...].astype(dt)), cache
 

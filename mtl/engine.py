@@ -667,10 +667,11 @@ class Engine:
         return [t.wait() for t in self.serve(requests, batching)]
 
 
-# XLA:CPU hands each dot to YNNPACK by default (jaxlib 0.10); for the serving programs' small-batch
-# matmuls Eigen is faster (the decode step and prefills about 8% on the 2-core development machine,
-# see docs/serving.md), so the engine's programs, and only they, turn those fusions off.
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# XLA:CPU hands dots, element-wise ops and reductions to YNNPACK by default (jaxlib 0.10). For the
+# serving programs' small-batch matmuls Eigen is faster, while YNNPACK sums the decode attention's
+# broadcast products about 3x faster than either library's batched matmul does them (see
+# docs/serving.md), so the engine's programs, and only they, keep YNNPACK for reductions alone.
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def _compiler_options(mesh: jax.sharding.Mesh) -> dict[str, str] | None:
