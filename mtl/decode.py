@@ -23,8 +23,8 @@ out once: one Block's parameters per layer (a scan over the stacked [L, ...]
 weights copies every layer's slice on XLA:CPU, every call) and the
 language-model head as a [D, V] matrix. The decode cache is one (key, value)
 pair per layer, keys as [B, K, H, S] and values as [B, K, S, H], so both
-attention products are plain batched matmuls over each slot's own rows, with
-no transpose of the cache. :func:`prefill` runs the model's own Blocks layer by
+attention products read the cache in place, each summing over its middle axis
+(no transpose of the cache). :func:`prefill` runs the model's own Blocks layer by
 layer; :func:`decode_forward` is its forward pass for one token a row over the
 decode cache, built from the model's norms, MLP and rotary positions with its
 own attention. ``tests/test_decode.py`` holds both to ``MultiTaskModel.__call__``.
