@@ -201,19 +201,6 @@ def sample(logits: jax.Array, sampling: Sampling, positions: jax.Array, allowed:
 # Prefill and insertion.
 
 
-def _embed(model: MultiTaskModel, tokens: jax.Array, task_ids: jax.Array, positions: jax.Array) -> jax.Array:
-    """The backbone's input, as ``MultiTaskModel.__call__`` builds it: [B, T] -> [B, T, D]."""
-    cfg = model.cfg
-    dt = jnp.dtype(cfg.dtype)
-    scale = jnp.asarray(cfg.d_model**0.5, dt)
-    one_hot = jax.nn.one_hot(tokens, cfg.vocab_size, dtype=dt)  # [B, T, V]
-    x = contract("BTV,VD->BTD", one_hot, model.embed_vd[...].astype(dt)) * scale
-    task_one_hot = jax.nn.one_hot(task_ids, model.task_embed.shape[0], dtype=dt)  # [B, tasks]
-    task_vec = jnp.einsum("BJ,JD->BD", task_one_hot, model.task_embed[...].astype(dt)) * scale
-    x = x + jnp.where(positions[..., None] == 0, task_vec[:, None, :], 0).astype(dt)
-    return constrain(x, ("batch", "length", "embed"))
-
-
 def _lm_logits(weights: DecodeWeights, hidden: jax.Array) -> jax.Array:
     """``MultiTaskModel.lm_logits`` from the laid-out head: [B, T, D] -> [B, T, V] in f32."""
     logits = contract("BTD,DV->BTV", hidden, weights.w_dv.astype(hidden.dtype))
@@ -243,7 +230,7 @@ def prefill(
     """
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x = _embed(model, tokens, task_ids, positions)
+    x = model.embed(tokens, task_ids, positions)
     block_def = nnx.graphdef(model.blocks)
     pad = (0, cache_len - t)
     cache = []
@@ -367,7 +354,7 @@ def decode_forward(
       (the language-model logits [B, V] in f32, the updated cache).
     """
     block_def = nnx.graphdef(model.blocks)
-    x = _embed(model, tokens[:, None], task_ids, positions[:, None])  # [B, 1, D]
+    x = model.embed(tokens[:, None], task_ids, positions[:, None])  # [B, 1, D]
     kept = []
     for layer, layer_cache in zip(weights.layers, cache):
         block = nnx.merge(block_def, layer)

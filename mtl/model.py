@@ -114,19 +114,10 @@ class MultiTaskModel(nnx.Module):
           updated [L, B, S, K, H] cache.
         """
         cfg = self.cfg
-        dt = jnp.dtype(cfg.dtype)
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        # Look-ups as one-hot matmuls: with the table sharded over vocab and
-        # width, a matmul partitions cleanly where a gather would be replicated.
-        scale = jnp.asarray(cfg.d_model**0.5, dt)
-        one_hot = jax.nn.one_hot(tokens, cfg.vocab_size, dtype=dt)  # [B, T, V]
-        x = contract("BTV,VD->BTD", one_hot, self.embed_vd[...].astype(dt)) * scale
-        task_one_hot = jax.nn.one_hot(task_ids, self.task_embed.shape[0], dtype=dt)  # [B, tasks]
-        task_vec = jnp.einsum("BJ,JD->BD", task_one_hot, self.task_embed[...].astype(dt)) * scale
-        x = x + jnp.where(positions[..., None] == 0, task_vec[:, None, :], 0).astype(dt)  # [B, T, D]
-        x = constrain(x, ("batch", "length", "embed"))
+        x = self.embed(tokens, task_ids, positions)
 
         graphdef, layers = nnx.split(self.blocks)
 
@@ -141,6 +132,22 @@ class MultiTaskModel(nnx.Module):
         layer_caches = None if cache is None else (cache.key, cache.value)
         x, (keys, values) = jax.lax.scan(layer, x, (layers, layer_caches), unroll=cfg.scan_unroll)
         return self.final_norm(x), KVCache(keys, values)
+
+    def embed(self, tokens: jax.Array, task_ids: jax.Array, positions: jax.Array) -> jax.Array:
+        """The backbone's input: token embeddings, plus the task's embedding at position 0.
+
+        tokens, positions: [B, T]; task_ids: [B]. Returns [B, T, D].
+        """
+        dt = jnp.dtype(self.cfg.dtype)
+        # Look-ups as one-hot matmuls: with the table sharded over vocab and
+        # width, a matmul partitions cleanly where a gather would be replicated.
+        scale = jnp.asarray(self.cfg.d_model**0.5, dt)
+        one_hot = jax.nn.one_hot(tokens, self.cfg.vocab_size, dtype=dt)  # [B, T, V]
+        x = contract("BTV,VD->BTD", one_hot, self.embed_vd[...].astype(dt)) * scale
+        task_one_hot = jax.nn.one_hot(task_ids, self.task_embed.shape[0], dtype=dt)  # [B, tasks]
+        task_vec = jnp.einsum("BJ,JD->BD", task_one_hot, self.task_embed[...].astype(dt)) * scale
+        x = x + jnp.where(positions[..., None] == 0, task_vec[:, None, :], 0).astype(dt)  # [B, T, D]
+        return constrain(x, ("batch", "length", "embed"))
 
     def lm_logits(self, hidden: jax.Array) -> jax.Array:
         """Language-model logits in f32: [B, T, D] -> [B, T, V]."""
