@@ -1,6 +1,7 @@
 """Tasks for mtl: definitions, data, tokenizer, mixture sampler and metrics.
 
-Importing the package registers the built-in tasks (``g2p``, ``langid``).
+Importing the package registers the built-in tasks: ``g2p`` (generate), ``langid``
+(classify), ``valence`` (regress) and ``hyphenate`` (tag); ``names()`` lists them.
 """
 
 from tasks import (

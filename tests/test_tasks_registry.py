@@ -281,3 +281,10 @@ def test_file_without_train_rows_is_refused(tmp_path):
     path.write_text('{"input": "a", "label": "x", "split": "test"}\n')
     with pytest.raises(ValueError, match=f"{path}.*no rows in its train split"):
         tasks.resolve([f"t={path}"])
+
+
+def test_package_docstring_names_every_builtin_task():
+    import tasks as package
+
+    missing = [name for name in package.names() if f"``{name}``" not in package.__doc__]
+    assert not missing, f"tasks/__init__.py's docstring does not name {missing}"
