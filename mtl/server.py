@@ -168,11 +168,14 @@ class Server:
             raise BadRequest(f"unknown field {unknown[0]!r}; fields are {', '.join(REQUIRED + SAMPLING_FIELDS)}")
         if not isinstance(raw["id"], (str, int)) or isinstance(raw["id"], bool):
             raise BadRequest(f"id {raw['id']!r} must be a string or an integer")
+        if isinstance(raw["id"], str):
+            _check_text(raw["id"], "id")
         task = self.tasks.get(raw["task"]) if isinstance(raw["task"], str) else None
         if task is None:
             raise BadRequest(f"unknown task {raw['task']!r}; this model serves {', '.join(sorted(self.tasks))}")
         if not isinstance(raw["input"], str):
             raise BadRequest(f"input must be a string, not {type(raw['input']).__name__}")
+        _check_text(raw["input"], "input")
         prompt = tasks.prompt_ids(self.tokenizer, raw["input"])
         limit = self.engine.max_prompt_len()
         if len(prompt) > limit:
@@ -187,7 +190,11 @@ class Server:
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise BadRequest(f"stop {raw.get('stop')!r} must be a non-empty string or a list of them")
-        request = Request(raw["task"], prompt, max_new, temperature, top_k, top_p, seed)
+        for text in stop:
+            _check_text(text, "stop")
+        # The engine ends a generation on a stop string's tokens as it reads them and frees its slot.
+        stop_ids = tuple(tuple(self.tokenizer.encode(text)) for text in stop)
+        request = Request(raw["task"], prompt, max_new, temperature, top_k, top_p, seed, stop_ids)
         return Parsed(raw["id"], task, request, tuple(stop), raw["input"])
 
     def respond(self, items: Sequence[Any]) -> list[dict]:
@@ -211,9 +218,9 @@ class Server:
         return responses
 
     def format(self, p: Parsed, result) -> dict:
-        """The response object to a served request, by its task's kind."""
+        """The response object to a served request, by its task's kind (an error if it is not finite)."""
         if not isinstance(result, Generation):
-            return head_response(p, result)
+            return finite_or_error(head_response(p, result))
         text, reason, count = self.tokenizer.decode(result.tokens), result.finish_reason, len(result.tokens)
         # The engine stops on a stop string's tokens; a tokenizer whose tokens straddle it is caught here.
         cut = min((text.find(s) for s in p.stop if s in text), default=-1)
@@ -249,9 +256,49 @@ def head_response(p: Parsed, answer) -> dict:
 def error_response(raw: Any, error: Exception) -> dict:
     """The error object for a request that cannot be served, with its id where it has a usable one."""
     rid = raw.get("id") if isinstance(raw, dict) else None
-    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool) or (isinstance(rid, str) and not _is_text(rid)):
         rid = None
     return {"id": rid, "error": str(error)}
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` can be written as UTF-8: JSON's ``\\ud800`` escapes decode to lone surrogates, which cannot."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_text(value: str, field: str) -> None:
+    if not _is_text(value):
+        at = next(i for i, ch in enumerate(value) if 0xD800 <= ord(ch) <= 0xDFFF)
+        raise BadRequest(f"{field} holds a lone surrogate \\u{ord(value[at]):04x} at character {at}, which is not text")
+
+
+def to_json(response: dict) -> str:
+    """One response line, strict JSON: non-ASCII text kept as it is, and never a bare NaN."""
+    return json.dumps(response, ensure_ascii=False, allow_nan=False)
+
+
+def finite_or_error(response: dict) -> dict:
+    """``response``, or an error naming its first non-finite number.
+
+    A diverged checkpoint answers NaN; written bare, that line would not be JSON.
+    """
+    bad = next((k for k, v in response.items() if not _finite(v)), None)
+    if bad is None:
+        return response
+    error = f"the model's {bad} is not a finite number; its checkpoint may have diverged"
+    return {"id": response["id"], "error": error}
+
+
+def _finite(value) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 def _field(raw: dict, name: str, kind: type, default, ok, accepted: str):
@@ -266,17 +313,35 @@ def _field(raw: dict, name: str, kind: type, default, ok, accepted: str):
     return kind(value)
 
 
-def read_requests(lines: Iterable[str]) -> list[Any]:
-    """Decodes request lines; an unreadable line becomes a BadRequest in its place. Blank lines are skipped."""
+def read_requests(lines: Iterable[bytes | str]) -> list[Any]:
+    """Decodes request lines, each on its own; an unreadable line becomes a BadRequest in its place.
+
+    A line may be bytes (as read from a file or standard input): one that is
+    not UTF-8 is refused alone. JSON's non-standard ``NaN`` and ``Infinity``
+    are refused too. Blank lines are skipped.
+    """
     items: list[Any] = []
     for number, line in enumerate(lines, start=1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = f"byte 0x{line[e.start]:02x} at byte {e.start + 1}"
+                items.append(BadRequest(f"line {number} is not UTF-8: {bad}"))
+                continue
         if not line.strip():
             continue
         try:
-            items.append(json.loads(line))
+            items.append(json.loads(line, parse_constant=_refuse_constant))
         except json.JSONDecodeError as e:
             items.append(BadRequest(f"line {number} is not valid JSON: {e.msg} at column {e.colno}"))
+        except ValueError as e:
+            items.append(BadRequest(f"line {number} is not valid JSON: {e}"))
     return items
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 # HTTP mode: aiohttp in front of the engine's background loop. Concurrent
@@ -285,17 +350,39 @@ def read_requests(lines: Iterable[str]) -> list[Any]:
 
 
 def make_app(server: Server):
-    """The aiohttp application: ``POST /v1/infer`` and ``GET /health`` (CONTRACT.md)."""
+    """The aiohttp application: ``POST /v1/infer`` and ``GET /health`` (CONTRACT.md).
+
+    Every error answer, whatever its status, is the contract's JSON error object.
+    """
     from aiohttp import web
+
+    @web.middleware
+    async def json_errors(request, handler):
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.content_type == "application/json" or e.status < 400:
+                raise
+            if e.status == 413:
+                message = f"the request body is over {request.client_max_size} bytes"
+            else:
+                message = f"{request.method} {request.path}: {e.reason}"
+            return web.json_response({"id": None, "error": message}, status=e.status, headers=_kept(e.headers))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug: answered as JSON all the same, and the server goes on
+            return web.json_response({"id": None, "error": f"internal error: {type(e).__name__}: {e}"}, status=500)
 
     async def health(_request):
         return web.json_response({"status": "ok", "tasks": sorted(server.tasks)})
 
     async def infer(request):
         try:
-            raw = await request.json()
+            raw = await request.json(loads=lambda text: json.loads(text, parse_constant=_refuse_constant))
         except (ValueError, UnicodeDecodeError) as e:
             return web.json_response({"id": None, "error": f"the request body is not valid JSON: {e}"}, status=400)
+        except web.HTTPException:
+            raise  # 413: answered by json_errors
         try:
             parsed = server.parse(raw)
         except BadRequest as e:
@@ -317,7 +404,8 @@ def make_app(server: Server):
             result = ticket.wait(0)
         except Exception as e:
             return web.json_response({"id": parsed.id, "error": f"the request failed: {e}"}, status=500)
-        return web.json_response(server.format(parsed, result), dumps=lambda o: json.dumps(o, ensure_ascii=False))
+        response = server.format(parsed, result)
+        return web.json_response(response, status=500 if "error" in response else 200, dumps=to_json)
 
     async def start_engine(_app):
         server.engine.start()
@@ -325,12 +413,17 @@ def make_app(server: Server):
     async def stop_engine(_app):
         server.engine.stop()
 
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors])
     app.router.add_get("/health", health)
     app.router.add_post("/v1/infer", infer)
     app.on_startup.append(start_engine)
     app.on_cleanup.append(stop_engine)
     return app
+
+
+def _kept(headers) -> dict:
+    """The headers of an HTTP error worth keeping in its JSON answer (Allow on a 405, say)."""
+    return {k: v for k, v in headers.items() if k in ("Allow", "Retry-After")}
 
 
 def _settle(future: asyncio.Future) -> None:

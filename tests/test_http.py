@@ -35,7 +35,8 @@ TASKS = {
 def server():
     """A tiny random model behind the server's HTTP app, on a free localhost port."""
     model = MultiTaskModel(CFG, rngs=nnx.Rngs(2))
-    allowed = np.arange(CFG.vocab_size) >= 4  # no EOS: generations run to their max_new_tokens
+    ids = np.arange(CFG.vocab_size)
+    allowed = (ids >= 4) & (ids < 4 + 128)  # ASCII bytes only, no EOS: generations run to their max_new_tokens
     engine = Engine(
         model, make_mesh("data=1", jax.devices()[:1]), max_batch=4, allowed_tokens=allowed, eos_id=2, pad_id=0
     )
@@ -104,6 +105,10 @@ def test_concurrent_requests_share_batches_and_match_batch_mode(server):
         ({"id": 3, "task": "spell", "input": "a" * 200}, 3, "takes at most 127"),
         ({"id": "t", "task": "spell", "input": "a", "top_p": 0}, "t", "top_p 0"),
         ([1, 2], None, "JSON object"),
+        (b'{"id": "s", "task": "spell", "input": "a\\ud800b"}', "s", "lone surrogate \\ud800 at character 1"),
+        (b'{"id": "a\\udfffb", "task": "spell", "input": "a"}', None, "id holds a lone surrogate"),
+        (b'{"id": "n", "task": "spell", "input": "a", "temperature": NaN}', None, "NaN is not a JSON number"),
+        (b'{"id": "u", "task": "spell", "input": "\xff"}', None, "not valid JSON"),
     ],
 )
 def test_bad_requests_get_400_with_an_error_object(server, body, rid, message):
@@ -145,3 +150,30 @@ def test_a_client_that_disconnects_frees_its_slot(server):
         server, "POST", "/v1/infer", {"id": "after", "task": "spell", "input": "abc", "max_new_tokens": 3}
     )
     assert status == 200 and answer["tokens"] == 3
+
+
+@pytest.mark.parametrize(
+    "method, path, body, status, message",
+    [
+        ("POST", "/v1/infer", b'{"id": "big", "input": "' + b"a" * (1 << 20) + b'"}', 413, "the request body is over 1048576 bytes"),
+        ("GET", "/v1/nothing", None, 404, "GET /v1/nothing: Not Found"),
+        ("GET", "/v1/infer", None, 405, "GET /v1/infer: Method Not Allowed"),
+    ],
+)
+def test_every_http_error_is_a_json_error_object(server, method, path, body, status, message):
+    answer_status, answer = call(server, method, path, body)
+    assert answer_status == status and answer == {"id": None, "error": message}, answer
+
+
+def test_a_stop_string_ends_the_generation_in_the_engine(server):
+    """The stop string's tokens reach the engine, which ends the request there and frees its slot."""
+    base = {"id": "s", "task": "spell", "input": "stop here", "max_new_tokens": 12}
+    status, full = call(server, "POST", "/v1/infer", base)
+    assert status == 200 and full["tokens"] == 12 and full["finish_reason"] == "length"
+    stop = full["output"][4]  # greedy: the same text comes again, and ends where the stop string first appears
+    assert server.parse({**base, "stop": stop}).request.stop == (tuple(server.tokenizer.encode(stop)),)
+    made = server.engine.stats["tokens"]
+    status, stopped = call(server, "POST", "/v1/infer", {**base, "stop": stop})
+    assert status == 200 and stopped["finish_reason"] == "stop", stopped
+    assert stopped["output"] == full["output"][: full["output"].index(stop)]
+    assert server.engine.stats["tokens"] - made < 12  # the engine stopped decoding it before its budget

@@ -1,6 +1,10 @@
 """The server library: a checkpoint loaded with its serving config and overrides, batch answers, bad requests."""
 
 import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
 
 import pytest
 from flax import nnx
@@ -9,12 +13,20 @@ from mtl import config as C
 from mtl.checkpoint import Checkpoints
 from mtl.config import UsageError
 from mtl.model import MultiTaskModel
-from mtl.server import Server, read_requests, serving_config
+from mtl.server import Server, finite_or_error, read_requests, serving_config, to_json
 from tests.helpers import tiny_model_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TASKS = [
     {"name": "spell", "kind": "generate", "description": "", "labels": [], "max_new_tokens": 6},
-    {"name": "lang", "kind": "classify", "description": "", "labels": ["de", "en", "es", "fr", "it"], "max_new_tokens": 0},
+    {
+        "name": "lang",
+        "kind": "classify",
+        "description": "",
+        "labels": ["de", "en", "es", "fr", "it"],
+        "max_new_tokens": 0,
+    },
     {"name": "echo", "kind": "generate", "description": "", "labels": [], "max_new_tokens": 6},
 ]
 
@@ -89,3 +101,64 @@ def test_old_run_configs_get_the_default_serving_config():
     del saved["serve"]  # written before the section existed
     assert C.from_dict(saved).serve == C.ServeConfig()
     assert dataclasses.replace(C.Config(), serve=C.ServeConfig()) == C.from_dict(C.to_dict(C.Config()))
+
+
+def test_each_bad_line_gets_its_own_error(run_folder):
+    server = Server.load(str(run_folder))
+    lines = [
+        b'{"id": "ok1", "task": "lang", "input": "hallo"}',
+        b'{"id": "bytes", "task": "lang", "input": "caf\xe9"}',  # Latin-1, not UTF-8
+        b'{"id": "sur", "task": "lang", "input": "a\\ud800b"}',
+        b'{"id": "x\\udfff", "task": "lang", "input": "a"}',
+        b'{"id": "nan", "task": "spell", "input": "a", "temperature": NaN}',
+        b"",
+        b'{"id": "ok2", "task": "spell", "input": "dog", "max_new_tokens": 2}',
+    ]
+    responses = server.respond(read_requests(lines))
+    assert [r["id"] for r in responses] == ["ok1", None, "sur", None, None, "ok2"]
+    assert "label" in responses[0] and responses[-1]["tokens"] <= 2
+    assert responses[1]["error"] == f"line 2 is not UTF-8: byte 0xe9 at byte {lines[1].index(0xE9) + 1}"
+    assert responses[2]["error"] == "input holds a lone surrogate \\ud800 at character 1, which is not text"
+    assert "id holds a lone surrogate" in responses[3]["error"]
+    assert responses[4]["error"] == "line 5 is not valid JSON: NaN is not a JSON number"
+    for r in responses:
+        json.loads(to_json(r))  # every line is strict JSON
+
+
+def test_a_non_finite_answer_becomes_an_error_not_bare_nan():
+    response = {"id": "r", "task": "lang", "label": "de", "scores": {"de": float("nan")}, "latency_ms": 1.0}
+    error = finite_or_error(response)
+    assert error == {"id": "r", "error": "the model's scores is not a finite number; its checkpoint may have diverged"}
+    assert finite_or_error({"id": "v", "value": 1.5}) == {"id": "v", "value": 1.5}
+    with pytest.raises(ValueError):
+        to_json(response)
+
+
+def serve_cli(*args, stdin: bytes = b""):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "serve.py"), *args], input=stdin, capture_output=True, cwd=ROOT, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_batch_mode_keeps_every_good_line(run_folder, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(
+        b'{"id": 1, "task": "lang", "input": "hallo"}\n\xff\xfe\n{"id": "\\ud800", "task": "lang", "input": "a"}\n'
+        b'{"id": 2, "task": "spell", "input": "tree", "max_new_tokens": 3}\n'
+    )
+    out = tmp_path / "responses.jsonl"
+    served = serve_cli("--ckpt", str(run_folder), "--requests", str(requests), "--out", str(out))
+    assert served.returncode == 0, served.stderr.decode()[-2000:]
+    responses = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in responses] == [1, None, None, 2]
+    assert "not UTF-8" in responses[1]["error"] and "lone surrogate" in responses[2]["error"]
+    assert not list(tmp_path.glob(".responses.jsonl.*"))  # the temporary file was renamed
+
+
+@pytest.mark.parametrize("out, message", [("{tmp}", "is a directory"), ("{tmp}/no/such/file", "cannot be written")])
+def test_a_bad_out_is_refused_before_serving(run_folder, tmp_path, out, message):
+    served = serve_cli("--ckpt", str(run_folder), "--out", out.format(tmp=tmp_path), stdin=b'{"id": 1}\n')
+    stderr = served.stderr.decode()
+    assert served.returncode == 2 and message in stderr and "Traceback" not in stderr
+    assert "restored" not in stderr  # refused before the checkpoint was read

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import os
+import pathlib
 import sys
 import time
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from mtl.config import UsageError
-from mtl.server import Server, read_requests, serve_forever
+from mtl.server import Server, read_requests, serve_forever, to_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +57,7 @@ def parse_address(address: str) -> tuple[str, int]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)
-    lines: list[str] | None = None
+    lines: list[bytes] | None = None
     try:
         address = parse_address(args.http) if args.http else None
         if address:
@@ -64,12 +65,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 import aiohttp  # noqa: F401
             except ImportError:
                 raise UsageError('--http needs aiohttp: pip install "mtl[serve]"') from None
-        elif args.requests != "-":
-            try:
-                with open(args.requests, encoding="utf-8") as f:
-                    lines = f.read().splitlines()
-            except OSError as e:
-                raise UsageError(f"--requests {args.requests!r} cannot be read: {e.strerror}") from None
+        else:
+            if args.requests != "-":
+                try:
+                    with open(args.requests, "rb") as f:
+                        lines = f.read().splitlines()
+                except OSError as e:
+                    raise UsageError(f"--requests {args.requests!r} cannot be read: {e.strerror}") from None
+            output = Output(args.out)  # a bad --out is refused before anything is served
         with console.status("restoring the checkpoint and compiling"):
             server = Server.load(args.ckpt, overrides(args), log=console.log)
     except UsageError as e:
@@ -85,17 +88,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     if lines is None:
-        lines = sys.stdin.read().splitlines()
+        console.log("reading requests from standard input, one JSON object a line, until it ends (Ctrl-D)")
+        lines = sys.stdin.buffer.read().splitlines()
     items = read_requests(lines)
     t0 = time.perf_counter()
     with console.status(f"serving {len(items)} requests"):
         responses = server.respond(items)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in responses)
-    if args.out == "-":
-        sys.stdout.write(text)
-    else:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text)
+    output.write("".join(to_json(r) + "\n" for r in responses))
     errors = sum("error" in r for r in responses)
     console.log(f"served {len(responses) - errors} requests, {errors} errors, in {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+class Output:
+    """Where responses go: standard output, or a file written whole under a temporary name, then renamed.
+
+    Opening it checks ``--out`` before serving starts, so a bad path loses no answers.
+    """
+
+    def __init__(self, path: str):
+        self.path = None if path == "-" else pathlib.Path(path)
+        if self.path is None:
+            return
+        if self.path.is_dir():
+            raise UsageError(f"--out {path!r} is a directory; name a file for the responses")
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.tmp.touch()
+        except OSError as e:
+            raise UsageError(f"--out {path!r} cannot be written: {e.strerror}") from None
+
+    def write(self, text: str) -> None:
+        if self.path is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        self.tmp.write_text(text, encoding="utf-8")
+        self.tmp.replace(self.path)
