@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from typing import Any
+
 
 class UsageError(ValueError):
     """A user mistake (a bad flag, value, file or run folder): one line, exit status 2, nothing written."""
@@ -290,9 +292,29 @@ def validate(config: Config) -> None:
         "serve.max_queue": config.serve.max_queue,
         "serve.steps_per_call": config.serve.steps_per_call,
     }
+    for section in (m, t, config.serve):
+        for field in dataclasses.fields(section):
+            value = getattr(section, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{_section_name(section)}.{field.name}={value} must be a finite number")
+    positive["train.grad_clip"] = t.grad_clip  # the largest global gradient norm an update may have
+    positive["model.rope_theta"] = m.rope_theta
+    positive["model.norm_eps"] = m.norm_eps
     for key, value in positive.items():
         if value <= 0:
             raise ValueError(f"{key}={value} must be positive")
+    at_least_zero = {
+        "train.warmup_steps": t.warmup_steps,
+        "train.weight_decay": t.weight_decay,
+        "train.eval_every": t.eval_every,
+        "train.eval_examples": t.eval_examples,
+        "train.seed": t.seed,
+    }
+    for key, value in at_least_zero.items():
+        if value < 0:
+            raise ValueError(f"{key}={value} must be at least 0")
+    if t.seed >= 2**32:
+        raise ValueError(f"train.seed={t.seed} must be below 2**32")
     if config.serve.prefill_batch < 0:
         raise ValueError(f"serve.prefill_batch={config.serve.prefill_batch} must be at least 0 (0: min(max_batch, 8))")
     if m.n_heads % m.n_kv_heads:
@@ -314,6 +336,10 @@ def validate(config: Config) -> None:
     parse_weights(t.loss_weights)
 
 
+def _section_name(section) -> str:
+    return {ModelConfig: "model", TrainConfig: "train", ServeConfig: "serve"}[type(section)]
+
+
 def parse_weights(spec: str) -> dict[str, float]:
     """Parses ``train.loss_weights`` ("g2p=1,langid=2.5") into {task: weight}.
 
@@ -327,6 +353,6 @@ def parse_weights(spec: str) -> dict[str, float]:
             weights[name] = float(value)
         except ValueError:
             sep = ""
-        if not sep or not name or weights.get(name, -1.0) < 0:
-            raise ValueError(f"train.loss_weights part {part!r} must be TASK=WEIGHT with a weight of at least 0")
+        if not sep or not name or not 0 <= weights.get(name, -1.0) < math.inf:
+            raise ValueError(f"train.loss_weights part {part!r} must be TASK=WEIGHT with a finite weight of at least 0")
     return weights

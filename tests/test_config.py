@@ -87,7 +87,7 @@ def test_override_bool_spellings(text, value):
 @pytest.mark.parametrize(
     "assignment, fragments",
     [
-        ("optim.learning_rate=1", ["'optim'", "unknown section", "model, train"]),
+        ("optim.learning_rate=1", ["'optim'", "unknown section", "model, serve, train"]),
         ("model.width=1", ["'width'", "model has no field", "d_model"]),
         ("model.heads=x", ["'heads'", "no field"]),  # heads come from the tasks, not the command line
         ("model.d_model=wide", ["'wide'", "model.d_model", "int"]),
@@ -146,6 +146,21 @@ def with_model(**changes) -> Config:
         (with_model(remat="full"), ["model.remat='full'", "none, layer, matmuls"]),
         (override(config.tiny(), "train.grad_accum=0"), ["train.grad_accum=0", "positive"]),
         (override(config.tiny(), "train.grad_accum=3"), ["train.batch_size=16", "train.grad_accum=3", "multiple"]),
+        (override(config.tiny(), "train.learning_rate=nan"), ["train.learning_rate=nan", "finite"]),
+        (override(config.tiny(), "train.learning_rate=inf"), ["train.learning_rate=inf", "finite"]),
+        (override(config.tiny(), "train.weight_decay=nan"), ["train.weight_decay=nan", "finite"]),
+        (override(config.tiny(), "train.weight_decay=-0.1"), ["train.weight_decay=-0.1", "at least 0"]),
+        (override(config.tiny(), "train.grad_clip=-1"), ["train.grad_clip=-1.0", "positive"]),
+        (override(config.tiny(), "train.warmup_steps=-5"), ["train.warmup_steps=-5", "at least 0"]),
+        (override(config.tiny(), "train.eval_every=-1"), ["train.eval_every=-1", "at least 0"]),
+        (override(config.tiny(), "train.eval_examples=-3"), ["train.eval_examples=-3", "at least 0"]),
+        (override(config.tiny(), "train.seed=-1"), ["train.seed=-1", "at least 0"]),
+        (override(config.tiny(), f"train.seed={2**64}"), [f"train.seed={2**64}", "below 2**32"]),
+        (override(config.tiny(), "model.rope_theta=0"), ["model.rope_theta=0.0", "positive"]),
+        (override(config.tiny(), "model.norm_eps=-inf"), ["model.norm_eps=-inf", "finite"]),
+        (override(config.tiny(), "train.loss_weights=g2p=nan"), ["g2p=nan", "finite weight"]),
+        (override(config.tiny(), "serve.max_batch=0"), ["serve.max_batch=0", "positive"]),
+        (override(config.tiny(), "serve.prefill_batch=-2"), ["serve.prefill_batch=-2", "at least 0"]),
     ],
 )
 def test_validate_rejects(cfg, fragments):
