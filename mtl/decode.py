@@ -21,13 +21,14 @@ head would be chosen per slot from ``task_ids`` inside the same step.
 Serving reads the model through :class:`DecodeWeights`, its parameters laid
 out once: one Block's parameters per layer (a scan over the stacked [L, ...]
 weights copies every layer's slice on XLA:CPU, every call) and the
-language-model head as a [D, V] matrix. The decode cache is one (key, value)
-pair per layer, keys as [B, K, H, S] and values as [B, K, S, H], so both
-attention products read the cache in place, each summing over its middle axis
-(no transpose of the cache). :func:`prefill` runs the model's own Blocks layer by
-layer; :func:`decode_forward` is its forward pass for one token a row over the
-decode cache, built from the model's norms, MLP and rotary positions with its
-own attention. ``tests/test_decode.py`` holds both to ``MultiTaskModel.__call__``.
+language-model head as a [D, V] matrix. :func:`forward` runs the model's own
+embedding, Blocks and final norm over those weights, one Block a layer, and
+the logits are the model's ``lm_logits`` with the laid-out head: a prefill
+attends causally over the prompts and keeps their keys and values, a decode
+step writes one token a row into the cache and attends over it (both in
+``Attention.__call__``). The cache is the model's :class:`~mtl.layers.KVCache`,
+one a layer. ``tests/test_decode.py`` holds both to ``MultiTaskModel.__call__``
+over the whole sequence.
 """
 
 from __future__ import annotations
@@ -38,12 +39,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtl.layers import Attention, KVCache, contract, rope
-from mtl.model import MultiTaskModel
+from mtl import cache_bkhs, cache_bksh
+from mtl.config import ModelConfig
+from mtl.layers import KVCache
+from mtl.model import MultiTaskModel, last_position
 from sharding import constrain
-
-KEY_AXES = ("batch", "kv_heads", "head_dim", "length")  # a decode slot's keys, one layer: [B, K, H, S]
-VALUE_AXES = ("batch", "kv_heads", "length", "head_dim")  # ...and values: [B, K, S, H]
 
 
 class Sampling(NamedTuple):
@@ -63,7 +63,7 @@ class DecodeState(NamedTuple):
     Every leaf has the slots as its first axis.
     """
 
-    cache: tuple[KVCache, ...]  # per layer: key [B, K, H, S], value [B, K, S, H]
+    cache: tuple[KVCache, ...]  # one a layer: keys [B, K, H, S], values [B, K, S, H]
     tokens: jax.Array  # [B] the last token, fed at the next step
     positions: jax.Array  # [B] the position ``tokens`` is written at
     task_ids: jax.Array  # [B]
@@ -80,24 +80,24 @@ class DecodeWeights(NamedTuple):
 
 
 def decode_weights(model: MultiTaskModel) -> DecodeWeights:
-    """Lays out ``model``'s parameters for :func:`decode_forward` (copies them: jit it with the engine)."""
+    """Lays out ``model``'s parameters for :func:`forward` (copies them: jit it with the engine)."""
     _, layers = nnx.split(model.blocks)
     per_layer = tuple(nnx.to_pure_dict(jax.tree.map(lambda a, i=i: a[i], layers)) for i in range(model.cfg.n_layers))
-    w_dv = model.embed_vd[...].T if model.cfg.tie_embeddings else model.w_dv[...]
-    return DecodeWeights(per_layer, w_dv)
+    return DecodeWeights(per_layer, model.lm_head())
 
 
 def state_axes(state: DecodeState) -> DecodeState:
-    """Logical axis names of every leaf: keys and values by KEY_AXES and VALUE_AXES, the rest by slot."""
+    """Logical axis names of every leaf: the cache's by its layout, the rest by slot."""
     per_slot = jax.tree.map(lambda _: ("batch",), state._replace(cache=()))
-    return per_slot._replace(cache=tuple(KVCache(KEY_AXES, VALUE_AXES) for _ in state.cache))
+    return per_slot._replace(cache=tuple(KVCache(cache_bkhs, cache_bksh) for _ in state.cache))
 
 
-def empty_cache(n_layers: int, rows: int, kv_heads: int, head_dim: int, length: int, dtype, zeros=jnp.zeros):
-    """A zero decode cache of ``rows`` slots (``zeros=np.zeros`` builds it on the host)."""
+def empty_cache(cfg: ModelConfig, rows: int, zeros=jnp.zeros) -> tuple[KVCache, ...]:
+    """A zero decode cache of ``rows`` slots and ``cfg.max_len`` positions, one KVCache a layer,
+    in the compute dtype the model's keys and values have (``zeros=np.zeros`` builds it on the host)."""
     return tuple(
-        KVCache(zeros((rows, kv_heads, head_dim, length), dtype), zeros((rows, kv_heads, length, head_dim), dtype))
-        for _ in range(n_layers)
+        KVCache.zeros(rows, cfg.n_kv_heads, cfg.head_dim, cfg.max_len, jnp.dtype(cfg.dtype), zeros=zeros)
+        for _ in range(cfg.n_layers)
     )
 
 
@@ -198,13 +198,40 @@ def sample(logits: jax.Array, sampling: Sampling, positions: jax.Array, allowed:
     return jax.lax.cond(jnp.any(sampled), draw, lambda: greedy)
 
 
+# The model's forward pass over the laid-out weights.
+
+
+def forward(
+    model: MultiTaskModel,
+    weights: DecodeWeights,
+    tokens: jax.Array,
+    task_ids: jax.Array,
+    positions: jax.Array,
+    cache: tuple[KVCache, ...] | None = None,
+) -> tuple[jax.Array, tuple[KVCache, ...]]:
+    """``MultiTaskModel.__call__`` one Block a layer, over ``weights``, keeping every layer's cache.
+
+    Args:
+      tokens, positions: [B, T]; task_ids: [B].
+      cache: none for a prefill (causal attention over ``tokens``); while
+        decoding one token a row (T == 1), every layer's cache, into which the
+        token is written at its position.
+
+    Returns:
+      (the final-normed hidden states [B, T, D], every layer's KVCache: of
+      ``tokens`` without a cache, else the updated one).
+    """
+    block_def = nnx.graphdef(model.blocks)
+    x = model.embed(tokens, task_ids, positions)
+    kept = []
+    caches = (None,) * len(weights.layers) if cache is None else cache
+    for layer, layer_cache in zip(weights.layers, caches, strict=True):
+        x, layer_cache = nnx.merge(block_def, layer)(x, positions, layer_cache)
+        kept.append(layer_cache)
+    return model.final_norm(x), tuple(kept)
+
+
 # Prefill and insertion.
-
-
-def _lm_logits(weights: DecodeWeights, hidden: jax.Array) -> jax.Array:
-    """``MultiTaskModel.lm_logits`` from the laid-out head: [B, T, D] -> [B, T, V] in f32."""
-    logits = contract("BTD,DV->BTV", hidden, weights.w_dv.astype(hidden.dtype))
-    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
 def prefill(
@@ -215,7 +242,7 @@ def prefill(
     task_ids: jax.Array,
     cache_len: int,
 ) -> tuple[jax.Array, tuple[KVCache, ...], jax.Array]:
-    """Runs right-padded prompts through the backbone once: ``MultiTaskModel.__call__``, layer by layer.
+    """Runs right-padded prompts through the backbone once (:func:`forward`).
 
     Args:
       tokens: [B, T] prompts, right-padded.
@@ -224,24 +251,14 @@ def prefill(
       cache_len: S, the cache length to allocate (T <= S).
 
     Returns:
-      (hidden states [B, T, D], the rows' decode cache padded to S (per layer,
-      keys [B, K, H, S] and values [B, K, S, H]), the language-model logits
-      [B, V] at each prompt's last real token).
+      (hidden states [B, T, D], the rows' decode cache padded to S, the
+      language-model logits [B, V] at each prompt's last real token).
     """
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x = model.embed(tokens, task_ids, positions)
-    block_def = nnx.graphdef(model.blocks)
-    pad = (0, cache_len - t)
-    cache = []
-    for layer in weights.layers:
-        x, (key, value) = nnx.merge(block_def, layer)(x, positions)  # keys and values [B, T, K, H]
-        key = jnp.pad(jnp.transpose(key, (0, 2, 3, 1)), ((0, 0), (0, 0), (0, 0), pad))  # [B, K, H, S]
-        value = jnp.pad(jnp.transpose(value, (0, 2, 1, 3)), ((0, 0), (0, 0), pad, (0, 0)))  # [B, K, S, H]
-        cache.append(KVCache(constrain(key, KEY_AXES), constrain(value, VALUE_AXES)))
-    hidden = model.final_norm(x)
-    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
-    return hidden, tuple(cache), _lm_logits(weights, last)[:, 0]
+    hidden, cache = forward(model, weights, tokens, task_ids, positions)
+    last = last_position(hidden, lengths)[:, None]  # [B, 1, D]
+    return hidden, tuple(c.padded(cache_len) for c in cache), model.lm_logits(last, weights.w_dv)[:, 0]
 
 
 def prefill_rows(
@@ -300,42 +317,6 @@ def insert(state: DecodeState, rows: DecodeState, slots: jax.Array) -> DecodeSta
 # Decoding.
 
 
-def _attend(attention: Attention, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """``Attention.__call__`` for one token a row over the decode cache.
-
-    x: [B, 1, D]; positions: [B], where the row's key and value are written and
-    up to which it attends. Returns the [B, 1, D] output and the updated cache.
-    Logits and softmax are in f32 and masked logits a large negative number, as
-    in ``jax.nn.dot_product_attention``.
-    """
-    dt = attention.dtype
-    b, k_heads, h, cache_len = cache.key.shape
-    query = contract("BTD,DNH->BTNH", x, attention.w_dnh[...].astype(dt))
-    key = contract("BTD,DKH->BTKH", x, attention.w_dkh_key[...].astype(dt))
-    value = contract("BTD,DKH->BTKH", x, attention.w_dkh_value[...].astype(dt))
-    query = rope(query, positions[:, None], attention.rope_theta)[:, 0]  # [B, N, H]
-    key = rope(key, positions[:, None], attention.rope_theta)[:, 0]  # [B, K, H]
-    rows = jnp.arange(b)
-    cache = KVCache(
-        constrain(cache.key.at[rows, :, :, positions].set(key.astype(cache.key.dtype)), KEY_AXES),
-        constrain(cache.value.at[rows, :, positions].set(value[:, 0].astype(cache.value.dtype)), VALUE_AXES),
-    )
-    # Grouped query heads as jax.nn.dot_product_attention groups them: head n reads kv head n // G.
-    # Both products are broadcast multiplies summed over a middle axis, not batched matmuls: with G
-    # query rows a (slot, kv head), a matmul costs per product, while XLA:CPU sums these in one
-    # vectorised pass over the cache (3x faster here, with the engine's reduce fusion).
-    f32 = jnp.float32
-    query = query.reshape(b, k_heads, -1, h).astype(f32)  # [B, K, G, H]
-    logits = jnp.sum(query[..., None] * cache.key.astype(f32)[:, :, None], axis=3) * f32(h**-0.5)  # [B, K, G, S]
-    seen = jnp.arange(cache_len) <= positions[:, None]  # [B, S]
-    logits = jnp.where(seen[:, None, None, :], logits, -0.7 * jnp.finfo(f32).max)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.sum(probs[..., None] * cache.value.astype(f32)[:, :, None], axis=3)  # [B, K, G, H]
-    out = out.astype(dt).reshape(b, 1, -1, h)  # [B, 1, N, H]
-    out = constrain(out, ("batch", "length", "heads", "head_dim"))
-    return contract("BTNH,NHD->BTD", out, attention.w_nhd[...].astype(dt)), cache
-
-
 def decode_forward(
     model: MultiTaskModel,
     weights: DecodeWeights,
@@ -344,25 +325,17 @@ def decode_forward(
     positions: jax.Array,
     cache: tuple[KVCache, ...],
 ) -> tuple[jax.Array, tuple[KVCache, ...]]:
-    """``MultiTaskModel.__call__`` and ``lm_logits`` for one token a row, over the decode cache.
+    """:func:`forward` and ``lm_logits`` for one token a row, over the decode cache.
 
     Args:
       tokens, task_ids, positions: [B] each; a row's token is written to its cache at its position.
-      cache: per layer, keys [B, K, H, S] and values [B, K, S, H].
+      cache: every layer's KVCache.
 
     Returns:
       (the language-model logits [B, V] in f32, the updated cache).
     """
-    block_def = nnx.graphdef(model.blocks)
-    x = model.embed(tokens[:, None], task_ids, positions[:, None])  # [B, 1, D]
-    kept = []
-    for layer, layer_cache in zip(weights.layers, cache):
-        block = nnx.merge(block_def, layer)
-        attended, layer_cache = _attend(block.attention, block.attention_norm(x), positions, layer_cache)
-        x = constrain(x + attended, ("batch", "length", "embed"))
-        x = constrain(x + block.mlp(block.mlp_norm(x)), ("batch", "length", "embed"))
-        kept.append(layer_cache)
-    return _lm_logits(weights, model.final_norm(x))[:, 0], tuple(kept)
+    hidden, cache = forward(model, weights, tokens[:, None], task_ids, positions[:, None], cache)
+    return model.lm_logits(hidden, weights.w_dv)[:, 0], cache
 
 
 def decode_step(

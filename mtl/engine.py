@@ -235,10 +235,6 @@ class Engine:
         self.task_ids = {h.task: i for i, h in enumerate(self.cfg.heads)}
         self.traces = collections.Counter()  # compilations by function, counted as they trace
 
-        self._cache_dtype = jax.eval_shape(
-            lambda p: nnx.merge(self.graphdef, p)(jnp.zeros((1, 1), jnp.int32), jnp.zeros(1, jnp.int32))[1].key,
-            self.params,
-        ).dtype
         self.state = self._empty_state()
         state_shardings = self._shardings(self._rows_template(self.max_batch))
         rows_shardings = self._shardings(self._rows_template(self.prefill_batch))
@@ -303,9 +299,7 @@ class Engine:
         """``n`` free (done) rows with a zero cache, as numpy arrays."""
         cfg = self.cfg
         return decode.DecodeState(
-            cache=decode.empty_cache(
-                cfg.n_layers, n, cfg.n_kv_heads, cfg.head_dim, cfg.max_len, self._cache_dtype, zeros=np.zeros
-            ),
+            cache=decode.empty_cache(cfg, n, zeros=np.zeros),
             tokens=np.zeros(n, np.int32),
             positions=np.zeros(n, np.int32),
             task_ids=np.zeros(n, np.int32),

@@ -1,8 +1,10 @@
-"""The backbone's layers: RMSNorm, rotary positions, grouped-query attention, SwiGLU.
+"""The backbone's layers: RMSNorm, rotary positions, grouped-query attention with its KV cache, SwiGLU.
 
 Every parameter carries logical axis names in its ``logical_axes`` metadata;
 ``sharding.RULES`` turns them into mesh axes. Key activations are constrained
-by logical names too, which is a no-op outside a mesh.
+by logical names too (``mtl.act_btd`` and its kin), which is a no-op outside a
+mesh. Attention runs over a whole sequence (training, prefill) or, one token a
+row, over the model's one cache layout (:class:`KVCache`, decoding).
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
+from mtl import act_btd, act_btf, act_btkh, act_btnh, cache_bkhs, cache_bksh
 from mtl.config import ModelConfig
 from sharding import constrain
 
@@ -108,21 +112,19 @@ rotate.defvjp(_rotate_forward, _rotate_backward)
 
 
 def _query_rows(x: jax.Array, k: int) -> jax.Array:
-    """[B, T, N, H] -> [B, K, T*G, H]: each kv head's G query heads as rows, row m at position m // G."""
-    b, t, n, h = x.shape
-    return x.reshape(b, t, k, n // k, h).transpose(0, 2, 1, 3, 4).reshape(b, k, t * (n // k), h)
+    """[B, T, N, H] -> [B, K, M, H]: each kv head's G query heads as rows, row m at position m // G."""
+    return rearrange(x, "B T (K G) H -> B K (T G) H", K=k)
 
 
 def _from_query_rows(x: jax.Array, t: int) -> jax.Array:
-    """[B, K, T*G, H] -> [B, T, N, H], the inverse of ``_query_rows``."""
-    b, k, m, h = x.shape
-    return x.reshape(b, k, t, m // t, h).transpose(0, 2, 1, 3, 4).reshape(b, t, k * (m // t), h)
+    """[B, K, M, H] -> [B, T, N, H], the inverse of ``_query_rows``."""
+    return rearrange(x, "B K (T G) H -> B T (K G) H", T=t)
 
 
 def _attention_forward(query, key, value):
     t, h = query.shape[1], query.shape[-1]
     rows_q = _query_rows(query, key.shape[2])  # [B, K, M, H], M = T*G
-    key_t, value_t = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    key_t, value_t = (rearrange(a, "B S K H -> B K S H") for a in (key, value))
     logits = jnp.einsum("BKMH,BKSH->BKMS", rows_q, key_t, preferred_element_type=jnp.float32) * h**-0.5
     causal = (jnp.arange(rows_q.shape[2]) // (rows_q.shape[2] // t))[:, None] >= jnp.arange(key.shape[1])
     probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1).astype(value.dtype)  # [B, K, M, S]
@@ -154,24 +156,80 @@ def _attention_backward(saved, d_out):
     d_probs = jnp.einsum("BKMH,BKSH->BKMS", d_rows, value_t, preferred_element_type=jnp.float32)
     d_logits = (probs.astype(jnp.float32) * (d_probs - delta) * h**-0.5).astype(probs.dtype)  # [B, K, M, S]
     # Key and value gradients as [B, K, H, S]: their products over M then take both operands untransposed.
-    d_value = jnp.einsum("BKHM,BKMS->BKHS", d_rows.transpose(0, 1, 3, 2), probs)
-    d_key = jnp.einsum("BKHM,BKMS->BKHS", rows_q.transpose(0, 1, 3, 2), d_logits)
+    d_value = jnp.einsum("BKHM,BKMS->BKHS", rearrange(d_rows, "B K M H -> B K H M"), probs)
+    d_key = jnp.einsum("BKHM,BKMS->BKHS", rearrange(rows_q, "B K M H -> B K H M"), d_logits)
     d_query = jnp.einsum("BKMS,BKSH->BKMH", d_logits, key_t)
-    return _from_query_rows(d_query, t), d_key.transpose(0, 3, 1, 2), d_value.transpose(0, 3, 1, 2)
+    d_key, d_value = (rearrange(a, "B K H S -> B S K H") for a in (d_key, d_value))
+    return _from_query_rows(d_query, t), d_key, d_value
 
 
 causal_attention.defvjp(_attention_forward, _attention_backward)
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer: [L, B, S, K, H] each."""
+    """One layer's keys and values, the model's one cache layout: keys [B, K, H, S], values [B, K, S, H].
+
+    Laid out so that both products of :func:`cached_attention` read the cache
+    in place, each summing over its middle axis: a step transposes nothing of
+    the cache (``docs/serving.md`` measures the layouts on XLA:CPU).
+    """
 
     key: jax.Array
     value: jax.Array
 
+    @classmethod
+    def zeros(cls, rows: int, kv_heads: int, head_dim: int, length: int, dtype, zeros=jnp.zeros) -> KVCache:
+        """An empty cache of ``rows`` rows and ``length`` positions (``zeros=np.zeros`` builds it on the host)."""
+        return cls(zeros((rows, kv_heads, head_dim, length), dtype), zeros((rows, kv_heads, length, head_dim), dtype))
+
+    @classmethod
+    def of_sequence(cls, key: jax.Array, value: jax.Array) -> KVCache:
+        """The cache of a sequence's [B, T, K, H] keys and values, at positions 0 to T-1."""
+        return cls(
+            constrain(rearrange(key, "B T K H -> B K H T"), cache_bkhs),
+            constrain(rearrange(value, "B T K H -> B K T H"), cache_bksh),
+        )
+
+    def padded(self, length: int) -> KVCache:
+        """The same cache with room for ``length`` positions (zeros after the filled ones)."""
+        pad = (0, length - self.key.shape[-1])
+        return KVCache(
+            constrain(jnp.pad(self.key, ((0, 0), (0, 0), (0, 0), pad)), cache_bkhs),
+            constrain(jnp.pad(self.value, ((0, 0), (0, 0), pad, (0, 0))), cache_bksh),
+        )
+
+    def write(self, key: jax.Array, value: jax.Array, positions: jax.Array) -> KVCache:
+        """Writes one token a row: its [B, 1, K, H] key and value at ``positions`` [B]."""
+        rows = jnp.arange(key.shape[0])
+        return KVCache(
+            constrain(self.key.at[rows, :, :, positions].set(key[:, 0].astype(self.key.dtype)), cache_bkhs),
+            constrain(self.value.at[rows, :, positions].set(value[:, 0].astype(self.value.dtype)), cache_bksh),
+        )
+
+
+def cached_attention(query: jax.Array, cache: KVCache, positions: jax.Array) -> jax.Array:
+    """One query token a row over a KV cache: [B, 1, N, H] queries; row b attends to positions 0 to ``positions[b]``.
+
+    Query head n reads kv head n // G, as in ``jax.nn.dot_product_attention``,
+    with logits and softmax in f32 and masked logits a large negative number.
+    Both products are broadcast multiplies summed over the cache's middle axis
+    (keys over H, values over S), not batched matmuls: with only G query rows a
+    (row, kv head), a matmul costs per product, while XLA:CPU sums these in one
+    vectorised pass over the cache (3x faster with the engine's reductions).
+    """
+    f32 = jnp.float32
+    h, s = cache.key.shape[2:]
+    rows = _query_rows(query, cache.key.shape[1]).astype(f32)  # [B, K, M, H], M = G: one token a row
+    logits = jnp.sum(rows[..., None] * cache.key.astype(f32)[:, :, None], axis=3) * f32(h**-0.5)  # [B, K, M, S]
+    seen = jnp.arange(s) <= positions[:, None]  # [B, S]
+    logits = jnp.where(seen[:, None, None, :], logits, -0.7 * jnp.finfo(f32).max)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.sum(probs[..., None] * cache.value.astype(f32)[:, :, None], axis=3)  # [B, K, M, H]
+    return _from_query_rows(out.astype(query.dtype), 1)  # [B, 1, N, H]
+
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention: ``causal_attention`` over a sequence, XLA's attention over a cache."""
+    """Grouped-query self-attention: ``causal_attention`` over a sequence, ``cached_attention`` while decoding."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -185,49 +243,37 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        cache: tuple[jax.Array, jax.Array] | None = None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """Attends causally over the sequence, or over a cache while decoding.
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None) -> tuple[jax.Array, KVCache]:
+        """Attends causally over the sequence, or, decoding, over a cache.
 
         Args:
           x: [B, T, D] activations.
           positions: [B, T] absolute positions of the tokens in ``x``.
-          cache: this layer's (key, value), each [B, S, K, H], when decoding
-            one token (T == 1) a row; the row's new key and value are written
-            at ``positions[:, 0]`` and it attends to cache slots up to it.
+          cache: while decoding one token a row (T == 1), this layer's cache;
+            the row's key and value are written at ``positions[:, 0]`` and it
+            attends to the cache's positions up to that one.
 
         Returns:
-          The [B, T, D] output and the (key, value) to keep: the [B, T, K, H]
-          projections of ``x`` without a cache, the updated cache with one.
+          The [B, T, D] output and a KVCache: of ``x``'s T tokens without a
+          cache (what a prefill keeps; training drops it), else the updated cache.
         """
         dt = self.dtype
         query = contract("BTD,DNH->BTNH", x, self.w_dnh[...].astype(dt))
         key = contract("BTD,DKH->BTKH", x, self.w_dkh_key[...].astype(dt))
         value = contract("BTD,DKH->BTKH", x, self.w_dkh_value[...].astype(dt))
         sin, cos = rope_angles(positions, query.shape[-1], self.rope_theta, dt)
-        query = constrain(rotate(query, sin, cos), ("batch", "length", "heads", "head_dim"))
-        key = constrain(rotate(key, sin, cos), ("batch", "length", "kv_heads", "head_dim"))
-        value = constrain(value, ("batch", "length", "kv_heads", "head_dim"))
+        query = constrain(rotate(query, sin, cos), act_btnh)
+        key = constrain(rotate(key, sin, cos), act_btkh)
+        value = constrain(value, act_btkh)
 
         if cache is None:
             out = causal_attention(query, key, value)
-            kept = (key, value)
+            cache = KVCache.of_sequence(key, value)
         else:
-            cache_key, cache_value = cache  # [B, S, K, H]
-            rows = jnp.arange(x.shape[0])
-            index = positions[:, 0]  # [B]
-            cache_key = cache_key.at[rows, index].set(key[:, 0].astype(cache_key.dtype))
-            cache_value = cache_value.at[rows, index].set(value[:, 0].astype(cache_value.dtype))
-            out = jax.nn.dot_product_attention(
-                query, cache_key.astype(dt), cache_value.astype(dt), key_value_seq_lengths=index + 1
-            )
-            kept = (cache_key, cache_value)
-        out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        return contract("BTNH,NHD->BTD", out, self.w_nhd[...].astype(dt)), kept
+            cache = cache.write(key, value, positions[:, 0])
+            out = cached_attention(query, cache, positions[:, 0])
+        out = constrain(out, act_btnh)
+        return contract("BTNH,NHD->BTD", out, self.w_nhd[...].astype(dt)), cache
 
 
 @jax.custom_vjp
@@ -270,7 +316,7 @@ class MLP(nnx.Module):
         dt = self.dtype
         gate = contract("BTD,DF->BTF", x, self.w_df_gate[...].astype(dt))
         up = contract("BTD,DF->BTF", x, self.w_df_up[...].astype(dt))
-        hidden = constrain(swiglu(gate, up), ("batch", "length", "mlp"))
+        hidden = constrain(swiglu(gate, up), act_btf)
         return contract("BTF,FD->BTD", hidden, self.w_fd[...].astype(dt))
 
 
@@ -284,8 +330,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, cache=None):
-        attended, kept = self.attention(self.attention_norm(x), positions, cache)
-        x = constrain(x + attended, ("batch", "length", "embed"))
-        x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "embed"))
-        return x, kept
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None) -> tuple[jax.Array, KVCache]:
+        """[B, T, D] -> [B, T, D], and this layer's KVCache (see ``Attention.__call__``)."""
+        attended, cache = self.attention(self.attention_norm(x), positions, cache)
+        x = constrain(x + attended, act_btd)
+        x = constrain(x + self.mlp(self.mlp_norm(x)), act_btd)
+        return x, cache

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mtl import act_btd, act_btv
 from mtl.config import HeadConfig, ModelConfig
-from mtl.layers import Block, KVCache, RMSNorm, contract, normal, param
+from mtl.layers import Block, RMSNorm, contract, normal, param
 from sharding import constrain
 
 
@@ -93,25 +94,19 @@ class MultiTaskModel(nnx.Module):
     def task_index(self, task: str) -> int:
         return self.cfg.task_names.index(task)
 
-    def __call__(
-        self,
-        tokens: jax.Array,
-        task_ids: jax.Array,
-        positions: jax.Array | None = None,
-        cache: KVCache | None = None,
-    ) -> tuple[jax.Array, KVCache]:
-        """Runs the backbone.
+    def __call__(self, tokens: jax.Array, task_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """Runs the backbone over whole sequences: one scan over the stacked layers.
+
+        Serving runs the same Blocks one by one, keeping their KV caches (see
+        :func:`mtl.decode.forward`).
 
         Args:
           tokens: [B, T] token ids.
           task_ids: [B] index of each row's task in ``cfg.heads``.
           positions: [B, T] absolute positions; default ``0..T-1``.
-          cache: while decoding one token a row, every layer's keys and values.
 
         Returns:
-          The final-normed hidden states [B, T, D], and a KVCache holding the
-          [L, B, T, K, H] keys and values of ``tokens`` (no cache given) or the
-          updated [L, B, S, K, H] cache.
+          The final-normed hidden states [B, T, D].
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -121,17 +116,14 @@ class MultiTaskModel(nnx.Module):
 
         graphdef, layers = nnx.split(self.blocks)
 
-        def layer(x, scanned):
-            layer_params, layer_cache = scanned
-            block = nnx.merge(graphdef, layer_params)
-            x, kept = block(x, positions, layer_cache)
-            return x, kept
+        def layer(x, layer_params):
+            x, _ = nnx.merge(graphdef, layer_params)(x, positions)  # the keys and values are not kept
+            return x, None
 
-        if cache is None and cfg.remat != "none":  # decoding has no backward pass to save memory for
+        if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT[cfg.remat], prevent_cse=False)
-        layer_caches = None if cache is None else (cache.key, cache.value)
-        x, (keys, values) = jax.lax.scan(layer, x, (layers, layer_caches), unroll=cfg.scan_unroll)
-        return self.final_norm(x), KVCache(keys, values)
+        x, _ = jax.lax.scan(layer, x, layers, unroll=cfg.scan_unroll)
+        return self.final_norm(x)
 
     def embed(self, tokens: jax.Array, task_ids: jax.Array, positions: jax.Array) -> jax.Array:
         """The backbone's input: token embeddings, plus the task's embedding at position 0.
@@ -144,19 +136,26 @@ class MultiTaskModel(nnx.Module):
         scale = jnp.asarray(self.cfg.d_model**0.5, dt)
         one_hot = jax.nn.one_hot(tokens, self.cfg.vocab_size, dtype=dt)  # [B, T, V]
         x = contract("BTV,VD->BTD", one_hot, self.embed_vd[...].astype(dt)) * scale
-        task_one_hot = jax.nn.one_hot(task_ids, self.task_embed.shape[0], dtype=dt)  # [B, tasks]
+        task_one_hot = jax.nn.one_hot(task_ids, self.task_embed.shape[0], dtype=dt)  # [B, J]
         task_vec = jnp.einsum("BJ,JD->BD", task_one_hot, self.task_embed[...].astype(dt)) * scale
         x = x + jnp.where(positions[..., None] == 0, task_vec[:, None, :], 0).astype(dt)  # [B, T, D]
-        return constrain(x, ("batch", "length", "embed"))
+        return constrain(x, act_btd)
 
-    def lm_logits(self, hidden: jax.Array) -> jax.Array:
-        """Language-model logits in f32: [B, T, D] -> [B, T, V]."""
-        if self.cfg.tie_embeddings:
-            w_dv = self.embed_vd[...].astype(hidden.dtype).T
-        else:
-            w_dv = self.w_dv[...].astype(hidden.dtype)
-        logits = contract("BTD,DV->BTV", hidden, w_dv)
-        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    def lm_logits(self, hidden: jax.Array, w_dv: jax.Array | None = None) -> jax.Array:
+        """Language-model logits in f32: [B, T, D] -> [B, T, V].
+
+        Args:
+          hidden: final-normed hidden states.
+          w_dv: the head as laid out once by a caller that keeps it (serving's
+            ``DecodeWeights``); default: :meth:`lm_head` of the parameters.
+        """
+        w_dv = self.lm_head() if w_dv is None else w_dv
+        logits = contract("BTD,DV->BTV", hidden, w_dv.astype(hidden.dtype))
+        return constrain(logits.astype(jnp.float32), act_btv)
+
+    def lm_head(self) -> jax.Array:
+        """The language-model head as a [D, V] matrix: the token embedding's transpose when tied."""
+        return self.embed_vd[...].T if self.cfg.tie_embeddings else self.w_dv[...]
 
     def head_outputs(self, hidden: jax.Array, lengths: jax.Array) -> dict[str, jax.Array]:
         """What every non-generation head answers for a prefilled batch, by task.

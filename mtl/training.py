@@ -79,7 +79,7 @@ def _train_state_fn(model_cfg: ModelConfig, train_cfg: TrainConfig):
 
 def generate_loss(model: MultiTaskModel, task: str, batch: Batch, total=None) -> tuple[jax.Array, dict]:
     total = TOTALS["generate"](batch) if total is None else total
-    hidden, _ = model(batch["tokens"], batch["task_id"])
+    hidden = model(batch["tokens"], batch["task_id"])
     logits = model.lm_logits(hidden)  # [B, T, V], split over the vocabulary under tensor parallelism
     mask = batch["loss_mask"]
     nll, top = vocab_parallel.cross_entropy(logits, batch["targets"])  # [B, T]: no [B, T, V] gather
@@ -89,7 +89,7 @@ def generate_loss(model: MultiTaskModel, task: str, batch: Batch, total=None) ->
 
 def classify_loss(model: MultiTaskModel, task: str, batch: Batch, total=None) -> tuple[jax.Array, dict]:
     total = TOTALS["classify"](batch) if total is None else total
-    hidden, _ = model(batch["tokens"], batch["task_id"])
+    hidden = model(batch["tokens"], batch["task_id"])
     logits = model.classify_logits(task, hidden, batch["lengths"])  # [B, C]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).sum() / total
     accuracy = (logits.argmax(-1) == batch["label"]).sum() / total
@@ -98,7 +98,7 @@ def classify_loss(model: MultiTaskModel, task: str, batch: Batch, total=None) ->
 
 def regress_loss(model: MultiTaskModel, task: str, batch: Batch, total=None) -> tuple[jax.Array, dict]:
     total = TOTALS["regress"](batch) if total is None else total
-    hidden, _ = model(batch["tokens"], batch["task_id"])
+    hidden = model(batch["tokens"], batch["task_id"])
     head = model.heads[task]
     predicted = head.standardised(last_position(hidden, batch["lengths"]))  # [B]
     loss = jnp.sum(jnp.square(predicted - (batch["value"] - head.mean) / head.std)) / total  # in standard units
@@ -108,7 +108,7 @@ def regress_loss(model: MultiTaskModel, task: str, batch: Batch, total=None) -> 
 
 def tag_loss(model: MultiTaskModel, task: str, batch: Batch, total=None) -> tuple[jax.Array, dict]:
     total = TOTALS["tag"](batch) if total is None else total
-    hidden, _ = model(batch["tokens"], batch["task_id"])
+    hidden = model(batch["tokens"], batch["task_id"])
     logits = model.tag_logits(task, hidden)  # [B, T, C]
     tags = batch["tags"]  # [B, T]: a tag id at each word's last byte, -1 elsewhere
     mask = (tags >= 0).astype(jnp.float32)

@@ -21,8 +21,9 @@ def make_model(seed=0):
 
 
 def test_cached_decoding_equals_full_recomputation():
-    # The serving path (prefill and decode_forward over DecodeWeights and the decode cache)
-    # against MultiTaskModel.__call__ on the whole sequence; f32, so 1e-4 covers summation order.
+    # The serving path (prefill and decode steps over DecodeWeights and the KV cache, the model's
+    # Blocks one by one) against MultiTaskModel.__call__ on the whole sequence, an independent path
+    # (a scan, causal_attention); f32, so 1e-4 covers summation order.
     model = make_model()
     weights = decode.decode_weights(model)
     prompts = [[1, 40, 41, 42, 43], [1, 50, 51]]
@@ -30,10 +31,12 @@ def test_cached_decoding_equals_full_recomputation():
     tokens = jnp.array([p + [0] * (5 - len(p)) for p in prompts])
     task_ids = jnp.array([0, 2])
     hidden, cache, logits = decode.prefill(model, weights, tokens, lengths, task_ids, cache_len=16)
-    expected_hidden, _ = model(tokens, task_ids)
+    expected_hidden = model(tokens, task_ids)
     np.testing.assert_allclose(hidden, expected_hidden, rtol=1e-5, atol=1e-5)
     last = jnp.take_along_axis(expected_hidden, (lengths - 1)[:, None, None], axis=1)
     np.testing.assert_allclose(logits, model.lm_logits(last)[:, 0], rtol=1e-5, atol=1e-5)
+    assert [c.key.shape for c in cache] == [(2, CFG.n_kv_heads, CFG.head_dim, 16)] * CFG.n_layers
+    assert [c.value.shape for c in cache] == [(2, CFG.n_kv_heads, 16, CFG.head_dim)] * CFG.n_layers
     continuation = np.array([[60, 61, 62, 63], [70, 71, 72, 73]])
     for t in range(continuation.shape[1]):
         positions = lengths + t
@@ -42,28 +45,8 @@ def test_cached_decoding_equals_full_recomputation():
         )
         for row, prompt in enumerate(prompts):
             full = jnp.array([prompt + continuation[row, : t + 1].tolist()])
-            expected, _ = model(full, task_ids[row : row + 1])
+            expected = model(full, task_ids[row : row + 1])
             np.testing.assert_allclose(logits[row], model.lm_logits(expected)[0, -1], rtol=1e-4, atol=1e-4)
-
-
-def test_the_model_own_cache_path_equals_full_recomputation():
-    # MultiTaskModel.__call__ with its [L, B, S, K, H] cache, which training-time code may use.
-    model = make_model()
-    prompts = [[1, 40, 41, 42, 43], [1, 50, 51]]
-    lengths = jnp.array([5, 3])
-    tokens = jnp.array([p + [0] * (5 - len(p)) for p in prompts])
-    task_ids = jnp.array([0, 2])
-    _, kv = model(tokens, task_ids)
-    pad = ((0, 0), (0, 0), (0, 16 - tokens.shape[1]), (0, 0), (0, 0))
-    cache = type(kv)(*(jnp.pad(a, pad) for a in kv))
-    continuation = np.array([[60, 61, 62, 63], [70, 71, 72, 73]])
-    for t in range(continuation.shape[1]):
-        positions = lengths + t
-        hidden, cache = model(jnp.asarray(continuation[:, t : t + 1]), task_ids, positions[:, None], cache)
-        for row, prompt in enumerate(prompts):
-            full = jnp.array([prompt + continuation[row, : t + 1].tolist()])
-            expected, _ = model(full, task_ids[row : row + 1])
-            np.testing.assert_allclose(hidden[row, 0], expected[0, -1], rtol=1e-4, atol=1e-5)
 
 
 def test_a_chunk_of_steps_equals_single_steps():
@@ -98,7 +81,7 @@ def test_a_chunk_of_steps_equals_single_steps():
 def greedy_by_recomputation(model, prompt, task_id, steps):
     seq = list(prompt)
     for _ in range(steps):
-        hidden, _ = model(jnp.array([seq]), jnp.array([task_id]))
+        hidden = model(jnp.array([seq]), jnp.array([task_id]))
         logits = np.where(ALLOWED, np.asarray(model.lm_logits(hidden))[0, -1], -np.inf)
         seq.append(int(logits.argmax()))
         if seq[-1] == EOS:

@@ -1,4 +1,5 @@
-"""The hand-written backward passes of mtl.layers against autodiff of plain references."""
+"""mtl.layers against plain references: the hand-written backward passes against autodiff, the cached
+attention against XLA's, the KV cache's layout."""
 
 import jax
 import jax.numpy as jnp
@@ -55,3 +56,29 @@ def test_rope_matches_the_rotate_half_formula():
 def test_swiglu_matches_silu_times_up():
     gate, up = inputs((B, T, F), (B, T, F))
     assert_same_value_and_grads(layers.swiglu, lambda g, u: jax.nn.silu(g) * u, (gate, up))
+
+
+@pytest.mark.parametrize("kv_heads", [K, N, 1])
+def test_cached_attention_matches_dot_product_attention(kv_heads):
+    # One query token a row over a cache of T positions, each row seeing positions 0 to its own.
+    query, key, value = inputs((B, 1, N, H), (B, T, kv_heads, H), (B, T, kv_heads, H), seed=1)
+    positions = jnp.array([3, T - 1])
+    cache = layers.KVCache.of_sequence(key, value)
+    assert cache.key.shape == (B, kv_heads, H, T) and cache.value.shape == (B, kv_heads, T, H)
+    got = layers.cached_attention(query, cache, positions)
+    want = jax.nn.dot_product_attention(query, key, value, key_value_seq_lengths=positions + 1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_write_and_padding():
+    key, value = inputs((B, T, K, H), (B, T, K, H))
+    cache = layers.KVCache.of_sequence(key[:, :5], value[:, :5]).padded(T)
+    np.testing.assert_array_equal(cache.key[..., 5:], 0)
+    positions = jnp.array([5, 7])  # where each row writes its next token
+    rows = jnp.arange(B)
+    cache = cache.write(key[rows, positions][:, None], value[rows, positions][:, None], positions)
+    for b, p in enumerate(positions.tolist()):
+        np.testing.assert_array_equal(cache.key[b, :, :, p], key[b, p])
+        np.testing.assert_array_equal(cache.value[b, :, p], value[b, p])
+    np.testing.assert_array_equal(cache.key[0, :, :, :6], jnp.moveaxis(key[0, :6], 0, -1))
+    np.testing.assert_array_equal(cache.key[0, :, :, 6:], 0)

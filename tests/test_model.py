@@ -38,10 +38,26 @@ def test_attention_matches_naive_reference():
     attn = Attention(cfg, rngs=nnx.Rngs(1))
     x = jax.random.normal(jax.random.key(0), (2, 9, cfg.d_model))
     positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
-    out, (key, value) = attn(x, positions)
+    out, cache = attn(x, positions)
     expected = naive_attention(x, attn, positions, cfg.rope_theta)
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-5)
-    assert key.shape == value.shape == (2, 9, cfg.n_kv_heads, cfg.head_dim)
+    assert cache.key.shape == (2, cfg.n_kv_heads, cfg.head_dim, 9)
+    assert cache.value.shape == (2, cfg.n_kv_heads, 9, cfg.head_dim)
+
+
+def test_attention_over_its_cache_matches_naive_reference():
+    # The decode branch: the first 8 tokens prefilled into a cache of 12, then the 9th token alone.
+    cfg = tiny_model_config()
+    attn = Attention(cfg, rngs=nnx.Rngs(1))
+    x = jax.random.normal(jax.random.key(0), (2, 9, cfg.d_model))
+    positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
+    _, cache = attn(x[:, :8], positions[:, :8])
+    out, cache = attn(x[:, 8:], positions[:, 8:], cache.padded(12))
+    expected = naive_attention(x, attn, positions, cfg.rope_theta)[:, 8:]
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-5)
+    _, whole = attn(x, positions)
+    np.testing.assert_allclose(cache.key[..., :9], whole.key, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(cache.value[:, :, 9:], 0)
 
 
 def test_rope_preserves_norm_and_is_relative():
@@ -60,9 +76,8 @@ def test_model_shapes():
     cfg = tiny_model_config()
     model = MultiTaskModel(cfg, rngs=nnx.Rngs(0))
     tokens = jnp.ones((3, 11), jnp.int32)
-    hidden, cache = model(tokens, jnp.array([0, 1, 2]))
+    hidden = model(tokens, jnp.array([0, 1, 2]))
     assert hidden.shape == (3, 11, cfg.d_model)
-    assert cache.key.shape == (cfg.n_layers, 3, 11, cfg.n_kv_heads, cfg.head_dim)
     assert model.lm_logits(hidden).shape == (3, 11, cfg.vocab_size)
     assert model.classify_logits("lang", hidden, jnp.array([11, 3, 1])).shape == (3, 5)
     assert set(model.heads) == {"lang"}
@@ -72,8 +87,8 @@ def test_task_embedding_changes_the_output():
     cfg = tiny_model_config()
     model = MultiTaskModel(cfg, rngs=nnx.Rngs(0))
     tokens = jnp.arange(1, 9)[None]
-    a, _ = model(tokens, jnp.array([0]))
-    b, _ = model(tokens, jnp.array([2]))
+    a = model(tokens, jnp.array([0]))
+    b = model(tokens, jnp.array([2]))
     assert not np.allclose(a, b, atol=1e-3)
 
 
@@ -81,7 +96,7 @@ def test_classifier_reads_the_last_real_position():
     cfg = tiny_model_config()
     model = MultiTaskModel(cfg, rngs=nnx.Rngs(0))
     tokens = jnp.array([[1, 7, 8, 3, 0, 0], [1, 7, 8, 3, 9, 9]])
-    hidden, _ = model(tokens, jnp.array([1, 1]))
+    hidden = model(tokens, jnp.array([1, 1]))
     logits = model.classify_logits("lang", hidden, jnp.array([4, 4]))
     # Causal attention: what follows position 3 cannot change its logits.
     np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-6)
@@ -92,5 +107,5 @@ def test_lm_head_tied_or_not(tied):
     cfg = tiny_model_config(tie_embeddings=tied)
     model = MultiTaskModel(cfg, rngs=nnx.Rngs(0))
     assert hasattr(model, "w_dv") is (not tied)
-    hidden, _ = model(jnp.ones((1, 4), jnp.int32), jnp.array([0]))
+    hidden = model(jnp.ones((1, 4), jnp.int32), jnp.array([0]))
     assert np.isfinite(np.asarray(model.lm_logits(hidden))).all()

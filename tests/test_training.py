@@ -58,7 +58,7 @@ def test_loss_matches_numpy(kind):
     model = make_model()
     batch = {k: jnp.asarray(v) for k, v in BATCHES[kind].items()}
     loss, _ = training.LOSSES[kind](model, TASKS[kind], batch)
-    hidden, _ = model(batch["tokens"], batch["task_id"])
+    hidden = model(batch["tokens"], batch["task_id"])
     b = BATCHES[kind]
     if kind == "generate":
         logp = log_softmax(model.lm_logits(hidden))
@@ -84,7 +84,7 @@ def test_loss_matches_numpy(kind):
 def test_head_outputs_by_kind():
     model = make_model()
     batch = prompt_batch(1)
-    hidden, _ = model(jnp.asarray(batch["tokens"]), jnp.asarray(batch["task_id"]))
+    hidden = model(jnp.asarray(batch["tokens"]), jnp.asarray(batch["task_id"]))
     out = model.head_outputs(hidden, jnp.asarray(batch["lengths"]))
     assert set(out) == {"lang", "score", "pos"}
     assert out["lang"].shape == (B, 5) and out["score"].shape == (B,) and out["pos"].shape == (B, T, 4)
