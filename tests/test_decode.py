@@ -172,10 +172,31 @@ def test_sample_filters():
 
 
 def test_sampling_depends_on_seed_and_position_only():
-    logits = jax.random.normal(jax.random.key(0), (4, 50))
-    positions = jnp.array([3, 3, 3, 9])
-    draws = decode.sample(logits[jnp.array([0, 0, 0, 0])], sampling(4, seed=7), positions, jnp.ones(50, bool))
-    assert draws[0] == draws[1] == draws[2]
+    # Uniform logits: every token is as likely, so a new random key shows as a new token
+    # (two keys give the same one with probability 1/50).
+    v, rows = 50, 64
+    logits = jnp.zeros((rows, v))
+    allowed = jnp.ones(v, bool)
+
+    def draws(seeds, positions):
+        seeds, positions = np.broadcast_to(seeds, rows), np.broadcast_to(positions, rows)
+        return np.asarray(
+            decode.sample(
+                logits, sampling(rows)._replace(seed=jnp.asarray(seeds, jnp.uint32)), jnp.asarray(positions), allowed
+            )
+        )
+
+    same = draws(7, 3)
+    assert (same == same[0]).all()  # one seed and position: one token, in every slot
+    by_seed, by_position = draws(np.arange(rows), 3), draws(7, np.arange(rows))
+    assert len(set(by_seed)) > 25 and len(set(by_position)) > 25  # either one changes the token
+    assert by_seed[7] == by_position[3] == same[0]
+    # A row's token is its own: its neighbours' seeds and positions change nothing.
+    seeds, positions = np.arange(rows) % 5, np.arange(rows) % 3
+    mixed = draws(seeds, positions)
+    alone = [int(draws(s, p)[0]) for s, p in zip(seeds[:15], positions[:15])]
+    assert mixed[:15].tolist() == alone
+    np.testing.assert_array_equal(mixed, mixed[np.arange(rows) % 15])  # (seed, position) repeats every 15 rows
 
 
 def test_top_k_keeps_exactly_the_k_largest():

@@ -104,8 +104,19 @@ def test_classifier_reads_the_last_real_position():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_lm_head_tied_or_not(tied):
+    # Logits against numpy from the hidden states and the head's weights: the embedding's
+    # transpose when tied, the model's own [D, V] matrix when not.
     cfg = tiny_model_config(tie_embeddings=tied)
     model = MultiTaskModel(cfg, rngs=nnx.Rngs(0))
     assert hasattr(model, "w_dv") is (not tied)
-    hidden = model(jnp.ones((1, 4), jnp.int32), jnp.array([0]))
-    assert np.isfinite(np.asarray(model.lm_logits(hidden))).all()
+    hidden = model(jnp.array([[1, 40, 41, 3]]), jnp.array([0]))
+    embed_vd = np.asarray(model.embed_vd[...], np.float64)
+    w_dv = embed_vd.T if tied else np.asarray(model.w_dv[...], np.float64)
+    expected = np.einsum("btd,dv->btv", np.asarray(hidden, np.float64), w_dv)
+    logits = model.lm_logits(hidden)
+    assert logits.dtype == jnp.float32 and logits.shape == (1, 4, cfg.vocab_size)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    if not tied:  # the untied head is not the embedding
+        assert not np.allclose(expected, np.einsum("btd,vd->btv", np.asarray(hidden, np.float64), embed_vd))
+    # The head laid out once (as serving keeps it) gives the same logits.
+    np.testing.assert_array_equal(model.lm_logits(hidden, model.lm_head()), logits)
