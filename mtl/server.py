@@ -348,13 +348,32 @@ def _refuse_constant(name: str):
 # requests wait in the engine's queue and share its prefill batches and decode
 # slots; a client that disconnects cancels its request and frees its slot.
 
+OPENAI_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+
 
 def make_app(server: Server):
-    """The aiohttp application: ``POST /v1/infer`` and ``GET /health`` (CONTRACT.md).
+    """The aiohttp application: CONTRACT.md's routes.
 
-    Every error answer, whatever its status, is the contract's JSON error object.
+    ``POST /v1/infer`` and ``GET /health`` answer mtl's own objects;
+    ``GET /v1/models`` and ``POST /v1/completions`` answer OpenAI's
+    (:mod:`mtl.openai_api`); ``GET /metrics`` is Prometheus text
+    (:mod:`mtl.server_metrics`). Every error answer, whatever its status, is
+    a JSON error object: the contract's on mtl's routes, OpenAI's on theirs.
     """
     from aiohttp import web
+
+    from mtl import openai_api
+    from mtl.server_metrics import ServerMetrics
+
+    metrics = ServerMetrics(server.engine, set(server.tasks))
+    kinds = {name: info.kind for name, info in server.tasks.items()}
+    started = int(time.time())
+
+    def error(request, status: int, message: str, headers=None, rid=None):
+        if request.path in OPENAI_ROUTES:
+            kind = "invalid_request_error" if status < 500 else "server_error"
+            return web.json_response(openai_api.error_body(message, kind), status=status, headers=headers)
+        return web.json_response({"id": rid, "error": message}, status=status, headers=headers)
 
     @web.middleware
     async def json_errors(request, handler):
@@ -367,45 +386,95 @@ def make_app(server: Server):
                 message = f"the request body is over {request.client_max_size} bytes"
             else:
                 message = f"{request.method} {request.path}: {e.reason}"
-            return web.json_response({"id": None, "error": message}, status=e.status, headers=_kept(e.headers))
+            return error(request, e.status, message, _kept(e.headers))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug: answered as JSON all the same, and the server goes on
-            return web.json_response({"id": None, "error": f"internal error: {type(e).__name__}: {e}"}, status=500)
+            return error(request, 500, f"internal error: {type(e).__name__}: {e}")
+
+    async def read_json(request):
+        """The request's body as JSON; ValueError names what is wrong (413 passes through)."""
+        try:
+            return await request.json(loads=lambda text: json.loads(text, parse_constant=_refuse_constant))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"the request body is not valid JSON: {e}") from None
+
+    async def answer(parsed: Parsed) -> dict:
+        """Serves one parsed request through the engine; a client that goes away frees its slot."""
+        ticket = server.engine.submit(dataclasses.replace(parsed.request, arrival=time.perf_counter()))
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+        ticket.add_done_callback(lambda _: loop.call_soon_threadsafe(_settle, finished))
+        try:
+            await finished
+        except asyncio.CancelledError:
+            server.engine.cancel(ticket)
+            raise
+        try:
+            result = ticket.wait(0)
+        except Exception as e:
+            response = {"id": parsed.id, "error": f"the request failed: {e}"}
+        else:
+            response = server.format(parsed, result)
+        metrics.observe(parsed.task.name, response)
+        return response
 
     async def health(_request):
         return web.json_response({"status": "ok", "tasks": sorted(server.tasks)})
 
     async def infer(request):
         try:
-            raw = await request.json(loads=lambda text: json.loads(text, parse_constant=_refuse_constant))
-        except (ValueError, UnicodeDecodeError) as e:
-            return web.json_response({"id": None, "error": f"the request body is not valid JSON: {e}"}, status=400)
-        except web.HTTPException:
-            raise  # 413: answered by json_errors
+            raw = await read_json(request)
+        except ValueError as e:
+            return error(request, 400, str(e))
         try:
             parsed = server.parse(raw)
         except BadRequest as e:
-            return web.json_response(error_response(raw, e), status=400)
-        parsed = dataclasses.replace(parsed, request=dataclasses.replace(parsed.request, arrival=time.perf_counter()))
+            response = error_response(raw, e)
+            metrics.observe(raw.get("task") if isinstance(raw, dict) else None, response)
+            return web.json_response(response, status=400)
         try:
-            ticket = server.engine.submit(parsed.request)
+            response = await answer(parsed)
         except QueueFull as e:
-            return web.json_response({"id": parsed.id, "error": str(e)}, status=503)
-        loop = asyncio.get_running_loop()
-        finished = loop.create_future()
-        ticket.add_done_callback(lambda _: loop.call_soon_threadsafe(_settle, finished))
-        try:
-            await finished
-        except asyncio.CancelledError:  # the client went away: free its slot
-            server.engine.cancel(ticket)
-            raise
-        try:
-            result = ticket.wait(0)
-        except Exception as e:
-            return web.json_response({"id": parsed.id, "error": f"the request failed: {e}"}, status=500)
-        response = server.format(parsed, result)
+            return error(request, 429, str(e), {"Retry-After": "1"}, parsed.id)
         return web.json_response(response, status=500 if "error" in response else 200, dumps=to_json)
+
+    async def list_models(_request):
+        return web.json_response(openai_api.models(kinds, started))
+
+    async def completions(request):
+        try:
+            body = await read_json(request)
+            raws = openai_api.completion_requests(body, kinds)
+        except ValueError as e:
+            return error(request, 400, str(e))
+        except openai_api.OpenAIError as e:
+            return web.json_response(e.body(), status=e.status)
+        try:
+            parsed = [server.parse(raw) for raw in raws]
+        except BadRequest as e:
+            return error(request, 400, openai_api.openai_message(str(e)))
+        if body.get("stream"):
+            return await stream(request, parsed)
+        try:
+            answers = await asyncio.gather(*(answer(p) for p in parsed))
+        except QueueFull as e:
+            return error(request, 429, str(e), {"Retry-After": "1"})
+        failed = [a for a in answers if "error" in a]
+        if failed:
+            return error(request, 500, failed[0]["error"])
+        prompt_tokens = sum(len(p.request.prompt) for p in parsed)
+        response = openai_api.completion(openai_api.new_id(), body["model"], answers, prompt_tokens)
+        return web.json_response(response, dumps=to_json)
+
+    async def stream(request, parsed: list[Parsed]):
+        return error(request, 400, "stream=true is not supported yet")
+
+    async def chat_completions(request):
+        return error(request, 400, "this checkpoint carries no chat template; use /v1/completions")
+
+    async def prometheus(_request):
+        return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
     async def start_engine(_app):
         server.engine.start()
@@ -416,6 +485,10 @@ def make_app(server: Server):
     app = web.Application(middlewares=[json_errors])
     app.router.add_get("/health", health)
     app.router.add_post("/v1/infer", infer)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/metrics", prometheus)
     app.on_startup.append(start_engine)
     app.on_cleanup.append(stop_engine)
     return app
@@ -444,7 +517,7 @@ async def start_http(server: Server, host: str, port: int):
 async def serve_forever(server: Server, host: str, port: int, log=lambda *_: None) -> None:
     """Serves HTTP on ``host:port`` until cancelled (Ctrl-C)."""
     runner, bound = await start_http(server, host, port)
-    log(f"serving on http://{host}:{bound} (POST /v1/infer, GET /health)")
+    log(f"serving on http://{host}:{bound} (POST /v1/infer, /v1/completions; GET /v1/models, /health, /metrics)")
     try:
         await asyncio.Event().wait()
     finally:

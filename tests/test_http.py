@@ -116,13 +116,18 @@ def test_bad_requests_get_400_with_an_error_object(server, body, rid, message):
     assert status == 400 and answer["id"] == rid and message in answer["error"], answer
 
 
-def test_a_full_queue_answers_503(server):
+def test_a_full_queue_answers_429_with_retry_after(server):
     server.engine.max_queue = 0
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     try:
-        status, answer = call(server, "POST", "/v1/infer", {"id": "q", "task": "spell", "input": "a"})
+        body = json.dumps({"id": "q", "task": "spell", "input": "a"})
+        connection.request("POST", "/v1/infer", body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        status, retry, answer = response.status, response.getheader("Retry-After"), json.loads(response.read())
     finally:
         server.engine.max_queue = 1024
-    assert status == 503 and answer["id"] == "q" and "queue" in answer["error"]
+        connection.close()
+    assert status == 429 and retry == "1" and answer["id"] == "q" and "queue" in answer["error"]
 
 
 def test_a_client_that_disconnects_frees_its_slot(server):
@@ -155,7 +160,13 @@ def test_a_client_that_disconnects_frees_its_slot(server):
 @pytest.mark.parametrize(
     "method, path, body, status, message",
     [
-        ("POST", "/v1/infer", b'{"id": "big", "input": "' + b"a" * (1 << 20) + b'"}', 413, "the request body is over 1048576 bytes"),
+        (
+            "POST",
+            "/v1/infer",
+            b'{"id": "big", "input": "' + b"a" * (1 << 20) + b'"}',
+            413,
+            "the request body is over 1048576 bytes",
+        ),
         ("GET", "/v1/nothing", None, 404, "GET /v1/nothing: Not Found"),
         ("GET", "/v1/infer", None, 405, "GET /v1/infer: Method Not Allowed"),
     ],
@@ -177,3 +188,85 @@ def test_a_stop_string_ends_the_generation_in_the_engine(server):
     assert status == 200 and stopped["finish_reason"] == "stop", stopped
     assert stopped["output"] == full["output"][: full["output"].index(stop)]
     assert server.engine.stats["tokens"] - made < 12  # the engine stopped decoding it before its budget
+
+
+# The clients people use: OpenAI's Python package and Prometheus's own parser.
+
+
+def openai_client(server):
+    openai = pytest.importorskip("openai")
+    return openai, openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", max_retries=0)
+
+
+def test_openai_models_and_completions(server):
+    openai, client = openai_client(server)
+    assert [(m.id, m.object) for m in client.models.list().data] == [
+        ("echo", "model"),
+        ("lang", "model"),
+        ("spell", "model"),
+    ]
+    done = client.completions.create(model="spell", prompt=["tree", "a stone"], max_tokens=5, temperature=0, seed=1)
+    assert [c.index for c in done.choices] == [0, 1]
+    assert all(c.finish_reason == "length" for c in done.choices)
+    prompt_tokens = sum(
+        len(server.parse({"id": 0, "task": "spell", "input": p}).request.prompt) for p in ("tree", "a stone")
+    )
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (prompt_tokens, 10)
+    assert done.usage.total_tokens == prompt_tokens + 10
+    # Greedy: the same text /v1/infer gives.
+    mine = [
+        call(server, "POST", "/v1/infer", {"id": w, "task": "spell", "input": w, "max_new_tokens": 5})[1]
+        for w in ("tree", "a stone")
+    ]
+    assert [c.text for c in done.choices] == [a["output"] for a in mine]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, fragment",
+    [
+        ({"model": "nope", "prompt": "a"}, "NotFoundError", "the model 'nope' does not exist"),
+        ({"model": "lang", "prompt": "a"}, "BadRequestError", "'lang' is a classify task"),
+        ({"model": "spell", "prompt": "a", "n": 2}, "BadRequestError", "n=2 is not supported"),
+        ({"model": "spell", "prompt": "a", "max_tokens": 0}, "BadRequestError", "max_tokens 0 must be"),
+        ({"model": "spell", "prompt": "a" * 300}, "BadRequestError", "prompt is 302 tokens"),
+        ({"model": "spell", "prompt": "a", "logprobs": 2}, "BadRequestError", "logprobs=2 is not supported"),
+    ],
+)
+def test_openai_errors_have_openais_shape(server, kwargs, error, fragment):
+    openai, client = openai_client(server)
+    with pytest.raises(getattr(openai, error)) as raised:
+        client.completions.create(**kwargs)
+    assert fragment in raised.value.body["message"], raised.value.body
+    assert raised.value.body["type"] in ("invalid_request_error", "not_found_error")
+
+
+def test_metrics_parse_and_count_what_was_served(server):
+    parser = pytest.importorskip("prometheus_client.parser")
+
+    def scrape():
+        status, text = call(server, "GET", "/metrics")
+        assert status == 200
+        samples = {}
+        for family in parser.text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return samples
+
+    before = scrape()
+    call(server, "POST", "/v1/infer", {"id": 1, "task": "echo", "input": "abc", "max_new_tokens": 4})
+    call(server, "POST", "/v1/infer", {"id": 2, "task": "lang", "input": "Hallo"})
+    call(server, "POST", "/v1/infer", {"id": 3, "task": "echo", "input": "abc", "top_p": 7})
+    after = scrape()
+
+    def grew(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("mtl_requests_total", task="echo", outcome="length") == 1
+    assert grew("mtl_requests_total", task="lang", outcome="ok") == 1
+    assert grew("mtl_requests_total", task="echo", outcome="error") == 1
+    assert grew("mtl_generated_tokens_total", task="echo") == 4
+    assert grew("mtl_time_to_first_token_seconds_count", task="echo") == 1
+    assert grew("mtl_time_per_output_token_seconds_count", task="echo") == 1
+    assert grew("mtl_request_latency_seconds_count", task="lang") == 1
+    assert after[("mtl_queue_depth", ())] == 0 and after[("mtl_busy_slots", ())] == 0
