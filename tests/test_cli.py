@@ -3,10 +3,14 @@
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+
+from mtl.checkpoint import find
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
@@ -46,23 +50,59 @@ def training_losses(folder):
     return {(r["step"], r["task"]): r["loss"] for r in lines if "split" not in r}
 
 
+def newest_checkpoint(folder) -> int | None:
+    """The step of the newest complete checkpoint in run ``folder`` (the one a resumed run starts from)."""
+    try:
+        return find(folder)[1]
+    except ValueError:
+        return None
+
+
+def kill_at_first_checkpoint(out) -> tuple[int, str]:
+    """Starts train.py and SIGKILLs it from outside as soon as a checkpoint is complete: a crash mid-run.
+
+    Returns the killed process's exit status (``-SIGKILL`` unless it ended first) and its stderr.
+    """
+    log = out.parent / f"{out.name}.stderr"  # a file, not a pipe: nobody reads a pipe while we poll
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *TRAIN, "--out", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=ENV,
+        )
+        try:
+            deadline = time.monotonic() + 600
+            while newest_checkpoint(out) is None and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return proc.returncode, log.read_text()
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     whole, resumed = root / "whole", root / "resumed"
     done = run("train.py", *TRAIN, "--out", str(whole))
     assert done.returncode == 0, done.stderr[-3000:]
-    killed = run("train.py", *TRAIN, "--out", str(resumed), env={**ENV, "MTL_KILL_AFTER_STEP": "6"})
-    assert killed.returncode == -9, killed.stderr[-3000:]
+    code, err = kill_at_first_checkpoint(resumed)
+    assert code == -signal.SIGKILL, err[-3000:]  # killed mid-run, not finished on its own
+    killed_at = newest_checkpoint(resumed)
+    assert killed_at is not None and killed_at < 12, killed_at
     again = run("train.py", *TRAIN, "--out", str(resumed))
     assert again.returncode == 0, again.stderr[-3000:]
-    return whole, resumed, again
+    return whole, resumed, again, killed_at
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_and_matches_an_uninterrupted_one(runs):
-    whole, resumed, again = runs
-    assert "resumed from step 4" in again.stderr
+    whole, resumed, again, killed_at = runs
+    assert f"resumed from step {killed_at}" in again.stderr
     a, b = training_losses(whole), training_losses(resumed)
     assert sorted(a) == sorted(b) and len(a) == 12
     for key in a:
@@ -73,7 +113,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(runs):
     assert {r["task"] for r in evals} == {"g2p", "langid"}
     assert "exact_match" in next(r for r in evals if r["task"] == "g2p")
     assert 0.0 <= next(r for r in evals if r["task"] == "langid")["accuracy"] <= 1.0
-    assert sorted(int(p.name) for p in (resumed / "checkpoints").iterdir()) == [4, 8, 12]
+    assert sorted(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8, 12]
     assert 0 < records[0]["mfu"] < 1
     assert list((resumed / "tensorboard").glob("events.out.tfevents.*"))
     assert [p.name for p in (resumed / "best").iterdir()] == ["12"]  # the only validation: at the end
@@ -81,7 +121,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(runs):
 
 @pytest.mark.slow
 def test_eval_only_on_a_finished_run(runs):
-    whole, _, _ = runs
+    whole, *_ = runs
     before = (whole / "metrics.jsonl").read_text().splitlines()
     result = run("train.py", "--eval-only", "--out", str(whole), "--set", "train.eval_examples=4", "--mesh", "fsdp=8")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -119,7 +159,7 @@ REQUESTS = [
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["data=4,tensor=2", "fsdp=8"])
 def test_serve_answers_mixed_and_bad_requests_on_another_mesh(runs, mesh, tmp_path):
-    _, resumed, _ = runs
+    _, resumed, *_ = runs
     lines = "\n".join(r if isinstance(r, str) else json.dumps(r) for r in REQUESTS) + "\n"
     (tmp_path / "requests.jsonl").write_text(lines)
     out = tmp_path / "responses.jsonl"
@@ -160,7 +200,7 @@ def test_serve_answers_mixed_and_bad_requests_on_another_mesh(runs, mesh, tmp_pa
 
 @pytest.mark.slow
 def test_serve_same_greedy_answers_on_any_mesh(runs, tmp_path):
-    _, resumed, _ = runs
+    _, resumed, *_ = runs
     requests = "".join(
         json.dumps({"id": i, "task": "g2p", "input": w}) + "\n" for i, w in enumerate(["tree", "stone", "a"])
     )
@@ -185,6 +225,7 @@ def test_serve_same_greedy_answers_on_any_mesh(runs, tmp_path):
         (["--set", "train.best_metric=g2p/accuracy"], "g2p/accuracy"),
         (["--set", "train.loss_weights=g2p=-1"], "g2p=-1"),
         (["--set", "train.loss_weights=klingon=2"], "klingon"),
+        (["--eval-only"], "holds no mtl run to evaluate"),
     ],
 )
 def test_train_usage_errors_are_one_line_and_write_nothing(args, message, tmp_path):
@@ -195,6 +236,21 @@ def test_train_usage_errors_are_one_line_and_write_nothing(args, message, tmp_pa
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_installs_packages_and_console_scripts_not_top_level_modules():
+    """``train``, ``serve`` and ``evaluate`` are other projects' names (Hugging Face's ``evaluate``, say)."""
+    import importlib
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "py-modules" not in project["tool"]["setuptools"]
+    assert set(project["tool"]["setuptools"]["packages"]) == {"mtl", "mtl.cli", "sharding", "tasks"}
+    scripts = project["project"]["scripts"]
+    assert set(scripts) == {"mtl-train", "mtl-serve"}
+    for target in scripts.values():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), target
 
 
 def test_serve_usage_errors(tmp_path):
@@ -210,7 +266,7 @@ def test_served_requests_never_wait_for_a_compilation(runs):
 
     import serve
 
-    _, resumed, _ = runs
+    _, resumed, *_ = runs
     server = serve.Server.load(str(resumed), "data=2,fsdp=2,tensor=2", max_batch=8)
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(

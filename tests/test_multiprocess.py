@@ -1,7 +1,8 @@
 """Multi-process training: 2 processes x 4 CPU devices (gloo) against 1 process x 8 devices.
 
 The slow test starts ``train.py`` as two processes on localhost joined by
-``jax.distributed``, kills both after step 5 and starts them again, and checks
+``jax.distributed``, kills both from outside (SIGKILL) as soon as their first
+checkpoint is complete and starts them again, and checks
 that the resumed run's per-step losses match a single-process run on the same
 8-device mesh, and that its checkpoints and final evaluation are there. The
 fast tests check how ``train.py`` reads the cluster from flags and variables.
@@ -10,15 +11,18 @@ fast tests check how ``train.py`` reads the cluster from flags and variables.
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-import train
 from mtl import distributed
+from mtl.checkpoint import find
+from mtl.cli.train import build_parser, main
 from mtl.distributed import Cluster
 from sharding import make_mesh
 from sharding.mesh import process_rows
@@ -56,34 +60,58 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(*args, devices: int, env=None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *TRAIN, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**ENV, "JAX_NUM_CPU_DEVICES": str(devices), **(env or {})},
-    )
+def start(*args, devices: int, log: pathlib.Path, env=None) -> subprocess.Popen:
+    """Starts train.py, its stdout and stderr to ``log``.out and ``log``.err (files: no pipe fills while we poll)."""
+    with open(f"{log}.out", "w") as stdout, open(f"{log}.err", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *TRAIN, *args],
+            stdout=stdout,
+            stderr=stderr,
+            env={**ENV, "JAX_NUM_CPU_DEVICES": str(devices), **(env or {})},
+        )
+    proc.log = log
+    return proc
 
 
 def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
     """Waits for every process; if one fails or hangs, the others are killed rather than left waiting for it."""
-    results = []
     try:
         for p in procs:
-            out, err = p.communicate(timeout=TIMEOUT)
-            results.append((p.returncode, out, err))
+            p.wait(timeout=TIMEOUT)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-                p.communicate()
-    return results
+                p.wait()
+    return [(p.returncode, read(f"{p.log}.out"), read(f"{p.log}.err")) for p in procs]
 
 
-def two_processes(out, env=None) -> list[subprocess.Popen]:
-    cluster = ["--coordinator", f"localhost:{free_port()}", "--num-processes", "2"]
-    return [start("--out", str(out), *cluster, "--process-id", str(i), devices=4, env=env) for i in range(2)]
+def read(path: str) -> str:
+    return pathlib.Path(path).read_text()
+
+
+def newest_checkpoint(folder) -> int | None:
+    """The step of the newest complete checkpoint in run ``folder`` (the one a resumed run starts from)."""
+    try:
+        return find(folder)[1]
+    except ValueError:
+        return None
+
+
+def kill_at_first_checkpoint(procs: list[subprocess.Popen], out) -> list[tuple[int, str, str]]:
+    """SIGKILLs every process from outside as soon as run ``out`` has a complete checkpoint: a crash mid-run."""
+    deadline = time.monotonic() + TIMEOUT
+    while newest_checkpoint(out) is None and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    return finish(procs)
+
+
+def two_processes(out: pathlib.Path, env=None) -> list[subprocess.Popen]:
+    cluster = ["--out", str(out), "--coordinator", f"localhost:{free_port()}", "--num-processes", "2"]
+    logs = [out.with_name(f"{out.name}-{i}") for i in range(2)]
+    return [start(*cluster, "--process-id", str(i), devices=4, log=logs[i], env=env) for i in range(2)]
 
 
 def records(folder):
@@ -101,23 +129,26 @@ def runs(tmp_path_factory):
     cache = {"JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     single, multi = root / "single", root / "multi"
     # The reference runs beside the killed pair, to use the cores while they wait on each other.
-    reference = start("--out", str(single), "--num-processes", "1", devices=8, env=cache)
-    killed = finish(two_processes(multi, env={**cache, "MTL_KILL_AFTER_STEP": "5"}))
+    reference = start("--out", str(single), "--num-processes", "1", devices=8, log=root / "single", env=cache)
+    killed = kill_at_first_checkpoint(two_processes(multi, env=cache), multi)
     (code, _, err), *_ = finish([reference])
     assert code == 0, err[-3000:]
-    assert [c for c, _, _ in killed] == [-9, -9], [e[-3000:] for _, _, e in killed]
+    # Both killed mid-run by the signal, neither finished nor failed on its own.
+    assert [c for c, _, _ in killed] == [-signal.SIGKILL] * 2, [e[-3000:] for _, _, e in killed]
+    killed_at = newest_checkpoint(multi)
+    assert killed_at is not None and killed_at < STEPS, killed_at
     resumed = finish(two_processes(multi, env=cache))
     for code, _, err in resumed:
         assert code == 0, err[-3000:]
-    return single, multi, resumed
+    return single, multi, resumed, killed_at
 
 
 @pytest.mark.slow
 def test_two_processes_resume_and_match_one(runs):
-    single, multi, resumed = runs
+    single, multi, resumed, killed_at = runs
     (_, out0, err0), (_, out1, err1) = resumed
-    # Killed after step 5, it resumes from the newest checkpoint complete by then.
-    assert "resumed from step 4" in err0 or "resumed from step 2" in err0, err0[-3000:]
+    # Killed once a checkpoint was complete, it resumes from the newest complete one.
+    assert f"resumed from step {killed_at}" in err0, err0[-3000:]
     a, b = losses(single), losses(multi)
     assert sorted(a) == sorted(b) and len(a) == STEPS
     assert {task for _, task in a} == {"g2p", "langid"}
@@ -145,7 +176,7 @@ def test_one_process_loads_every_row():
 
 
 def settings(argv, environ=None):
-    args = train.build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     return distributed.settings(args.coordinator, args.num_processes, args.process_id, environ or {})
 
 
@@ -204,7 +235,7 @@ def test_bad_cluster_flags_exit_2_and_write_nothing(tmp_path, capsys, monkeypatc
             monkeypatch.delenv(name)
     out = tmp_path / "run"
     argv = ["--out", str(out), "--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2"]
-    assert train.main(argv) == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("train.py: error: --process-id '2'"), err
     assert not out.exists()

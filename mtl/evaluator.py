@@ -1,8 +1,10 @@
 """Evaluation of a model on its tasks, through the same engine that serves it.
 
-Used while training (validation and test metrics, best-checkpoint choice),
-by ``train.py --eval-only`` and by benchmarks. Like ``train.py`` it joins
-``tasks`` (data, metrics) and ``mtl`` (the engine), which never import each other.
+Used while training (validation and test metrics, the best checkpoint's
+choice), by ``train.py --eval-only`` and by benchmarks. The engine is built by
+:func:`mtl.server.make_engine`, so a metric measures exactly what a client of
+the server would get: the same prompts, the same greedy decoding, the same
+heads.
 """
 
 from __future__ import annotations
@@ -14,17 +16,23 @@ import numpy as np
 from flax import nnx
 
 import tasks
+from mtl import config as C
 from mtl.engine import Engine, Request
+from mtl.server import make_engine
 
 
 def evaluate(engine: Engine, data: Sequence, split: str, limit: int) -> dict[str, dict[str, float]]:
     """Per-task metrics of the model in ``engine`` on ``split``.
 
     Args:
-      engine: serves the model, exactly as ``serve.py`` does.
-      data: the run's tasks (``train.TaskData``: name, kind, labels, splits, max_new_tokens).
+      engine: serves the model, as :func:`mtl.server.make_engine` builds it.
+      data: the run's tasks (:class:`mtl.trainer.TaskData`: name, kind, labels, splits, max_new_tokens).
       split: ``validation`` or ``test``.
       limit: examples a task, evenly spaced over the split; 0 for all of them.
+
+    Returns:
+      task name -> metric name -> value (``tasks.metrics.metrics_for`` of the task's kind);
+      a task with no example in ``split`` is left out.
     """
     tokenizer = tasks.ByteTokenizer()
     results = {}
@@ -56,45 +64,24 @@ def evaluate(engine: Engine, data: Sequence, split: str, limit: int) -> dict[str
     return results
 
 
-def make_engine(model, mesh, max_batch: int, max_queue: int = 1024) -> Engine:
-    """The engine that serves ``model`` with the byte tokenizer's special tokens."""
-    tokenizer = tasks.ByteTokenizer()
-    return Engine(
-        model,
-        mesh,
-        max_batch=max_batch,
-        allowed_tokens=allowed_tokens(tokenizer, model.cfg.vocab_size),
-        eos_id=tokenizer.eos_id,
-        pad_id=tokenizer.pad_id,
-        max_queue=max_queue,
-    )
-
-
-def allowed_tokens(tokenizer, vocab_size: int) -> np.ndarray:
-    """Tokens generation may produce: the tokenizer's, less PAD, BOS and SEP."""
-    allowed = np.arange(vocab_size) < tokenizer.vocab_size
-    allowed[[tokenizer.pad_id, tokenizer.bos_id, tokenizer.sep_id]] = False
-    return allowed
-
-
 class Evaluator:
     """Evaluates a model as it trains; one engine, compiled once, serves every evaluation.
 
     Args:
       data: the run's tasks.
       mesh: the mesh the model lives on.
-      max_batch: the engine's batch.
+      settings: the engine's (its ``mesh`` field is not read: the engine runs on ``mesh``).
       limit: examples a task and evaluation (0: all).
       log: called with each evaluation record (``metrics.jsonl`` lines).
     """
 
-    def __init__(self, data: Sequence, mesh, max_batch: int, limit: int, log: Callable[[dict], None]):
-        self.data, self.mesh, self.max_batch, self.limit, self.log = data, mesh, max_batch, limit, log
+    def __init__(self, data: Sequence, mesh, settings: C.ServeConfig, limit: int, log: Callable[[dict], None]):
+        self.data, self.mesh, self.settings, self.limit, self.log = data, mesh, settings, limit, log
         self.engine: Engine | None = None
 
     def __call__(self, model, split: str, step: int, console) -> dict[str, dict[str, float]]:
         if self.engine is None:
-            self.engine = make_engine(model, self.mesh, self.max_batch)
+            self.engine = make_engine(model, self.mesh, self.settings, tasks.ByteTokenizer())
         else:
             self.engine.params = nnx.state(model)  # a train step donates old buffers: take the current ones
         t0 = time.perf_counter()

@@ -1,0 +1,146 @@
+"""A training run's folder: its config, tasks, metrics, TensorBoard scalars and checkpoints.
+
+::
+
+    RUN/
+      config.json      the resolved config (mtl.config), read back to resume and to serve
+      tasks.json       each task's name, kind, labels and generation length
+      metrics.jsonl    one JSON record a line: training and evaluation metrics
+      tensorboard/     the same numbers as TensorBoard scalars
+      checkpoints/     mtl.checkpoint's step folders
+      best/            the checkpoint ranked highest by train.best_metric
+
+In a multi-process run only process 0 writes files; every process writes its
+own shards of the checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+from tensorboardX import SummaryWriter
+
+from mtl import config as C
+from mtl.checkpoint import Checkpoints
+from mtl.config import UsageError
+from mtl.evaluator import selection_score
+
+# Fields that may change between a run and its resumption; nothing else may.
+# (Remat, unrolling and micro-batching compute the same update another way.)
+RESUMABLE_TRAIN = {"steps", "mesh", "log_every", "eval_every", "eval_examples", "checkpoint_every", "keep_checkpoints"}
+RESUMABLE_TRAIN |= {"grad_accum"}
+RESUMABLE_MODEL = {"remat", "scan_unroll"}
+
+
+class RunFolder:
+    """``config.json``, ``tasks.json``, ``metrics.jsonl`` and ``tensorboard/`` of one run."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        self.metrics_path = self.path / "metrics.jsonl"
+        self._board = None  # TensorBoard writer, opened on the first record
+
+    def check_resumable(self, cfg: C.Config) -> None:
+        """Raises UsageError if the folder holds a run of another model or data.
+
+        The serving section may change freely: it is how the run is served, not what it trains.
+        """
+
+        saved = self.path / "config.json"
+        if not saved.exists():
+            if self.path.exists() and any(self.path.iterdir()):
+                raise UsageError(f"--out {str(self.path)!r} is not empty and holds no mtl run")
+            return
+        old = C.from_dict(json.loads(saved.read_text()))
+        changed = [
+            f"model.{k}"
+            for k, v in dataclasses.asdict(cfg.model).items()
+            if k not in RESUMABLE_MODEL and dataclasses.asdict(old.model)[k] != v
+        ]
+        changed += [
+            f"train.{k}"
+            for k, v in dataclasses.asdict(cfg.train).items()
+            if k not in RESUMABLE_TRAIN and dataclasses.asdict(old.train)[k] != v
+        ]
+        if changed:
+            raise UsageError(
+                f"--out {str(self.path)!r} holds a run with different {', '.join(changed)}; "
+                "use a new --out to start afresh"
+            )
+
+    def start(self, cfg: C.Config, task_meta: list[dict]) -> None:
+        """Writes the run's config and tasks (again, on resumption: ``steps`` or ``mesh`` may have changed)."""
+        if jax.process_index() != 0:
+            return  # one writer in a multi-process run
+        self.path.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.path / "config.json", C.dumps(cfg))
+        _write_atomic(self.path / "tasks.json", json.dumps(task_meta, indent=2))
+
+    def truncate_metrics(self, step: int, final: bool) -> None:
+        """Drops metric lines a run resumed at ``step`` logs again.
+
+        That is every line after ``step`` and, when ``step`` ends the run, its
+        final evaluation, which the resumed run repeats.
+        """
+        if jax.process_index() != 0 or not self.metrics_path.exists():
+            return
+        records = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        kept = [
+            json.dumps(r) for r in records if r["step"] < step or (r["step"] == step and not (final and "split" in r))
+        ]
+        _write_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
+
+    def log(self, record: dict) -> None:
+        """Appends ``record`` to ``metrics.jsonl`` and to TensorBoard."""
+        if jax.process_index() != 0:
+            return  # one writer in a multi-process run
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._tensorboard(record)
+
+    def _tensorboard(self, record: dict) -> None:
+        """The same numbers as TensorBoard scalars: ``train/TASK/loss``, ``validation/TASK/accuracy``, ..."""
+        if self._board is None:
+            self._board = SummaryWriter(str(self.path / "tensorboard"), flush_secs=10)
+        section = record.get("split", "train")
+        for key, value in record.items():
+            if key in ("step", "task", "split", "steps") or not isinstance(value, (int, float)):
+                continue
+            tag = f"throughput/{key}" if key in ("tokens_per_s", "mfu") else f"{section}/{record['task']}/{key}"
+            self._board.add_scalar(tag, value, record["step"])
+
+    def close(self) -> None:
+        if self._board is not None:
+            self._board.close()
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class BestCheckpoint:
+    """``best/``: the checkpoint whose validation metrics rank highest by ``train.best_metric``.
+
+    Its meta records the score, so a resumed run keeps comparing against it.
+    """
+
+    def __init__(self, path: pathlib.Path, spec: str, kinds: dict[str, str]):
+        self.spec, self.kinds = spec, kinds
+        self.checkpoints = Checkpoints(path, keep=1)
+        step = self.checkpoints.latest_step()
+        self.score = -np.inf if step is None else self.checkpoints.read_meta(step)["score"]
+
+    def offer(self, step: int, state, scores: dict, meta: dict) -> None:
+        """Saves ``state`` as the best checkpoint if ``scores`` rank above the best so far."""
+        score = selection_score(self.spec, self.kinds, scores)
+        if score > self.score and step not in self.checkpoints.all_steps():
+            self.score = score
+            meta = {**meta, "score": score, "best_metric": self.spec}
+            self.checkpoints.save(step, state["model"], state["optimizer"], meta)
