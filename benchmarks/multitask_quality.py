@@ -14,7 +14,6 @@ Takes about 20 minutes on 2 CPU cores with the small preset and 1200 steps.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import shutil
@@ -24,18 +23,16 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import tasks  # noqa: E402
-import train  # noqa: E402
+from mtl import trainer  # noqa: E402
 from tasks.metrics import HIGHER_IS_BETTER, MAIN  # noqa: E402
 
 
 def train_model(base, task_names, steps, out, log):
-    cfg = train.resolve_config(base + ["--tasks", ",".join(task_names), "--steps", str(steps)])
-    # Evaluate only at the end, on the test split's first eval_examples (evenly spaced).
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=0))
-    plan = train.prepare(cfg, log=lambda *_: None)
+    cfg = trainer.configure(**base, tasks=task_names, steps=steps)
+    plan = trainer.prepare(cfg, log=lambda *_: None)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    test = train.run(plan, out)
+    test = trainer.run(plan, out)
     log(f"{'+'.join(task_names)}: {steps} steps in {time.perf_counter() - t0:.0f}s")
     return test
 
@@ -70,7 +67,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     names = args.tasks.split(",")
-    base = ["--preset", args.preset, "--mixture", args.mixture, "--set", f"train.eval_examples={args.eval_examples}"]
+    # Evaluate only at the end, on eval_examples evenly spaced test examples a task.
+    overrides = ["train.eval_every=0", f"train.eval_examples={args.eval_examples}"]
+    base = {"preset": args.preset, "mixture": args.mixture, "overrides": overrides}
     sizes = {n: len(tasks.get(n).load()["train"]) for n in names}
     rates = tasks.mixture_rates(args.mixture, sizes)
     steps_of = {n: max(1, round(args.steps * rates[n])) for n in names}
