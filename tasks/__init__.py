@@ -12,7 +12,7 @@ from tasks.data import EncodedSplit, encode_split, labels_of, prompt_ids, tags_a
 from tasks.registry import KINDS, Task, get, names, register, resolve
 from tasks.sampler import MixtureSampler, mixture_rates
 from tasks.schema import COLUMNS, SPLITS
-from tasks.tokenizer import ByteTokenizer, Tokenizer
+from tasks.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
     "COLUMNS",
@@ -26,6 +26,7 @@ __all__ = [
     "encode_split",
     "get",
     "labels_of",
+    "load_tokenizer",
     "metrics",
     "mixture_rates",
     "names",

@@ -13,27 +13,28 @@ The other kinds are answered from the prompt ``seq = [BOS] x [SEP]`` alone:
 ``tokens`` (padded) and ``lengths = len(seq)``, plus
     classify: ``label``, the index of its label in the task's sorted labels;
     regress:  ``value``, the float32 target;
-    tag:      ``tags`` [L], the tag index at the last byte of each
+    tag:      ``tags`` [L], the tag index at the last token of each
               whitespace-separated word (``word_ends``), -1 elsewhere.
 Every batch also carries ``task_id``. The server prompts every kind with
-``prompt_ids``, which is exactly the training prefix.
+``prompt_ids``, which is exactly the training prefix. ``[BOS] x [SEP]`` is the
+byte tokenizer's prompt; a Hugging Face tokenizer's is ``[BOS]`` then its
+prompt template around ``x`` (``HFTokenizer.prompt_ids``).
 """
 
 import dataclasses
-import re
 from typing import Sequence
 
 import datasets
 import numpy as np
 
-from tasks.tokenizer import Tokenizer
+from tasks.tokenizer import ByteTokenizer, Tokenizer
 
 ENCODED_KINDS = ("generate", "classify", "regress", "tag")
 
 
 def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Returns ``[BOS] + encode(text) + [SEP]``, the prompt for every kind."""
-    return [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.sep_id]
+    """The prompt for every kind: ``[BOS] + encode(text) + [SEP]`` with the byte tokenizer."""
+    return tokenizer.prompt_ids(text)
 
 
 def labels_of(dataset_dict: datasets.DatasetDict) -> tuple[str, ...]:
@@ -51,24 +52,26 @@ def labels_of(dataset_dict: datasets.DatasetDict) -> tuple[str, ...]:
     return ()
 
 
-def tags_at_word_ends(probs: np.ndarray, text: str) -> list[int]:
+def tags_at_word_ends(probs: np.ndarray, text: str, tokenizer: Tokenizer | None = None) -> list[int]:
     """A tag head's answer for ``text``: the most likely tag id of each word.
 
     Args:
       probs: [T, C] tag probabilities at every prompt position.
       text: the request's input.
+      tokenizer: the model's tokenizer; default the byte tokenizer.
     """
-    return [int(probs[end].argmax()) for end in word_ends(text)]
+    return [int(probs[end].argmax()) for end in word_ends(text, tokenizer)]
 
 
-def word_ends(text: str) -> list[int]:
-    """The prompt position of each whitespace-separated word's last byte.
+def word_ends(text: str, tokenizer: Tokenizer | None = None) -> list[int]:
+    """The prompt position of each whitespace-separated word's last token.
 
-    A tag task's head reads a word's tag at the word's last byte, where
-    causal attention has seen the whole word. Positions count the BOS that
-    starts every prompt, and bytes as the byte tokenizer does.
+    A tag task's head reads a word's tag at the word's last token (its last
+    byte with the byte tokenizer, its last sub-word with a Hugging Face one),
+    where causal attention has seen the whole word. Positions count the BOS
+    that starts every prompt.
     """
-    return [1 + len(text[: m.end()].encode("utf-8")) - 1 for m in re.finditer(r"\S+", text)]
+    return (tokenizer or ByteTokenizer()).word_ends(text)
 
 
 @dataclasses.dataclass
@@ -185,10 +188,10 @@ def encode_split(
 
 
 def _encode_generate(inputs, targets, tokenizer, max_len):
-    bos, sep, eos = tokenizer.bos_id, tokenizer.sep_id, tokenizer.eos_id
+    eos = tokenizer.eos_id
     seqs, prefix_lens = [], []
     for text, target in zip(inputs, targets):
-        prefix = [bos, *tokenizer.encode(text), sep]
+        prefix = tokenizer.prompt_ids(text)
         seqs.append(prefix + tokenizer.encode(target) + [eos])
         prefix_lens.append(len(prefix))
     seq_lens = np.array([len(s) for s in seqs], dtype=np.int64)
@@ -211,7 +214,7 @@ def _encode_generate(inputs, targets, tokenizer, max_len):
 
 def _encode_prompts(inputs, tokenizer, max_len):
     """Prompts alone, for the kinds answered from the prefill: tokens and lengths."""
-    seqs = [prompt_ids(tokenizer, text) for text in inputs]
+    seqs = [tokenizer.prompt_ids(text) for text in inputs]
     seq_lens = np.array([len(s) for s in seqs], dtype=np.int64)
     keep = seq_lens <= max_len
     seqs = [s for s, k in zip(seqs, keep) if k]
@@ -236,13 +239,13 @@ def _encode_classify(inputs, label_texts, tokenizer, max_len, labels):
 
 
 def _encode_tag(inputs, tag_rows, tokenizer, max_len, labels):
-    """``tags`` [N, L]: the tag id at each word's last byte (see ``word_ends``), -1 elsewhere."""
+    """``tags`` [N, L]: the tag id at each word's last token (see ``word_ends``), -1 elsewhere."""
     _check_labels([t for row in tag_rows for t in row], labels)
     index = {label: i for i, label in enumerate(labels)}
     arrays, keep = _encode_prompts(inputs, tokenizer, max_len)
     tags = np.full(arrays["tokens"].shape, -1, dtype=np.int32)
     for row, i in enumerate(np.flatnonzero(keep)):
-        ends = word_ends(inputs[i])
+        ends = word_ends(inputs[i], tokenizer)
         if len(ends) != len(tag_rows[i]):
             raise ValueError(f"Input {inputs[i]!r} has {len(ends)} words but {len(tag_rows[i])} tags.")
         tags[row, ends] = [index[t] for t in tag_rows[i]]

@@ -1,5 +1,12 @@
-"""Tokenizers: the byte-level default and the interface any other must meet."""
+"""Tokenizers: the byte-level default and the interface any other must meet.
 
+A pretrained model brings its own (``tasks.hf_tokenizer.HFTokenizer``, a
+Hugging Face ``tokenizer.json``); :func:`load_tokenizer` reads whichever a run
+folder holds.
+"""
+
+import os
+import re
 from typing import Protocol, Sequence, runtime_checkable
 
 
@@ -7,8 +14,12 @@ from typing import Protocol, Sequence, runtime_checkable
 class Tokenizer(Protocol):
     """What the data pipeline and the server need from a tokenizer.
 
-    ``ByteTokenizer`` meets it; a Hugging Face tokenizer can be wrapped to meet
-    it too (its own special ids, ``encode`` without adding specials).
+    ``ByteTokenizer`` meets it, and so does ``HFTokenizer`` (a Hugging Face
+    tokenizer with its model's special ids). ``eos_ids`` lists every id that
+    ends a generation (``eos_id`` first); ``prompt_ids`` is the prompt of every
+    task kind, the same at training and at serving; ``word_ends`` gives the
+    prompt position of each whitespace-separated word's last token, where a tag
+    task reads the word's tag.
     """
 
     pad_id: int
@@ -16,10 +27,15 @@ class Tokenizer(Protocol):
     eos_id: int
     sep_id: int
     vocab_size: int
+    eos_ids: tuple[int, ...]
 
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
+
+    def prompt_ids(self, text: str) -> list[int]: ...
+
+    def word_ends(self, text: str) -> list[int]: ...
 
 
 class ByteTokenizer:
@@ -40,6 +56,7 @@ class ByteTokenizer:
     eos_id = EOS
     sep_id = SEP
     vocab_size = OFFSET + 256
+    eos_ids = (EOS,)
 
     def encode(self, text: str) -> list[int]:
         """Returns the token ids of ``text``'s UTF-8 bytes, without specials."""
@@ -60,5 +77,25 @@ class ByteTokenizer:
                 out.append(i - self.OFFSET)
         return out.decode("utf-8", errors="replace")
 
+    def prompt_ids(self, text: str) -> list[int]:
+        """Returns ``[BOS] + encode(text) + [SEP]``, the prompt for every kind."""
+        return [self.BOS, *self.encode(text), self.SEP]
+
+    def word_ends(self, text: str) -> list[int]:
+        """The prompt position of each whitespace-separated word's last byte (positions count the BOS)."""
+        return [len(text[: m.end()].encode("utf-8")) for m in re.finditer(r"\S+", text)]
+
+    def save(self, folder: str) -> None:
+        """Nothing to write: a folder without ``tokenizer.json`` means the byte tokenizer."""
+
     def __repr__(self) -> str:
         return "ByteTokenizer()"
+
+
+def load_tokenizer(folder: str | os.PathLike | None) -> Tokenizer:
+    """The tokenizer a model or run folder holds: its ``tokenizer.json`` if any, else the byte tokenizer."""
+    if folder is not None and os.path.exists(os.path.join(folder, "tokenizer.json")):
+        from tasks.hf_tokenizer import HFTokenizer  # needs the `tokenizers` package only when used
+
+        return HFTokenizer.from_folder(folder)
+    return ByteTokenizer()
