@@ -72,7 +72,7 @@ def test_notebook_runs_with_the_tiny_preset(tmp_path, monkeypatch):
 
     assert NOTEBOOK.read_bytes() == before, "executing the notebook must not modify the committed file"
     assert (out / "metrics.jsonl").is_file() and (out / "metrics.png").is_file()
-    assert any((out / "tensorboard").iterdir()), "train.run should write TensorBoard scalars beside metrics.jsonl"
+    assert any((out / "tensorboard").iterdir()), "trainer.run should write TensorBoard scalars beside metrics.jsonl"
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert any("image/png" in o.get("data", {}) for o in outputs), "the plot cell shows no image"
     tables = [o["data"]["text/plain"] for o in outputs if "text/html" in o.get("data", {})]
