@@ -1,0 +1,76 @@
+"""mtl.trainer's pieces that need no training: the config from flag values, batch trimming, the task list.
+
+The training loop itself runs end to end in tests/test_cli.py (killed and
+resumed), tests/test_multiprocess.py and tests/test_notebook.py.
+"""
+
+import numpy as np
+import pytest
+
+from mtl import trainer
+from mtl.cli.train import build_parser, config_from_args
+from mtl.config import UsageError
+
+
+def test_configure_applies_the_flags_then_the_overrides():
+    cfg = trainer.configure(
+        "tiny", tasks="g2p, langid", steps=3, batch_size=4, seed=5, overrides=["train.log_every=2", "model.d_ff=96"]
+    )
+    assert cfg.train.tasks == ("g2p", "langid")
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.train.seed, cfg.train.log_every) == (3, 4, 5, 2)
+    assert cfg.model.d_ff == 96
+    assert cfg.train.mixture == trainer.configure("tiny").train.mixture  # not given: the preset's
+    assert trainer.configure("tiny", tasks=["g2p", "langid"], steps=3, batch_size=4, seed=5).train == (
+        trainer.configure("tiny", tasks="g2p,langid", steps=3, batch_size=4, seed=5).train
+    )
+
+
+def test_the_command_line_builds_the_same_config():
+    argv = ["--preset", "small", "--tasks", "langid", "--mesh", "data=-1", "--steps", "7", "--set", "train.seed=3"]
+    expected = trainer.configure("small", tasks="langid", mesh="data=-1", steps=7, overrides=["train.seed=3"])
+    assert config_from_args(build_parser().parse_args(argv)) == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"preset": "huge"}, "huge"),
+        ({"tasks": " , "}, "--tasks names no task"),
+        ({"overrides": ["model.d_modle=4"]}, "d_modle"),
+        ({"steps": 0}, "train.steps=0"),
+    ],
+)
+def test_configure_raises_one_usage_error(kwargs, message):
+    with pytest.raises(UsageError) as e:
+        trainer.configure(**kwargs)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+def test_trim_cuts_padding_to_the_longest_row_rounded_up():
+    tokens = np.zeros((2, 128), np.int32)
+    tokens[0, :40] = 5
+    tokens[1, :10] = 5
+    batch = {"tokens": tokens, "loss_mask": np.ones((2, 128), np.float32), "label": np.array([1, 2])}
+    trimmed = trainer.trim(batch)
+    assert trimmed["tokens"].shape == (2, 64) and trimmed["loss_mask"].shape == (2, 64)
+    np.testing.assert_array_equal(trimmed["tokens"], tokens[:, :64])
+    np.testing.assert_array_equal(trimmed["label"], [1, 2])  # not a row of tokens: kept whole
+    # One process's rows: the global batch's longest row decides, so every process cuts alike.
+    assert trainer.trim(batch, longest=70)["tokens"].shape == (2, 96)
+    assert trainer.trim(batch, longest=500)["tokens"].shape == (2, 128)  # never wider than the split
+
+
+def test_default_out_names_the_tasks_and_the_seed():
+    assert trainer.default_out(trainer.configure(tasks="g2p,langid", seed=4)) == "runs/g2p-langid-4"
+
+
+def test_list_tasks_names_every_built_in_task():
+    lines = []
+    trainer.list_tasks(log=lines.append)
+    assert [line.split()[:2] for line in lines] == [
+        ["g2p", "generate"],
+        ["hyphenate", "tag"],
+        ["langid", "classify"],
+        ["valence", "regress"],
+    ]
