@@ -264,10 +264,10 @@ def test_served_requests_never_wait_for_a_compilation(runs):
     """Server.load compiles every shape; answering a mixed file afterwards compiles nothing."""
     import jax
 
-    import serve
+    from mtl.server import Server
 
     _, resumed, *_ = runs
-    server = serve.Server.load(str(resumed), "data=2,fsdp=2,tensor=2", max_batch=8)
+    server = Server.load(str(resumed), ["serve.mesh=data=2,fsdp=2,tensor=2", "serve.max_batch=8"])
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, secs, **kw: compiles.append(name) if name.endswith("backend_compile_duration") else None
