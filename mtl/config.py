@@ -67,6 +67,18 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"
     heads: tuple[HeadConfig, ...] = ()  # filled from the run's tasks
+    # Architecture options, for pretrained families (mtl.hf_import); the defaults are mtl's own backbone.
+    scale_embeddings: bool = True  # token (and task) embeddings times sqrt(D) in the compute dtype (Gemma too)
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each query and key head before rotary positions (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # every RMSNorm multiplies by (norm_offset + scale): Gemma's (1 + w) is 1.0
+    sandwich_norms: bool = False  # Gemma 3: attention and MLP outputs normed too, before the residual add
+    mlp_activation: str = "silu"  # the gated MLP's gate: silu (SwiGLU) or gelu_tanh (Gemma's GeGLU)
+    attn_scale: float = 0.0  # attention logits' scale; 0: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    rope_scaling: str = ""  # global layers' rotary scaling: "", "linear:FACTOR", "llama3:FACTOR,LOW,HIGH,ORIGINAL_LEN"
+    layer_types: str = ""  # one letter a layer: L local (sliding window) or G global; "": all global
+    sliding_window: int = 0  # the keys a local layer's query sees, itself included
+    rope_local_theta: float = 0.0  # local layers' rotary base; 0: rope_theta
 
     def head(self, task: str) -> HeadConfig:
         for head in self.heads:
@@ -327,6 +339,19 @@ def validate(config: Config) -> None:
     for head in m.heads:
         if head.kind not in HEAD_KINDS:
             raise ValueError(f"head {head.task!r} has kind {head.kind!r}; kinds: {', '.join(HEAD_KINDS)}")
+    if m.mlp_activation not in ("silu", "gelu_tanh"):
+        raise ValueError(f"model.mlp_activation={m.mlp_activation!r} must be silu or gelu_tanh")
+    if m.layer_types and (len(m.layer_types) != m.n_layers or set(m.layer_types) - set("LG")):
+        raise ValueError(
+            f"model.layer_types={m.layer_types!r} must be one letter a layer ({m.n_layers}), L local or G global"
+        )
+    if "L" in m.layer_types and m.sliding_window < 1:
+        raise ValueError(f"model.sliding_window={m.sliding_window} must be positive where model.layer_types has L")
+    kind, _, numbers = m.rope_scaling.partition(":")
+    if (kind, len(numbers.split(","))) not in (("", 1), ("linear", 1), ("llama3", 4)):
+        raise ValueError(
+            f"model.rope_scaling={m.rope_scaling!r} must be empty, linear:FACTOR or llama3:FACTOR,LOW,HIGH,ORIGINAL_LEN"
+        )
     if m.remat not in REMAT_POLICIES:
         raise ValueError(f"model.remat={m.remat!r} must be one of {', '.join(REMAT_POLICIES)}")
     if t.batch_size % t.grad_accum:

@@ -12,7 +12,7 @@ per shape and drives them, in the spirit of JetStream:
   feeding every slot's last token and sampling the next (:func:`decode_step`).
 
 Every slot carries its own task, position, sampling parameters, seed and stop
-state (``done``, ``remaining``), so requests of different tasks and settings
+state (``done``, ``remaining``, its stop sequences and last tokens), so requests of different tasks and settings
 share one batch without recompiling, and a slot's tokens never depend on its
 neighbours. All generation tasks today share the language-model head (tied to
 the token embedding), conditioned by the task embedding; a per-task generation
@@ -33,10 +33,12 @@ over the whole sequence.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mtl import cache_bkhs, cache_bksh
@@ -55,6 +57,38 @@ class Sampling(NamedTuple):
     seed: jax.Array  # uint32: the row's RNG key is derived from it and the position
 
 
+# Stop sequences a slot matches on device: up to STOP_SEQUENCES of them (OpenAI's limit on stop
+# strings), each up to STOP_TOKENS tokens. The engine matches every stop sequence on the host too, so
+# longer or further ones still end a request, only not on device.
+STOP_SEQUENCES = 4
+STOP_TOKENS = 16
+_NO_STOP = -2  # a stop row that never matches (tokens are >= 0)
+_ANY = -1  # a position before a shorter stop sequence's start: matches any token
+_NOTHING_YET = -3  # ``recent`` before a slot has generated that many tokens
+
+
+def stop_array(stops: Sequence[Sequence[Sequence[int]]], rows: int) -> np.ndarray:
+    """[rows, STOP_SEQUENCES, STOP_TOKENS] int32: each row's stop sequences right-aligned, for the device.
+
+    ``stops[r]`` is row r's token sequences (rows past ``len(stops)`` have none);
+    sequences that are empty, longer than STOP_TOKENS, or past the first
+    STOP_SEQUENCES that fit are left to the host.
+    """
+    out = np.full((rows, STOP_SEQUENCES, STOP_TOKENS), _NO_STOP, np.int32)
+    for r, sequences in enumerate(stops):
+        fitting = [s for s in sequences if 1 <= len(s) <= STOP_TOKENS][:STOP_SEQUENCES]
+        for j, s in enumerate(fitting):
+            out[r, j] = _ANY
+            out[r, j, STOP_TOKENS - len(s) :] = s
+    return out
+
+
+def _stopped(stops: jax.Array, recent: jax.Array) -> jax.Array:
+    """[B] whether each row's last tokens ``recent`` [B, STOP_TOKENS] end in one of its ``stops``."""
+    match = (stops == recent[:, None, :]) | (stops == _ANY)  # [B, STOP_SEQUENCES, STOP_TOKENS]
+    return jnp.any(jnp.all(match, axis=-1), axis=-1)
+
+
 class DecodeState(NamedTuple):
     """Everything a decode slot carries between steps; slots are independent.
 
@@ -68,8 +102,10 @@ class DecodeState(NamedTuple):
     positions: jax.Array  # [B] the position ``tokens`` is written at
     task_ids: jax.Array  # [B]
     sampling: Sampling
-    done: jax.Array  # [B] bool: EOS produced, budget spent, or an empty slot
+    done: jax.Array  # [B] bool: EOS or a stop sequence produced, budget spent, or an empty slot
     remaining: jax.Array  # [B] new tokens still allowed
+    stops: jax.Array  # [B, STOP_SEQUENCES, STOP_TOKENS] int32, see :func:`stop_array`
+    recent: jax.Array  # [B, STOP_TOKENS] the last tokens generated, the newest last
 
 
 class DecodeWeights(NamedTuple):
@@ -88,7 +124,7 @@ def decode_weights(model: MultiTaskModel) -> DecodeWeights:
 
 def state_axes(state: DecodeState) -> DecodeState:
     """Logical axis names of every leaf: the cache's by its layout, the rest by slot."""
-    per_slot = jax.tree.map(lambda _: ("batch",), state._replace(cache=()))
+    per_slot = jax.tree.map(lambda a: ("batch",) + (None,) * (a.ndim - 1), state._replace(cache=()))
     return per_slot._replace(cache=tuple(KVCache(cache_bkhs, cache_bksh) for _ in state.cache))
 
 
@@ -225,8 +261,8 @@ def forward(
     x = model.embed(tokens, task_ids, positions)
     kept = []
     caches = (None,) * len(weights.layers) if cache is None else cache
-    for layer, layer_cache in zip(weights.layers, caches, strict=True):
-        x, layer_cache = nnx.merge(block_def, layer)(x, positions, layer_cache)
+    for index, (layer, layer_cache) in enumerate(zip(weights.layers, caches, strict=True)):
+        x, layer_cache = nnx.merge(block_def, layer)(x, positions, layer_cache, index)
         kept.append(layer_cache)
     return model.final_norm(x), tuple(kept)
 
@@ -272,6 +308,7 @@ def prefill_rows(
     allowed: jax.Array,
     eos_id: int,
     cache_len: int,
+    stops: jax.Array | None = None,
 ) -> tuple[DecodeState, jax.Array, dict[str, jax.Array]]:
     """Prefills a batch of prompts of any tasks and samples each row's first new token.
 
@@ -280,6 +317,7 @@ def prefill_rows(
       lengths, task_ids: [P].
       sampling: per-row settings, each [P].
       max_new: [P] each row's token budget (at least 1).
+      stops: [P, STOP_SEQUENCES, STOP_TOKENS] (:func:`stop_array`); None: no stop sequences.
 
     Returns:
       (the rows as a DecodeState ready for :func:`insert`, their first tokens
@@ -288,14 +326,20 @@ def prefill_rows(
     hidden, cache, logits = prefill(model, weights, tokens, lengths, task_ids, cache_len)
     heads = model.head_outputs(hidden, lengths)
     first = sample(logits, sampling, lengths - 1, allowed)
+    p = tokens.shape[0]
+    if stops is None:
+        stops = jnp.full((p, STOP_SEQUENCES, STOP_TOKENS), _NO_STOP, jnp.int32)
+    recent = jnp.full((p, STOP_TOKENS), _NOTHING_YET, jnp.int32).at[:, -1].set(first)
     rows = DecodeState(
         cache=cache,
         tokens=first,
         positions=lengths,
         task_ids=task_ids,
         sampling=sampling,
-        done=(first == eos_id) | (max_new <= 1),
+        done=(first == eos_id) | (max_new <= 1) | _stopped(stops, recent),
         remaining=max_new - 1,
+        stops=stops,
+        recent=recent,
     )
     return rows, first, heads
 
@@ -343,7 +387,8 @@ def decode_step(
 ) -> tuple[DecodeState, jax.Array]:
     """Feeds every slot's last token and samples the next: one new token a slot.
 
-    Slots that are done still compute (shapes stay fixed) but do not advance.
+    Slots that are done still compute (shapes stay fixed) but do not advance. A slot is done
+    once it produces EOS or one of its stop sequences, or spends its budget.
 
     Returns:
       (the new state, the [B] tokens sampled; meaningful only for live slots).
@@ -351,7 +396,8 @@ def decode_step(
     logits, cache = decode_forward(model, weights, state.tokens, state.task_ids, state.positions, state.cache)
     new = sample(logits, state.sampling, state.positions, allowed)  # all generation tasks share the LM head
     live = ~state.done
-    done = state.done | (live & ((new == eos_id) | (state.remaining <= 1)))
+    recent = jnp.concatenate([state.recent[:, 1:], new[:, None]], axis=1)
+    done = state.done | (live & ((new == eos_id) | (state.remaining <= 1) | _stopped(state.stops, recent)))
     state = DecodeState(
         cache=cache,
         tokens=jnp.where(live, new, state.tokens),
@@ -360,6 +406,8 @@ def decode_step(
         sampling=state.sampling,
         done=done,
         remaining=jnp.where(live, state.remaining - 1, state.remaining),
+        stops=state.stops,
+        recent=jnp.where(live[:, None], recent, state.recent),
     )
     return state, new
 
@@ -378,7 +426,7 @@ def decode_steps(
     ``stop_after`` slots live at its start are done.
 
     One call amortises the dispatch and the host's read-back over the chunk; a
-    slot that ends mid-chunk (EOS, its budget) is done on device and stops
+    slot that ends mid-chunk (EOS, a stop sequence, its budget) is done on device and stops
     advancing, and ``stop_after`` lets the chunk end as soon as enough slots are
     free for waiting requests, instead of leaving them idle to the chunk's end.
 

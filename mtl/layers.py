@@ -1,19 +1,27 @@
-"""The backbone's layers: RMSNorm, rotary positions, grouped-query attention with its KV cache, SwiGLU.
+"""The backbone's layers: RMSNorm, rotary positions, grouped-query attention with its KV cache, the gated MLP.
 
 Every parameter carries logical axis names in its ``logical_axes`` metadata;
 ``sharding.RULES`` turns them into mesh axes. Key activations are constrained
 by logical names too (``mtl.act_btd`` and its kin), which is a no-op outside a
 mesh. Attention runs over a whole sequence (training, prefill) or, one token a
 row, over the model's one cache layout (:class:`KVCache`, decoding).
+
+The pretrained families are options of these layers (``ModelConfig``'s
+architecture fields): query/key/value biases, RMSNorm on query and key heads,
+Gemma's (1 + w) norms and norms around attention and MLP, a GELU gate, rotary
+scaling, and local sliding-window layers interleaved with global ones, each
+with its rotary base. Every option's default is mtl's own backbone.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 from flax import nnx
 
@@ -58,27 +66,54 @@ def normal(stddev: float):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, param_dtype, *, rngs: nnx.Rngs):
-        self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("norm",), param_dtype)
+    """RMSNorm over the last axis, times ``offset + scale`` (Gemma's norms: offset 1, scale starting at 0)."""
+
+    def __init__(self, dim: int, eps: float, param_dtype, offset: float = 0.0, *, rngs: nnx.Rngs):
+        init = jax.nn.initializers.ones if offset == 0 else jax.nn.initializers.constant(1.0 - offset)
+        self.scale = param(rngs, init, (dim,), ("norm",), param_dtype)
         self.eps = eps
+        self.offset = offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Normalise in f32 whatever the compute dtype: the mean of squares
         # loses too much in bf16.
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        scale = self.scale[...].astype(jnp.float32)
+        return (y * (scale + self.offset if self.offset else scale)).astype(x.dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """Rotary positions (rotate-half form). x: [B, T, N, H]; positions: [B, T]."""
-    return rotate(x, *rope_angles(positions, x.shape[-1], theta, x.dtype))
+    return rotate(x, *rope_angles(positions, inverse_frequencies(x.shape[-1], theta), x.dtype))
 
 
-def rope_angles(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
-    """The sine and cosine of every position's rotary angles: [B, T] -> two [B, T, 1, H/2]."""
+def inverse_frequencies(head_dim: int, theta: float, scaling: str = "") -> np.ndarray:
+    """The rotary angle per position of each pair of a head's dimensions: f32 [H/2].
+
+    ``scaling`` (``ModelConfig.rope_scaling``) stretches the angles as
+    transformers does: ``linear:F`` divides every frequency by F; Llama 3's
+    ``llama3:F,LOW,HIGH,ORIGINAL_LEN`` divides the low frequencies by F, keeps
+    the high ones and blends those between.
+    """
     half = head_dim // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+    inv_freq = (1.0 / theta ** (np.arange(half, dtype=np.float32) / np.float32(half))).astype(np.float32)
+    kind, _, numbers = scaling.partition(":")
+    if kind == "linear":
+        return (inv_freq / np.float32(numbers)).astype(np.float32)
+    if kind == "llama3":
+        factor, low, high, original = (float(v) for v in numbers.split(","))
+        wavelength = 2 * math.pi / inv_freq
+        scaled = np.where(wavelength > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelength - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelength >= original / high) & (wavelength <= original / low)
+        return np.where(medium, blended, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_angles(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """The sine and cosine of every position's rotary angles: [B, T] and [H/2] -> two [B, T, 1, H/2]."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     # Computed once here, not inside every consumer: XLA would otherwise fuse
     # sin and cos into each rotation and evaluate them once per head.
@@ -121,19 +156,21 @@ def _from_query_rows(x: jax.Array, t: int) -> jax.Array:
     return rearrange(x, "B K (T G) H -> B T (K G) H", T=t)
 
 
-def _attention_forward(query, key, value):
-    t, h = query.shape[1], query.shape[-1]
+def _attention_forward(query, key, value, window, scale):
+    t = query.shape[1]
     rows_q = _query_rows(query, key.shape[2])  # [B, K, M, H], M = T*G
     key_t, value_t = (rearrange(a, "B S K H -> B K S H") for a in (key, value))
-    logits = jnp.einsum("BKMH,BKSH->BKMS", rows_q, key_t, preferred_element_type=jnp.float32) * h**-0.5
-    causal = (jnp.arange(rows_q.shape[2]) // (rows_q.shape[2] // t))[:, None] >= jnp.arange(key.shape[1])
+    logits = jnp.einsum("BKMH,BKSH->BKMS", rows_q, key_t, preferred_element_type=jnp.float32) * scale
+    distance = (jnp.arange(rows_q.shape[2]) // (rows_q.shape[2] // t))[:, None] - jnp.arange(key.shape[1])  # [M, S]
+    causal = distance >= 0 if window is None else (distance >= 0) & (distance < window)
     probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1).astype(value.dtype)  # [B, K, M, S]
     rows_out = jnp.einsum("BKMS,BKSH->BKMH", probs, value_t)
     return _from_query_rows(rows_out, t), (rows_q, key_t, value_t, probs, rows_out)
 
 
-@jax.custom_vjp
-def causal_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+def causal_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, window: jax.Array | int | None = None, scale: float = 0.0
+) -> jax.Array:
     """Causal grouped-query attention: [B, T, N, H] queries over [B, T, K, H] keys and values.
 
     Computes what ``jax.nn.dot_product_attention(..., is_causal=True)`` does
@@ -142,28 +179,39 @@ def causal_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.
     heads are stacked as the rows of one [T*G, S] score matrix a (batch, kv
     head), so every product is a plain batched matmul and no score-sized
     tensor is transposed; the backward pass is written out to keep it so.
+
+    Args:
+      query, key, value: as above.
+      window: a local layer's sliding window: a query sees the ``window`` keys
+        up to and including its own position (a banded mask); None: all of them.
+      scale: the logits' scale; 0: ``H ** -0.5``.
     """
-    return _attention_forward(query, key, value)[0]
+    return _causal_attention(query, key, value, window, scale or query.shape[-1] ** -0.5)
 
 
-def _attention_backward(saved, d_out):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _causal_attention(query, key, value, window, scale):
+    return _attention_forward(query, key, value, window, scale)[0]
+
+
+def _attention_backward(scale, saved, d_out):
     rows_q, key_t, value_t, probs, rows_out = saved
-    t, h = d_out.shape[1], d_out.shape[-1]
+    t = d_out.shape[1]
     d_rows = _query_rows(d_out, key_t.shape[1])  # [B, K, M, H]
     # Softmax backward: dL = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O),
     # a reduction over H instead of over the scores. The logits' scale is folded in here.
     delta = jnp.sum(d_rows.astype(jnp.float32) * rows_out.astype(jnp.float32), axis=-1, keepdims=True)
     d_probs = jnp.einsum("BKMH,BKSH->BKMS", d_rows, value_t, preferred_element_type=jnp.float32)
-    d_logits = (probs.astype(jnp.float32) * (d_probs - delta) * h**-0.5).astype(probs.dtype)  # [B, K, M, S]
+    d_logits = (probs.astype(jnp.float32) * (d_probs - delta) * scale).astype(probs.dtype)  # [B, K, M, S]
     # Key and value gradients as [B, K, H, S]: their products over M then take both operands untransposed.
     d_value = jnp.einsum("BKHM,BKMS->BKHS", rearrange(d_rows, "B K M H -> B K H M"), probs)
     d_key = jnp.einsum("BKHM,BKMS->BKHS", rearrange(rows_q, "B K M H -> B K H M"), d_logits)
     d_query = jnp.einsum("BKMS,BKSH->BKMH", d_logits, key_t)
     d_key, d_value = (rearrange(a, "B K H S -> B S K H") for a in (d_key, d_value))
-    return _from_query_rows(d_query, t), d_key, d_value
+    return _from_query_rows(d_query, t), d_key, d_value, None  # the window is not differentiated
 
 
-causal_attention.defvjp(_attention_forward, _attention_backward)
+_causal_attention.defvjp(_attention_forward, _attention_backward)
 
 
 class KVCache(NamedTuple):
@@ -207,8 +255,13 @@ class KVCache(NamedTuple):
         )
 
 
-def cached_attention(query: jax.Array, cache: KVCache, positions: jax.Array) -> jax.Array:
+def cached_attention(
+    query: jax.Array, cache: KVCache, positions: jax.Array, window: jax.Array | int | None = None, scale: float = 0.0
+) -> jax.Array:
     """One query token a row over a KV cache: [B, 1, N, H] queries; row b attends to positions 0 to ``positions[b]``.
+
+    A local layer's ``window`` keeps only the last ``window`` of those
+    positions, as :func:`causal_attention` does; ``scale`` 0 is ``H ** -0.5``.
 
     Query head n reads kv head n // G, as in ``jax.nn.dot_product_attention``,
     with logits and softmax in f32 and masked logits a large negative number.
@@ -220,8 +273,9 @@ def cached_attention(query: jax.Array, cache: KVCache, positions: jax.Array) -> 
     f32 = jnp.float32
     h, s = cache.key.shape[2:]
     rows = _query_rows(query, cache.key.shape[1]).astype(f32)  # [B, K, M, H], M = G: one token a row
-    logits = jnp.sum(rows[..., None] * cache.key.astype(f32)[:, :, None], axis=3) * f32(h**-0.5)  # [B, K, M, S]
-    seen = jnp.arange(s) <= positions[:, None]  # [B, S]
+    logits = jnp.sum(rows[..., None] * cache.key.astype(f32)[:, :, None], axis=3) * f32(scale or h**-0.5)  # [B,K,M,S]
+    distance = positions[:, None] - jnp.arange(s)  # [B, S]
+    seen = distance >= 0 if window is None else (distance >= 0) & (distance < window)
     logits = jnp.where(seen[:, None, None, :], logits, -0.7 * jnp.finfo(f32).max)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.sum(probs[..., None] * cache.value.astype(f32)[:, :, None], axis=3)  # [B, K, M, H]
@@ -240,10 +294,45 @@ class Attention(nnx.Module):
         # Residual branches start small so a deep stack begins near identity.
         out_std = (n * h) ** -0.5 / (2 * cfg.n_layers) ** 0.5
         self.w_nhd = param(rngs, normal(out_std), (n, h, d), ("heads", "head_dim", "embed"), pd)
-        self.rope_theta = cfg.rope_theta
+        if cfg.qkv_bias:
+            zeros = jax.nn.initializers.zeros
+            self.b_nh = param(rngs, zeros, (n, h), ("heads", "head_dim"), pd)
+            self.b_kh_key = param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), pd)
+            self.b_kh_value = param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), pd)
+        if cfg.qk_norm:
+            self.query_norm = RMSNorm(h, cfg.norm_eps, pd, cfg.norm_offset, rngs=rngs)
+            self.key_norm = RMSNorm(h, cfg.norm_eps, pd, cfg.norm_offset, rngs=rngs)
+        # Static settings, as tuples (a module's plain attributes are hashed with its graph).
+        self.inv_freq = tuple(inverse_frequencies(h, cfg.rope_theta, cfg.rope_scaling).tolist())
+        self.local_inv_freq = tuple(inverse_frequencies(h, cfg.rope_local_theta or cfg.rope_theta).tolist())
+        self.local_layers = tuple(t == "L" for t in cfg.layer_types)  # empty: every layer global
+        self.window = cfg.sliding_window
+        self.scale = cfg.attn_scale or h**-0.5
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None) -> tuple[jax.Array, KVCache]:
+    def layer_settings(self, layer: jax.Array | int | None) -> tuple[jax.Array, jax.Array | int | None]:
+        """This layer's rotary frequencies [H/2] and sliding window (None: global), by its index in the stack.
+
+        Local and global layers differ only in these two, so a scan over the
+        stacked layers picks them by its (traced) index; a stack of one kind
+        needs no index.
+        """
+        global_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        if not any(self.local_layers):
+            return global_freq, None
+        local_freq = jnp.asarray(self.local_inv_freq, jnp.float32)
+        if all(self.local_layers):
+            return local_freq, self.window
+        if layer is None:
+            raise ValueError("a stack of local and global layers needs each layer's index")
+        if isinstance(layer, int):
+            return (local_freq, self.window) if self.local_layers[layer] else (global_freq, None)
+        local = jnp.asarray(self.local_layers)[layer]
+        return jnp.where(local, local_freq, global_freq), jnp.where(local, self.window, jnp.iinfo(jnp.int32).max)
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None, layer: jax.Array | int | None = None
+    ) -> tuple[jax.Array, KVCache]:
         """Attends causally over the sequence, or, decoding, over a cache.
 
         Args:
@@ -252,6 +341,8 @@ class Attention(nnx.Module):
           cache: while decoding one token a row (T == 1), this layer's cache;
             the row's key and value are written at ``positions[:, 0]`` and it
             attends to the cache's positions up to that one.
+          layer: this layer's index in the stack; needed only where local and
+            global layers are interleaved.
 
         Returns:
           The [B, T, D] output and a KVCache: of ``x``'s T tokens without a
@@ -261,17 +352,24 @@ class Attention(nnx.Module):
         query = contract("BTD,DNH->BTNH", x, self.w_dnh[...].astype(dt))
         key = contract("BTD,DKH->BTKH", x, self.w_dkh_key[...].astype(dt))
         value = contract("BTD,DKH->BTKH", x, self.w_dkh_value[...].astype(dt))
-        sin, cos = rope_angles(positions, query.shape[-1], self.rope_theta, dt)
+        if hasattr(self, "b_nh"):
+            query = query + self.b_nh[...].astype(dt)
+            key = key + self.b_kh_key[...].astype(dt)
+            value = value + self.b_kh_value[...].astype(dt)
+        if hasattr(self, "query_norm"):
+            query, key = self.query_norm(query), self.key_norm(key)
+        inv_freq, window = self.layer_settings(layer)
+        sin, cos = rope_angles(positions, inv_freq, dt)
         query = constrain(rotate(query, sin, cos), act_btnh)
         key = constrain(rotate(key, sin, cos), act_btkh)
         value = constrain(value, act_btkh)
 
         if cache is None:
-            out = causal_attention(query, key, value)
+            out = causal_attention(query, key, value, window, self.scale)
             cache = KVCache.of_sequence(key, value)
         else:
             cache = cache.write(key, value, positions[:, 0])
-            out = cached_attention(query, cache, positions[:, 0])
+            out = cached_attention(query, cache, positions[:, 0], window, self.scale)
         out = constrain(out, act_btnh)
         return contract("BTNH,NHD->BTD", out, self.w_nhd[...].astype(dt)), cache
 
@@ -302,7 +400,7 @@ swiglu.defvjp(_swiglu_forward, _swiglu_backward)
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: (silu(x W_gate) * x W_up) W_down."""
+    """Gated feed-forward: (act(x W_gate) * x W_up) W_down; act is silu (SwiGLU) or tanh-approximated GELU (Gemma)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.d_ff
@@ -310,29 +408,42 @@ class MLP(nnx.Module):
         self.w_df_gate = param(rngs, normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
         self.w_df_up = param(rngs, normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
         self.w_fd = param(rngs, normal(f**-0.5 / (2 * cfg.n_layers) ** 0.5), (f, d), ("mlp", "embed"), pd)
+        self.activation = cfg.mlp_activation
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
         gate = contract("BTD,DF->BTF", x, self.w_df_gate[...].astype(dt))
         up = contract("BTD,DF->BTF", x, self.w_df_up[...].astype(dt))
-        hidden = constrain(swiglu(gate, up), act_btf)
+        gated = swiglu(gate, up) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True) * up
+        hidden = constrain(gated, act_btf)
         return contract("BTF,FD->BTD", hidden, self.w_fd[...].astype(dt))
 
 
 class Block(nnx.Module):
-    """A pre-norm Transformer layer."""
+    """A pre-norm Transformer layer; with ``sandwich_norms`` (Gemma 3) the attention and MLP outputs are normed too."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
-        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, rngs=rngs)
+        norm = lambda: RMSNorm(cfg.d_model, cfg.norm_eps, pd, cfg.norm_offset, rngs=rngs)  # noqa: E731
+        self.attention_norm = norm()
         self.attention = Attention(cfg, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, rngs=rngs)
+        self.mlp_norm = norm()
         self.mlp = MLP(cfg, rngs=rngs)
+        if cfg.sandwich_norms:
+            self.post_attention_norm = norm()
+            self.post_mlp_norm = norm()
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None) -> tuple[jax.Array, KVCache]:
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None, layer: jax.Array | int | None = None
+    ) -> tuple[jax.Array, KVCache]:
         """[B, T, D] -> [B, T, D], and this layer's KVCache (see ``Attention.__call__``)."""
-        attended, cache = self.attention(self.attention_norm(x), positions, cache)
+        attended, cache = self.attention(self.attention_norm(x), positions, cache, layer)
+        if hasattr(self, "post_attention_norm"):
+            attended = self.post_attention_norm(attended)
         x = constrain(x + attended, act_btd)
-        x = constrain(x + self.mlp(self.mlp_norm(x)), act_btd)
+        mixed = self.mlp(self.mlp_norm(x))
+        if hasattr(self, "post_mlp_norm"):
+            mixed = self.post_mlp_norm(mixed)
+        x = constrain(x + mixed, act_btd)
         return x, cache

@@ -85,7 +85,7 @@ class MultiTaskModel(nnx.Module):
             return Block(cfg, rngs=rngs)
 
         self.blocks = make_blocks(rngs)  # every parameter gains a leading [L] axis
-        self.final_norm = RMSNorm(d, cfg.norm_eps, pd, rngs=rngs)
+        self.final_norm = RMSNorm(d, cfg.norm_eps, pd, cfg.norm_offset, rngs=rngs)
         if not cfg.tie_embeddings:
             self.w_dv = param(rngs, normal(d**-0.5), (d, v), ("embed", "vocab"), pd)
         # Generation tasks share the LM head; every other task has its own.
@@ -116,13 +116,14 @@ class MultiTaskModel(nnx.Module):
 
         graphdef, layers = nnx.split(self.blocks)
 
-        def layer(x, layer_params):
-            x, _ = nnx.merge(graphdef, layer_params)(x, positions)  # the keys and values are not kept
+        def layer(x, layer_params_and_index):
+            layer_params, index = layer_params_and_index
+            x, _ = nnx.merge(graphdef, layer_params)(x, positions, None, index)  # the keys and values are not kept
             return x, None
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT[cfg.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(layer, x, layers, unroll=cfg.scan_unroll)
+        x, _ = jax.lax.scan(layer, x, (layers, jnp.arange(cfg.n_layers)), unroll=cfg.scan_unroll)
         return self.final_norm(x)
 
     def embed(self, tokens: jax.Array, task_ids: jax.Array, positions: jax.Array) -> jax.Array:
@@ -133,7 +134,7 @@ class MultiTaskModel(nnx.Module):
         dt = jnp.dtype(self.cfg.dtype)
         # Look-ups as one-hot matmuls: with the table sharded over vocab and
         # width, a matmul partitions cleanly where a gather would be replicated.
-        scale = jnp.asarray(self.cfg.d_model**0.5, dt)
+        scale = jnp.asarray(self.cfg.d_model**0.5 if self.cfg.scale_embeddings else 1.0, dt)
         one_hot = jax.nn.one_hot(tokens, self.cfg.vocab_size, dtype=dt)  # [B, T, V]
         x = contract("BTV,VD->BTD", one_hot, self.embed_vd[...].astype(dt)) * scale
         task_one_hot = jax.nn.one_hot(task_ids, self.task_embed.shape[0], dtype=dt)  # [B, J]

@@ -52,3 +52,69 @@ def train_bpe(folder: str, vocab_size: int = 320, metaspace: bool = False) -> st
 def _write(folder, name, obj):
     with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
+
+
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
+
+
+def tiny_model(family: str, folder: str, vocab_size: int = 320, seed: int = 0, **changes) -> str:
+    """A tiny random model of ``family`` made by transformers and saved with ``save_pretrained`` (f32)."""
+    import torch
+    import transformers as tf
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if family == "llama":
+        config = tf.LlamaConfig(
+            **common,
+            head_dim=16,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500_000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        )
+    elif family == "qwen2":
+        config = tf.Qwen2Config(**common, tie_word_embeddings=True)
+    elif family == "qwen3":
+        config = tf.Qwen3Config(**{**common, "num_key_value_heads": 1}, head_dim=24, tie_word_embeddings=True)
+    elif family == "gemma3":
+        config = tf.Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 3},
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+        )
+    else:
+        raise ValueError(family)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    cls = {"gemma3": tf.Gemma3ForCausalLM}.get(family, tf.AutoModelForCausalLM)
+    model = cls.from_config(config) if cls is tf.AutoModelForCausalLM else cls(config)
+    with torch.no_grad():  # random norms and biases, so a wrong mapping cannot hide behind ones and zeros
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    train_bpe(folder, vocab_size=vocab_size)
+    return folder

@@ -1,0 +1,146 @@
+"""Tests for mtl.hf_import: tiny Llama, Qwen2, Qwen3 and Gemma 3 models made by transformers, imported with parity."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mtl import hf_import
+from mtl.config import HeadConfig
+from sharding import make_mesh
+from tests import hf_fixtures
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+HEADS = (HeadConfig("echo", "generate"), HeadConfig("lang", "classify", 3))
+LENGTHS = (12, 7, 3)  # a right-padded batch: rows of 12, 7 and 3 real tokens
+
+
+@pytest.fixture(scope="module", params=hf_fixtures.FAMILIES)
+def folder(request, tmp_path_factory):
+    return hf_fixtures.tiny_model(request.param, str(tmp_path_factory.mktemp(request.param)))
+
+
+def padded_batch(vocab_size: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, vocab_size, (len(LENGTHS), max(LENGTHS))).astype(np.int32)
+    mask = np.arange(max(LENGTHS))[None, :] < np.array(LENGTHS)[:, None]
+    return np.where(mask, tokens, 0), mask
+
+
+def reference_logits(folder, tokens, mask):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long)
+        )
+    return out.logits.numpy()
+
+
+def mtl_logits(folder, mesh_spec="data=1", **overrides):
+    cfg = dataclasses.replace(hf_import.read_config(folder), heads=HEADS, **overrides)
+    size = int(np.prod([int(part.split("=")[1]) for part in mesh_spec.split(",")]))
+    mesh = make_mesh(mesh_spec, jax.devices()[:size])
+    graphdef, state = hf_import.load(folder, cfg, mesh)
+    model = nnx.merge(graphdef, state)
+    tokens, _ = padded_batch(cfg.vocab_size)
+    with jax.set_mesh(mesh):
+        logits = jax.jit(lambda m, t: m.lm_logits(m(t, jnp.zeros(len(t), jnp.int32))))(model, jnp.asarray(tokens))
+    return np.asarray(logits), state
+
+
+def test_logits_match_transformers_on_a_padded_batch(folder):
+    with open(f"{folder}/config.json") as f:
+        vocab = json.load(f)["vocab_size"]
+    tokens, mask = padded_batch(vocab)
+    expected = reference_logits(folder, tokens, mask)
+    got, _ = mtl_logits(folder)
+    np.testing.assert_allclose(got[mask], expected[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_same_logits_on_a_2x2x2_mesh(folder):
+    one, _ = mtl_logits(folder)
+    eight, state = mtl_logits(folder, "data=2,fsdp=2,tensor=2")
+    w = state["blocks"]["attention"]["w_dnh"][...]
+    assert len(w.sharding.device_set) == 8 and not w.sharding.is_fully_replicated  # read shard by shard
+    np.testing.assert_allclose(eight, one, atol=2e-5, rtol=2e-5)
+
+
+def test_decode_steps_match_the_whole_sequence(folder):
+    """Prefill and one-token decode steps over the cache (sliding windows included) give the sequence's logits."""
+    from mtl import decode
+
+    cfg = dataclasses.replace(hf_import.read_config(folder), heads=HEADS)
+    graphdef, state = hf_import.load(folder, cfg, make_mesh("data=1", jax.devices()[:1]))
+    model = nnx.merge(graphdef, state)
+    tokens, _ = padded_batch(cfg.vocab_size, seed=1)
+    task_ids = jnp.zeros(len(tokens), jnp.int32)
+    whole = np.asarray(model.lm_logits(model(jnp.asarray(tokens), task_ids)))
+    weights = decode.decode_weights(model)
+    prompt = 5
+    prefill = jax.jit(decode.prefill, static_argnums=5)
+    _, cache, logits = prefill(model, weights, jnp.asarray(tokens[:, :prompt]), jnp.full(3, prompt), task_ids, 32)
+    np.testing.assert_allclose(logits, whole[:, prompt - 1], atol=1e-4, rtol=1e-4)
+    step = jax.jit(lambda m, w, t, p, c: decode.forward(m, w, t, task_ids, p, c))
+    for pos in range(prompt, tokens.shape[1]):
+        positions = jnp.full((len(tokens), 1), pos, jnp.int32)
+        hidden, cache = step(model, weights, jnp.asarray(tokens[:, pos : pos + 1]), positions, cache)
+        np.testing.assert_allclose(model.lm_logits(hidden, weights.w_dv)[:, 0], whole[:, pos], atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_sources_name_what_is_wrong(tmp_path):
+    def config(**fields):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        base = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4}
+        base.update(vocab_size=320, num_hidden_layers=2, intermediate_size=96, hidden_act="silu")
+        (folder / "config.json").write_text(json.dumps({**base, **fields}))
+        return folder
+
+    with pytest.raises(ValueError, match="no config.json"):
+        hf_import.read_config(tmp_path / "missing")
+    with pytest.raises(ValueError, match="architecture GPT2LMHeadModel cannot be imported"):
+        hf_import.read_config(config(architectures=["GPT2LMHeadModel"]))
+    with pytest.raises(ValueError, match="attention_bias=True is not supported"):
+        hf_import.read_config(config(attention_bias=True))
+    with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
+        hf_import.read_config(config(rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(ValueError, match="hidden_act='gelu' is not supported"):
+        hf_import.read_config(config(hidden_act="gelu"))
+    assert hf_import.read_config(config()).n_kv_heads == 4  # absent fields take transformers' defaults
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        hf_import.load(config(), hf_import.read_config(config()), make_mesh("data=1", jax.devices()[:1]))
+
+
+@pytest.mark.parametrize("window", [None, 1, 4])
+def test_windowed_attention_matches_dot_product_attention(window):
+    from mtl import layers
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    query = jax.random.normal(keys[0], (2, 10, 4, 8))
+    key, value = (jax.random.normal(k, (2, 10, 2, 8)) for k in keys[1:3])
+    cotangent = jax.random.normal(keys[3], query.shape)
+    local = None if window is None else (window - 1, 0)
+
+    def reference(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, scale=0.3, is_causal=True, local_window_size=local)
+
+    def ours(q, k, v):  # the window traced, as a scan over mixed layers passes it
+        return layers.causal_attention(q, k, v, None if window is None else jnp.int32(window), 0.3)
+
+    for f in (jax.jit(ours),):
+        np.testing.assert_allclose(f(query, key, value), reference(query, key, value), atol=1e-5)
+        got = jax.grad(lambda *a: jnp.sum(f(*a) * cotangent), (0, 1, 2))(query, key, value)
+        want = jax.grad(lambda *a: jnp.sum(reference(*a) * cotangent), (0, 1, 2))(query, key, value)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
+    cache = layers.KVCache.of_sequence(key, value).padded(16)
+    positions = jnp.array([9, 5])
+    rows = jnp.take_along_axis(query, positions[:, None, None, None], axis=1)  # each row's query at its position
+    want = reference(query, key, value)[jnp.arange(2), positions][:, None]
+    np.testing.assert_allclose(layers.cached_attention(rows, cache, positions, window, 0.3), want, atol=1e-5)
