@@ -126,6 +126,7 @@ class ServeConfig:
     max_queue: int = 1024  # requests that may wait; beyond, HTTP answers 503
     prefill_batch: int = 0  # prompts prefilled together; 0: min(max_batch, 8)
     steps_per_call: int = 8  # the most decode steps one jitted call runs
+    scheduler: str = "fair"  # admission order after priority: fair (a virtual token counter per task) or fifo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,6 +328,8 @@ def validate(config: Config) -> None:
             raise ValueError(f"{key}={value} must be at least 0")
     if t.seed >= 2**32:
         raise ValueError(f"train.seed={t.seed} must be below 2**32")
+    if config.serve.scheduler not in ("fair", "fifo"):
+        raise ValueError(f"serve.scheduler={config.serve.scheduler!r} must be fair or fifo")
     if config.serve.prefill_batch < 0:
         raise ValueError(f"serve.prefill_batch={config.serve.prefill_batch} must be at least 0 (0: min(max_batch, 8))")
     if m.n_heads % m.n_kv_heads:

@@ -423,7 +423,7 @@ def decode_steps(
     eos_id: int,
 ) -> tuple[DecodeState, jax.Array, jax.Array]:
     """Runs up to ``steps`` (at most ``max_steps``) decode steps in one program, ending early once
-    ``stop_after`` slots live at its start are done.
+    ``stop_after`` slots live at its start are done, or every slot is.
 
     One call amortises the dispatch and the host's read-back over the chunk; a
     slot that ends mid-chunk (EOS, a stop sequence, its budget) is done on device and stops
@@ -443,7 +443,7 @@ def decode_steps(
 
     def more(carry):
         i, state, _ = carry
-        return (i < limit) & (jnp.sum(state.done & live) < stop_after)
+        return (i < limit) & (jnp.sum(state.done & live) < stop_after) & ~jnp.all(state.done)
 
     def step(carry):
         i, state, tokens = carry

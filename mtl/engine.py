@@ -12,8 +12,9 @@ a bounded queue. Each iteration of the engine (:meth:`Engine.run_once`)
 2. queues one jitted chunk of up to ``steps_per_call`` decode steps for all
    ``max_batch`` slots (decode state donated); the chunk ends where enough
    budgets run out for the next prefill batch to be admitted, so admission
-   loses nothing to chunking, and, while requests wait and EOS may end a slot
-   sooner, as soon as that many slots are done on device;
+   loses nothing to chunking, and, while requests wait and EOS or a stop
+   sequence may end a slot sooner, as soon as that many slots are done on
+   device;
 3. reads back the previous iteration's results while that chunk runs (one
    read a chunk, not a step) and hands each request its tokens; a request ends
    on EOS, its ``max_new_tokens``, a stop sequence or a cancel.
@@ -22,8 +23,9 @@ With no request waiting, the host schedules from token budgets alone and never
 waits for a chunk's tokens before queueing the next one; a request that ends on
 EOS is then seen one chunk late, its slot idling meanwhile (done on device),
 which costs nothing while nobody waits for a slot. A chunk that may end early is
-read before the next one is queued. A stop sequence, matched on the host, is
-seen when its chunk is read.
+read before the next one is queued. Stop sequences are matched on device (the
+slot is done and stops advancing, ``decode.stop_array``) and again on the host
+as the tokens are read, which also catches those too long to match on device.
 
 With ``batching="static"`` the same functions run under the old policy: new
 generation requests are admitted only when every slot is free, so a batch
@@ -62,6 +64,7 @@ class Request:
 
     ``stop`` holds token sequences that end a generation (the sequence itself
     is not returned); the other sampling fields apply to generation tasks only.
+    ``priority`` and ``deadline_ms`` apply to every request (see :class:`Engine`).
     """
 
     task: str
@@ -72,6 +75,8 @@ class Request:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[tuple[int, ...], ...] = ()
+    priority: int = 0  # higher is admitted first
+    deadline_ms: float | None = None  # from arrival; past it the request is cancelled (DeadlineExceeded)
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
 
 
@@ -99,12 +104,24 @@ class Cancelled(RuntimeError):
     """The request was cancelled before it finished."""
 
 
-class Ticket:
-    """A submitted request: wait for its result, or cancel it. Thread-safe."""
+class DeadlineExceeded(Cancelled):
+    """The request was still waiting or running when its ``deadline_ms`` passed, and was cancelled."""
 
-    def __init__(self, request: Request, generates: bool):
+
+class Ticket:
+    """A submitted request: wait for its result, or cancel it. Thread-safe.
+
+    ``on_tokens``, if given, is called on the engine's thread with a copy of the
+    tokens generated so far each time a read gives the request new ones and it
+    goes on (its end comes through :meth:`add_done_callback`): what streaming
+    builds on. The tokens may still end in a stop sequence's first tokens,
+    which the finished result drops.
+    """
+
+    def __init__(self, request: Request, generates: bool, on_tokens: Callable[[list[int]], Any] | None = None):
         self.request = request
         self.generates = generates
+        self.on_tokens = on_tokens
         self.result: Generation | HeadOutput | None = None
         self.error: BaseException | None = None
         self.cancelled = False
@@ -173,6 +190,11 @@ class _Decoded:
     occupants: list[_Active | None]
 
 
+SCHEDULERS = ("fair", "fifo")
+# The fair scheduler's prices (S-LoRA's defaults): a generated token costs more than a prompt token.
+PROMPT_TOKEN_COST, OUTPUT_TOKEN_COST = 1, 2
+
+
 def length_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
     """Prompt lengths to pad to: powers of two from ``smallest``, then ``max_len``."""
     buckets, size = [], smallest
@@ -197,6 +219,16 @@ class Engine:
       steps_per_call: the most decode steps one jitted call runs (see
         :meth:`run_once`); more amortises dispatch and read-back, fewer lets
         arrivals in sooner.
+      scheduler: the order waiting requests are admitted in, after their
+        ``priority`` (higher first): ``"fair"`` (default) serves the task that
+        has received the least service, by a virtual token counter per task
+        (S-LoRA's VTC: a prompt token counts 1 when admitted, a generated
+        token 2 when read; a task that had nothing waiting is lifted to the
+        least counter of those that had), so one task flooding the queue
+        cannot starve another; ``"fifo"``: arrival order.
+
+    A request past its ``deadline_ms`` (from its arrival) is cancelled at the
+    next iteration, waiting or running, and fails with :class:`DeadlineExceeded`.
     """
 
     def __init__(
@@ -212,9 +244,15 @@ class Engine:
         max_queue: int = 1024,
         batching: str = "continuous",
         steps_per_call: int = 8,
+        scheduler: str = "fair",
     ):
         if batching not in ("continuous", "static"):
             raise ValueError(f"batching {batching!r} must be 'continuous' or 'static'")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler {scheduler!r} must be one of {', '.join(SCHEDULERS)}")
+        self.scheduler = scheduler
+        self.service = collections.Counter()  # per task: the fair scheduler's virtual token counter
+        self._last_admitted = 0  # the counter of the task admitted last, when it was
         if steps_per_call < 1:
             raise ValueError(f"steps_per_call {steps_per_call} must be at least 1")
         self.cfg = model.cfg
@@ -261,12 +299,12 @@ class Engine:
 
     # Pure functions of (params, arrays); jitted once per shape.
 
-    def _prefill_fn(self, params, weights, tokens, lengths, task_ids, sampling, max_new):
+    def _prefill_fn(self, params, weights, tokens, lengths, task_ids, sampling, max_new, stops):
         self.traces["prefill"] += 1
         model = nnx.merge(self.graphdef, params)
         s = self.cfg.max_len
         return decode.prefill_rows(
-            model, weights, tokens, lengths, task_ids, sampling, max_new, self.allowed, self.eos_id, s
+            model, weights, tokens, lengths, task_ids, sampling, max_new, self.allowed, self.eos_id, s, stops
         )
 
     def _insert_fn(self, state, rows, slots):
@@ -306,6 +344,8 @@ class Engine:
             sampling=_sampling_arrays(n),
             done=np.ones(n, bool),
             remaining=np.zeros(n, np.int32),
+            stops=decode.stop_array((), n),
+            recent=np.zeros((n, decode.STOP_TOKENS), np.int32),
         )
 
     def _shardings(self, rows: decode.DecodeState):
@@ -324,8 +364,8 @@ class Engine:
     def bucket(self, request: Request) -> int:
         return next(b for b in self.buckets if b >= len(request.prompt))
 
-    def submit(self, request: Request) -> Ticket:
-        """Queues one request of any task; thread-safe.
+    def submit(self, request: Request, on_tokens: Callable[[list[int]], Any] | None = None) -> Ticket:
+        """Queues one request of any task; thread-safe. ``on_tokens``: see :class:`Ticket`.
 
         Raises:
           ValueError: an unknown task, or a prompt empty or longer than the model allows.
@@ -336,10 +376,16 @@ class Engine:
         n, limit = len(request.prompt), self.max_prompt_len()
         if not 1 <= n <= limit:
             raise ValueError(f"a prompt of {n} tokens cannot be served; prompts take 1 to {limit} tokens")
-        ticket = Ticket(request, self.kinds[request.task] == "generate")
+        ticket = Ticket(request, self.kinds[request.task] == "generate", on_tokens)
         with self._lock:
             if len(self.queue) >= self.max_queue:
                 raise QueueFull(f"the queue holds {self.max_queue} requests already; try again later")
+            waiting = {t.request.task for t in self.queue}
+            if request.task not in waiting:
+                # A task that comes back banks no credit from its idle time: it is lifted to the
+                # least-served waiting task, or with nothing waiting, to the task admitted last.
+                floor = min(self.service[task] for task in waiting) if waiting else self._last_admitted
+                self.service[request.task] = max(self.service[request.task], floor)
             self.queue.append(ticket)
             self._lock.notify()
         return ticket
@@ -369,6 +415,7 @@ class Engine:
         in the next.
         """
         self._drop_cancelled()
+        self._drop_expired()
         # Static batching admits generation requests only into an empty batch, and then fills it.
         admit = self.batching == "continuous" or not any(self.slots)
         keep = 0
@@ -392,6 +439,65 @@ class Engine:
                 self.stats["cancelled"] += 1
                 active.ticket._finish(error=Cancelled("the request was cancelled"))
 
+    def _drop_expired(self) -> None:
+        """Cancels every request, waiting or in a slot, whose ``deadline_ms`` has passed."""
+        now = time.perf_counter()
+
+        def expired(ticket: Ticket) -> bool:
+            r = ticket.request
+            return r.deadline_ms is not None and now > r.arrival + r.deadline_ms / 1e3 and not ticket.done()
+
+        def fail(ticket: Ticket) -> None:
+            r = ticket.request
+            self.stats["expired"] += 1
+            waited = (now - r.arrival) * 1e3
+            message = f"the request passed its deadline_ms of {r.deadline_ms:g} ({waited:.0f} ms since it arrived)"
+            ticket._finish(error=DeadlineExceeded(message + " before it was answered, and was cancelled"))
+
+        with self._lock:
+            late = [t for t in self.queue if expired(t)]
+            for ticket in late:
+                self.queue.remove(ticket)
+                fail(ticket)
+        for slot, active in enumerate(self.slots):
+            if active is not None and expired(active.ticket):
+                self.slots[slot] = None
+                fail(active.ticket)
+
+    def _order(self, tickets: list[Ticket], free: int) -> list[Ticket]:
+        """The candidates for the next prefill batch, the scheduler's first choice first: priority
+        first, then arrival (fifo) or the least-served task (fair, as if each request admitted were
+        charged its prompt and its whole budget). Generation requests beyond the first ``free`` are
+        left out, as they would find no slot; past the first batch's worth, the order of the
+        remaining (non-generation) requests is arrival's."""
+        ordered = sorted(tickets, key=lambda t: -t.request.priority)  # stable: arrival order within a priority
+        if self.scheduler == "fair":
+            by_task: dict[str, collections.deque[Ticket]] = {}
+            for t in ordered:
+                by_task.setdefault(t.request.task, collections.deque()).append(t)
+            counters = {task: self.service[task] for task in by_task}
+            ordered = []
+            while by_task and len(ordered) < self.prefill_batch:
+                task = min(by_task, key=lambda k: (-by_task[k][0].request.priority, counters[k]))
+                t = by_task[task].popleft()
+                ordered.append(t)
+                counters[task] += PROMPT_TOKEN_COST * len(t.request.prompt)
+                counters[task] += OUTPUT_TOKEN_COST * self._budget(t.request) * t.generates
+                if t.generates and sum(o.generates for o in ordered) >= free:
+                    by_task = {k: collections.deque(o for o in q if not o.generates) for k, q in by_task.items()}
+                if not by_task[task]:
+                    del by_task[task]
+                by_task = {k: q for k, q in by_task.items() if q}
+            ordered += [t for q in by_task.values() for t in q]
+        kept = []
+        for t in ordered:
+            if t.generates:
+                if free == 0:
+                    continue
+                free -= 1
+            kept.append(t)
+        return kept
+
     def _pick(self, admit_generation: bool) -> list[Ticket]:
         """Waiting requests for the next prefill batch: any non-generation request,
         and generation requests while free slots remain.
@@ -401,7 +507,9 @@ class Engine:
         smallest (no less than the oldest request's) that holds as many requests as
         the widest would, and the longest prompts that fit go first, so that long
         prompts are prefilled together instead of each widening a batch of short
-        ones. The oldest waiting request is always in the batch.
+        ones. The candidates are those the scheduler admits first (:meth:`_order`):
+        every non-generation request, and as many generation requests as there are
+        free slots; the first of them is always in the batch.
         """
         free = self.slots.count(None) if admit_generation else 0
         with self._lock:
@@ -411,7 +519,7 @@ class Engine:
             eligible = len(self.queue) - waiting + min(free, waiting)
             if eligible < self.prefill_batch and waiting > free and any(self.slots):
                 return []
-            candidates = [t for t in self.queue if free > 0 or not t.generates]
+            candidates = self._order(list(self.queue), free)
             if not candidates:
                 return []
             head, rest = candidates[0], candidates[1:]
@@ -432,6 +540,8 @@ class Engine:
             picked = next(p for p in map(fill, widths) if len(p) == most)
             for ticket in picked:
                 self.queue.remove(ticket)
+                self.service[ticket.request.task] += PROMPT_TOKEN_COST * len(ticket.request.prompt)
+                self._last_admitted = self.service[ticket.request.task]
         return picked
 
     def _prefill_and_insert(self, picked: list[Ticket]) -> None:
@@ -458,8 +568,11 @@ class Engine:
                 slots[row] = self.slots.index(None)
                 self.slots[slots[row]] = active
             actives.append(active)
+        stops = decode.stop_array([t.request.stop for t in picked], p)
         # Host arrays go straight into the call (inside run_once's mesh): a device_put costs more.
-        rows, first, heads = self._prefill(self._arrays, self.weights, tokens, lengths, task_ids, sampling, max_new)
+        rows, first, heads = self._prefill(
+            self._arrays, self.weights, tokens, lengths, task_ids, sampling, max_new, stops
+        )
         if (slots < self.max_batch).any():
             self.state = self._insert(self.state, rows, slots)
         for a in (first, *jax.tree.leaves(heads)):
@@ -475,7 +588,7 @@ class Engine:
 
         Steps: up to the step at which enough budgets run out for the next prefill batch
         to be admitted (see :meth:`_pick`; under static batching, all of them), else a full
-        chunk. When requests are waiting and EOS may end a slot sooner, the chunk also ends
+        chunk. When requests are waiting and EOS or a stop sequence may end a slot sooner, the chunk also ends
         as soon as that many slots are done, so freed slots do not idle until its end.
         """
         left = sorted(a.budget - a.scheduled for a in self.slots if a is not None)
@@ -487,7 +600,10 @@ class Engine:
             soonest = left[needed - 1]
         else:
             soonest = left[-1]
-        early = bool(waiting) and self._eos_allowed
+        # A slot ends on device on EOS (when allowed) or on one of its stop sequences.
+        early = bool(waiting) and (
+            self._eos_allowed or any(a is not None and a.ticket.request.stop for a in self.slots)
+        )
         return max(1, min(self.steps_per_call, soonest)), needed if early else self.max_batch + 1
 
     def _decode(self) -> bool:
@@ -522,7 +638,8 @@ class Engine:
                     t._finish(HeadOutput(heads[t.request.task][row], (now - t.request.arrival) * 1e3))
                 else:
                     active.first_at = now
-                    self._advance(active, int(first[row]), now)
+                    if not self._advance(active, int(first[row]), now):
+                        self._progress(active)
             return
         tokens, ran = jax.device_get((done.tokens, done.ran))
         ran = int(ran)
@@ -539,6 +656,18 @@ class Engine:
             for token in row:
                 if self._advance(active, token, now):
                     break
+            else:
+                self._progress(active)
+
+    @staticmethod
+    def _progress(active: _Active) -> None:
+        """Tells a request that goes on its tokens so far, if it asked (streaming)."""
+        ticket = active.ticket
+        if ticket.on_tokens is not None and not ticket.done():
+            try:
+                ticket.on_tokens(list(active.tokens))
+            except Exception:  # a listener gone (a closed event loop): nobody reads the rest
+                ticket.cancelled = True
 
     def _advance(self, active: _Active, token: int, now: float) -> bool:
         """Gives a request its next token; finishes it, frees its slot and returns True when it ends."""
@@ -550,6 +679,7 @@ class Engine:
         else:
             active.tokens.append(token)
             self.stats["tokens"] += 1
+            self.service[active.ticket.request.task] += OUTPUT_TOKEN_COST
             for stop in active.ticket.request.stop:
                 if stop and active.tokens[-len(stop) :] == list(stop):
                     del active.tokens[-len(stop) :]
@@ -580,7 +710,12 @@ class Engine:
             args = (np.zeros((p, width), np.int32), np.ones(p, np.int32), np.zeros(p, np.int32))
             with jax.set_mesh(self.mesh):
                 rows, first, heads = self._prefill(
-                    self._arrays, self.weights, *args, _sampling_arrays(p), np.ones(p, np.int32)
+                    self._arrays,
+                    self.weights,
+                    *args,
+                    _sampling_arrays(p),
+                    np.ones(p, np.int32),
+                    decode.stop_array((), p),
                 )
                 jax.device_get((first, heads))
         drop = np.full(p, self.max_batch, np.int32)

@@ -20,6 +20,8 @@ UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": None, "echo": False, "suffix": 
 PENALTIES = ("presence_penalty", "frequency_penalty")
 # Fields that change nothing mtl computes, accepted as OpenAI's clients send them.
 IGNORED = ("user", "stream_options")
+# mtl's own fields beside OpenAI's (CONTRACT.md), passed through as they are (vLLM accepts ``priority`` so too).
+EXTRA = ("priority", "deadline_ms")
 FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream")
 
 
@@ -58,7 +60,7 @@ def completion_requests(body: Any, task_kinds: dict[str, str]) -> list[dict]:
     for field in ("model", "prompt"):
         if field not in body:
             raise OpenAIError(f"the request has no {field!r} field", param=field)
-    unknown = sorted(set(body) - set(FIELDS) - set(UNSUPPORTED) - set(PENALTIES) - set(IGNORED))
+    unknown = sorted(set(body) - set(FIELDS) - set(UNSUPPORTED) - set(PENALTIES) - set(IGNORED) - set(EXTRA))
     if unknown:
         raise OpenAIError(f"unknown field {unknown[0]!r}", param=unknown[0])
     for field, default in UNSUPPORTED.items():
@@ -86,6 +88,9 @@ def completion_requests(body: Any, task_kinds: dict[str, str]) -> list[dict]:
     for ours, theirs in (("max_new_tokens", "max_tokens"), ("top_p", "top_p"), ("seed", "seed"), ("stop", "stop")):
         if body.get(theirs) is not None:
             request[ours] = body[theirs]
+    for field in EXTRA:
+        if field in body:
+            request[field] = body[field]
     return [{**request, "id": i, "input": p} for i, p in enumerate(prompts)]
 
 
@@ -126,3 +131,20 @@ def chunk(cid: str, model: str, index: int, text: str, finish_reason: str | None
     """One server-sent event's object while streaming a completion."""
     choice = {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
     return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+def usage_chunk(cid: str, model: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    """The last event of a stream asked for with ``stream_options: {"include_usage": true}``: no choices, the usage."""
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    return {
+        "id": cid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage,
+    }

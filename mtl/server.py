@@ -29,15 +29,16 @@ from flax import nnx
 
 import tasks
 from mtl import config as C
-from mtl.checkpoint import Checkpoints, find
+from mtl.checkpoint import Checkpoints, candidates, restore_newest
 from mtl.config import UsageError
-from mtl.engine import Engine, Generation, QueueFull, Request
+from mtl.engine import DeadlineExceeded, Engine, Generation, QueueFull, Request
 from mtl.model import MultiTaskModel
 from mtl.partition import abstract_state
 from sharding import make_mesh
 
 REQUIRED = ("id", "task", "input")
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+SERVING_FIELDS = ("priority", "deadline_ms", "stream")  # when it is served, and how it is sent (HTTP)
 
 
 class BadRequest(ValueError):
@@ -61,6 +62,7 @@ class Parsed:
     request: Request
     stop: tuple[str, ...]
     text: str  # the input, for tag answers (one tag a word)
+    stream: bool = False  # HTTP: send the output as server-sent events while it is generated
 
 
 def make_engine(model: MultiTaskModel, mesh, settings: C.ServeConfig, tokenizer) -> Engine:
@@ -75,6 +77,7 @@ def make_engine(model: MultiTaskModel, mesh, settings: C.ServeConfig, tokenizer)
         prefill_batch=settings.prefill_batch or None,
         max_queue=settings.max_queue,
         steps_per_call=settings.steps_per_call,
+        scheduler=settings.scheduler,
     )
 
 
@@ -125,19 +128,26 @@ class Server:
           UsageError: no checkpoint there, a bad override, or a mesh that does not fit the devices.
         """
         try:
-            folder, step = find(ckpt)
+            folder, steps = candidates(ckpt)
         except ValueError as e:
             raise UsageError(str(e)) from None
         checkpoints = Checkpoints(folder, read_only=True)
-        meta = checkpoints.read_meta(step)
-        cfg = serving_config(C.from_dict(meta["config"]), overrides)
-        try:
-            mesh = make_mesh(cfg.serve.mesh)
+
+        def restore(step: int):
+            meta = checkpoints.read_meta(step)
+            cfg = serving_config(C.from_dict(meta["config"]), overrides)
+            try:
+                mesh = make_mesh(cfg.serve.mesh)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            graphdef, abstract, _ = abstract_state(lambda: MultiTaskModel(cfg.model, rngs=nnx.Rngs(0)), mesh)
+            return meta, cfg, mesh, graphdef, checkpoints.restore(step, abstract)[0]
+
+        t0 = time.perf_counter()
+        try:  # past a damaged newest checkpoint to the newest that restores, with a warning
+            step, (meta, cfg, mesh, graphdef, params), _ = restore_newest(folder, steps, restore, log)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        graphdef, abstract, _ = abstract_state(lambda: MultiTaskModel(cfg.model, rngs=nnx.Rngs(0)), mesh)
-        t0 = time.perf_counter()
-        params, _, _ = checkpoints.restore(step, abstract)
         checkpoints.close()
         log(f"restored step {step} from {folder} onto mesh {dict(mesh.shape)} in {time.perf_counter() - t0:.1f}s")
         tokenizer = tasks.ByteTokenizer()
@@ -163,9 +173,10 @@ class Server:
         for field in REQUIRED:
             if field not in raw:
                 raise BadRequest(f"the request has no {field!r} field; {', '.join(REQUIRED)} are required")
-        unknown = sorted(set(raw) - set(REQUIRED) - set(SAMPLING_FIELDS))
+        fields = REQUIRED + SAMPLING_FIELDS + SERVING_FIELDS
+        unknown = sorted(set(raw) - set(fields))
         if unknown:
-            raise BadRequest(f"unknown field {unknown[0]!r}; fields are {', '.join(REQUIRED + SAMPLING_FIELDS)}")
+            raise BadRequest(f"unknown field {unknown[0]!r}; fields are {', '.join(fields)}")
         if not isinstance(raw["id"], (str, int)) or isinstance(raw["id"], bool):
             raise BadRequest(f"id {raw['id']!r} must be a string or an integer")
         if isinstance(raw["id"], str):
@@ -194,8 +205,13 @@ class Server:
             _check_text(text, "stop")
         # The engine ends a generation on a stop string's tokens as it reads them and frees its slot.
         stop_ids = tuple(tuple(self.tokenizer.encode(text)) for text in stop)
-        request = Request(raw["task"], prompt, max_new, temperature, top_k, top_p, seed, stop_ids)
-        return Parsed(raw["id"], task, request, tuple(stop), raw["input"])
+        stream = raw.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest(f"stream {stream!r} must be true or false")
+        priority = _field(raw, "priority", int, 0, lambda v: -(2**31) <= v < 2**31, "an integer (higher first)")
+        deadline = _field(raw, "deadline_ms", float, None, lambda v: 0 < v < math.inf, "a positive number")
+        request = Request(raw["task"], prompt, max_new, temperature, top_k, top_p, seed, stop_ids, priority, deadline)
+        return Parsed(raw["id"], task, request, tuple(stop), raw["input"], stream)
 
     def respond(self, items: Sequence[Any]) -> list[dict]:
         """Serves decoded request objects (or exceptions standing for unreadable lines), in order."""
@@ -214,7 +230,10 @@ class Server:
         tickets = self.engine.serve([dataclasses.replace(p.request, arrival=now) for _, p in good])
         responses: list[dict] = [p for p in parsed]  # errors stay, answers replace the rest
         for (i, p), ticket in zip(good, tickets):
-            responses[i] = self.format(p, ticket.wait())
+            try:
+                responses[i] = self.format(p, ticket.wait())
+            except DeadlineExceeded as e:  # batch mode's deadlines count from when the file is read
+                responses[i] = {"id": p.id, "error": str(e)}
         return responses
 
     def format(self, p: Parsed, result) -> dict:
@@ -344,6 +363,43 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
+class TextStream:
+    """The part of a generation's text that is decided while it runs: what streaming may send.
+
+    Text is held back while it ends in an incomplete UTF-8 sequence (decoded as
+    U+FFFD, which the next token may complete) or in what could still be the
+    start of a stop string (which would be cut), so the pieces sent add up to
+    the finished answer's ``output``. A tokenizer whose decoded text of more
+    tokens does not extend what was sent has the rest wait for :meth:`finish`.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.sent = ""
+
+    def update(self, tokens: Sequence[int]) -> str:
+        """The newly decided text, given the tokens generated so far."""
+        text = self.tokenizer.decode(tokens).rstrip("\ufffd")
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+        else:
+            held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[: len(text) - held]
+        return self._extend(text)
+
+    def finish(self, output: str) -> str:
+        """The rest of the finished answer's ``output``."""
+        return self._extend(output)
+
+    def _extend(self, text: str) -> str:
+        if not text.startswith(self.sent):
+            return ""
+        new, self.sent = text[len(self.sent) :], text
+        return new
+
+
 # HTTP mode: aiohttp in front of the engine's background loop. Concurrent
 # requests wait in the engine's queue and share its prefill batches and decode
 # slots; a client that disconnects cancels its request and frees its slot.
@@ -399,6 +455,19 @@ def make_app(server: Server):
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"the request body is not valid JSON: {e}") from None
 
+    def answered(parsed: Parsed, ticket) -> dict:
+        """The response object to a finished ticket (an error object if it failed), counted in the metrics."""
+        try:
+            result = ticket.wait(0)
+        except DeadlineExceeded as e:
+            response = {"id": parsed.id, "error": str(e)}
+        except Exception as e:
+            response = {"id": parsed.id, "error": f"the request failed: {e}"}
+        else:
+            response = server.format(parsed, result)
+        metrics.observe(parsed.task.name, response)
+        return response
+
     async def answer(parsed: Parsed) -> dict:
         """Serves one parsed request through the engine; a client that goes away frees its slot."""
         ticket = server.engine.submit(dataclasses.replace(parsed.request, arrival=time.perf_counter()))
@@ -410,14 +479,55 @@ def make_app(server: Server):
         except asyncio.CancelledError:
             server.engine.cancel(ticket)
             raise
+        return answered(parsed, ticket)
+
+    async def streamed(request, parsed: list[Parsed], piece, end, last=None):
+        """Serves ``parsed`` as server-sent events (``data: JSON``, a blank line after each).
+
+        ``piece(i, text)`` is the event for a decided piece of request ``i``'s text
+        (:class:`TextStream`), ``end(i, response, text_stream)`` the events once it is
+        answered (its response object), ``last()`` those after every request is. A full
+        queue answers 429 before the stream starts; a client that goes away (the
+        handler cancelled, or a write that fails) cancels what is still running.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        texts = [TextStream(server.tokenizer, p.stop) for p in parsed]
+        tickets = []
+
+        def put(item):
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
         try:
-            result = ticket.wait(0)
-        except Exception as e:
-            response = {"id": parsed.id, "error": f"the request failed: {e}"}
-        else:
-            response = server.format(parsed, result)
-        metrics.observe(parsed.task.name, response)
-        return response
+            try:
+                for i, p in enumerate(parsed):
+                    request_now = dataclasses.replace(p.request, arrival=time.perf_counter())
+                    ticket = server.engine.submit(request_now, on_tokens=lambda tokens, i=i: put((i, tokens)))
+                    ticket.add_done_callback(lambda _, i=i: put((i, None)))
+                    tickets.append(ticket)
+            except QueueFull as e:
+                return error(request, 429, str(e), {"Retry-After": "1"}, parsed[0].id)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            left = len(parsed)
+            while left:
+                i, tokens = await events.get()
+                if tokens is not None:
+                    text = texts[i].update(tokens)
+                    if text:
+                        await _send_event(response, piece(i, text))
+                    continue
+                left -= 1
+                for event in end(i, answered(parsed[i], tickets[i]), texts[i]):
+                    await _send_event(response, event)
+            for event in last() if last else ():
+                await _send_event(response, event)
+            await response.write_eof()
+            return response
+        finally:
+            for ticket in tickets:
+                if not ticket.done():
+                    server.engine.cancel(ticket)
 
     async def health(_request):
         return web.json_response({"status": "ok", "tasks": sorted(server.tasks)})
@@ -433,11 +543,19 @@ def make_app(server: Server):
             response = error_response(raw, e)
             metrics.observe(raw.get("task") if isinstance(raw, dict) else None, response)
             return web.json_response(response, status=400)
+        if parsed.stream:
+            delta = {"id": parsed.id, "task": parsed.task.name}
+
+            def end(_, response, text):
+                rest = text.finish(response["output"]) if "output" in response else ""
+                return [{**delta, "delta": rest}, response] if rest else [response]
+
+            return await streamed(request, [parsed], lambda _, text: {**delta, "delta": text}, end)
         try:
             response = await answer(parsed)
         except QueueFull as e:
             return error(request, 429, str(e), {"Retry-After": "1"}, parsed.id)
-        return web.json_response(response, status=500 if "error" in response else 200, dumps=to_json)
+        return web.json_response(response, status=_status(response), dumps=to_json)
 
     async def list_models(_request):
         return web.json_response(openai_api.models(kinds, started))
@@ -455,20 +573,36 @@ def make_app(server: Server):
         except BadRequest as e:
             return error(request, 400, openai_api.openai_message(str(e)))
         if body.get("stream"):
-            return await stream(request, parsed)
+            return await stream(request, body, parsed)
         try:
             answers = await asyncio.gather(*(answer(p) for p in parsed))
         except QueueFull as e:
             return error(request, 429, str(e), {"Retry-After": "1"})
         failed = [a for a in answers if "error" in a]
         if failed:
-            return error(request, 500, failed[0]["error"])
+            return error(request, _status(failed[0]), failed[0]["error"])
         prompt_tokens = sum(len(p.request.prompt) for p in parsed)
         response = openai_api.completion(openai_api.new_id(), body["model"], answers, prompt_tokens)
         return web.json_response(response, dumps=to_json)
 
-    async def stream(request, parsed: list[Parsed]):
-        return error(request, 400, "stream=true is not supported yet")
+    async def stream(request, body: dict, parsed: list[Parsed]):
+        """``stream: true`` on /v1/completions: OpenAI's chunks, one choice each, then ``[DONE]``."""
+        cid, model = openai_api.new_id(), body["model"]
+        tokens = [0] * len(parsed)
+        usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
+
+        def end(i, answer, text):
+            if "error" in answer:
+                return [openai_api.error_body(answer["error"], "server_error")]
+            tokens[i] = answer["tokens"]
+            return [openai_api.chunk(cid, model, i, text.finish(answer["output"]), answer["finish_reason"])]
+
+        def last():
+            prompt_tokens = sum(len(p.request.prompt) for p in parsed)
+            final = [openai_api.usage_chunk(cid, model, prompt_tokens, sum(tokens))] if usage else []
+            return [*final, "[DONE]"]
+
+        return await streamed(request, parsed, lambda i, text: openai_api.chunk(cid, model, i, text, None), end, last)
 
     async def chat_completions(request):
         return error(request, 400, "this checkpoint carries no chat template; use /v1/completions")
@@ -497,6 +631,19 @@ def make_app(server: Server):
 def _kept(headers) -> dict:
     """The headers of an HTTP error worth keeping in its JSON answer (Allow on a 405, say)."""
     return {k: v for k, v in headers.items() if k in ("Allow", "Retry-After")}
+
+
+def _status(response: dict) -> int:
+    """The HTTP status of an answer: 200, 504 for a request cancelled at its deadline, else 500."""
+    if "error" not in response:
+        return 200
+    return 504 if "deadline_ms" in response["error"] else 500
+
+
+async def _send_event(response, event) -> None:
+    """One server-sent event: ``data: JSON`` (or ``data: [DONE]``) and a blank line."""
+    data = event if isinstance(event, str) else to_json(event)
+    await response.write(f"data: {data}\n\n".encode())
 
 
 def _settle(future: asyncio.Future) -> None:

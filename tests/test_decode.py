@@ -78,6 +78,48 @@ def test_a_chunk_of_steps_equals_single_steps():
     np.testing.assert_array_equal(early.positions, [4 + 2, 3 + 2])
 
 
+def test_a_stop_sequence_ends_its_slot_on_device():
+    # Rows with no stop run 12 steps; given a stop sequence that their text reaches, a row is done
+    # on device at the step that completes it and stops advancing, and a chunk told to end once one slot
+    # is done ends there.
+    model = make_model()
+    weights = decode.decode_weights(model)
+    tokens = jnp.array([[1, 40, 41, 3], [1, 50, 3, 0]])
+    lengths, task_ids = jnp.array([4, 3]), jnp.array([0, 2])
+    drawn = sampling(2, temperature=1.0, seed=5)  # sampled: a random model's greedy text repeats one token
+    no_eos = np.arange(CFG.vocab_size) > EOS
+    budget = jnp.array([13, 13])
+    rows, first, _ = decode.prefill_rows(model, weights, tokens, lengths, task_ids, drawn, budget, no_eos, EOS, 32)
+    _, free, ran = decode.decode_steps(model, weights, rows, jnp.int32(12), jnp.int32(3), 12, no_eos, EOS)
+    assert ran == 12
+    run = [first[0], *free[:, 0]]  # row 0's 13 tokens
+    stop = tuple(int(t) for t in run[3:5])
+    end = next(i for i in range(1, 13) if tuple(run[i - 1 : i + 1]) == stop)  # the token completing it
+    stops = decode.stop_array([[(999, 998, 997), stop], []], 2)
+    rows, _, _ = decode.prefill_rows(model, weights, tokens, lengths, task_ids, drawn, budget, no_eos, EOS, 32, stops)
+    chunk, tokens_run, ran = decode.decode_steps(model, weights, rows, jnp.int32(12), jnp.int32(3), 12, no_eos, EOS)
+    assert ran == 12
+    np.testing.assert_array_equal(tokens_run[:end, 0], free[:end, 0])
+    np.testing.assert_array_equal(chunk.done, [True, True])  # row 1: its budget is spent
+    np.testing.assert_array_equal(chunk.positions, [4 + end, 3 + 12])  # row 0 stopped advancing
+    np.testing.assert_array_equal(chunk.remaining, [13 - 1 - end, 0])
+    early, _, ran = decode.decode_steps(model, weights, rows, jnp.int32(12), jnp.int32(1), 12, no_eos, EOS)
+    assert ran == end and bool(early.done[0])
+    # A stop sequence of one token that the prefill's first token completes: done at once.
+    stops = decode.stop_array([[(int(first[0]),)], [(int(first[1]) + 1,)]], 2)
+    rows, _, _ = decode.prefill_rows(model, weights, tokens, lengths, task_ids, drawn, budget, no_eos, EOS, 32, stops)
+    np.testing.assert_array_equal(rows.done, [True, first[1] + 1 == first[1]])
+
+
+def test_stop_array_right_aligns_what_fits_and_leaves_the_rest_to_the_host():
+    long = tuple(range(10, 10 + decode.STOP_TOKENS + 1))
+    array = decode.stop_array([[(5, 6), long, (), (7,)], []], 3)
+    assert array.shape == (3, decode.STOP_SEQUENCES, decode.STOP_TOKENS)
+    np.testing.assert_array_equal(array[0, 0, -3:], [-1, 5, 6])
+    np.testing.assert_array_equal(array[0, 1, -2:], [-1, 7])
+    assert (array[0, 2:] == -2).all() and (array[1:] == -2).all()
+
+
 def greedy_by_recomputation(model, prompt, task_id, steps):
     seq = list(prompt)
     for _ in range(steps):

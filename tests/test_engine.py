@@ -1,14 +1,16 @@
 """The continuous-batching engine: slots refilled as they free, mixed tasks, stops,
 admission control, cancelling, and no compilation after warm-up."""
 
+import collections
 import contextlib
+import time
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from mtl.engine import Cancelled, Engine, QueueFull, Request
+from mtl.engine import Cancelled, DeadlineExceeded, Engine, QueueFull, Request
 from mtl.model import MultiTaskModel
 from sharding import make_mesh
 from tests.helpers import tiny_model_config
@@ -124,6 +126,85 @@ def test_stop_sequences_cut_the_output(engine):
     first = next(i for i in range(len(free) - 1) if tuple(free[i : i + 2]) == stop)
     g = engine.generate([gen([70, 71], 16, stop=((999,), stop))])[0]
     assert g.tokens == free[:first] and g.finish_reason == "stop"
+
+
+def test_a_stop_sequence_ends_its_slot_on_device_for_waiting_requests(engine):
+    # 8 requests for 4 slots, each stopping a few tokens in, with a budget of 20: the slots are done on
+    # device when the stop sequence is produced, so each chunk ends there and the waiting requests are
+    # admitted at once. Matched only on the host, each chunk would run its full 8 steps.
+    sampled = dict(temperature=1.0, seed=4)  # the same tokens for all 8 (a greedy random model repeats one)
+    free = engine.generate([gen([70, 71], 20, **sampled)])[0].tokens
+    stop = tuple(free[3:5])
+    first = next(i for i in range(len(free) - 1) if tuple(free[i : i + 2]) == stop)
+    before = dict(engine.stats)
+    results = engine.generate([gen([70, 71], 20, stop=(stop,), **sampled) for _ in range(8)])
+    assert all(g.tokens == free[:first] and g.finish_reason == "stop" for g in results)
+    steps = engine.stats["steps"] - before["steps"]
+    assert steps <= 2 * (first + 1) + 1, steps  # two rounds of first + 1 steps each (the first token: prefill)
+    assert engine.stats["tokens"] - before["tokens"] == 8 * (first + 2)  # read up to the stop, not the budget
+
+
+def admitted_order(engine, requests):
+    """The indices of ``requests`` in the order the engine finishes them (all are submitted at once)."""
+    finished = []
+    tickets = [engine.submit(r) for r in requests]
+    for i, t in enumerate(tickets):
+        t.add_done_callback(lambda _, i=i: finished.append(i))
+    while engine.busy():
+        engine.run_once()
+    return finished
+
+
+@pytest.mark.parametrize("scheduler", ["fair", "fifo"])
+def test_a_flooding_task_does_not_starve_another(engine, scheduler):
+    # 24 requests of one task queued before 4 of another, for 4 slots, each of the same length. Fair: the
+    # second task is served as soon as its counter is the lower, so all 4 of its requests are among the first
+    # 12 answered. First in, first out: they wait for the whole flood (kept to show what fairness changes).
+    flood = [gen([40 + i], 6) for i in range(24)]
+    small = [gen([90 + i], 6, task="echo") for i in range(4)]
+    engine.scheduler, engine.service = scheduler, collections.Counter()
+    try:
+        order = admitted_order(engine, flood + small)
+    finally:
+        engine.scheduler = "fair"
+    rank = sorted(order.index(24 + i) for i in range(4))
+    if scheduler == "fair":
+        assert rank[-1] < 12, order
+    else:
+        assert rank == [24, 25, 26, 27], order
+
+
+def test_priority_orders_admission(engine):
+    low = [gen([40 + i], 6, priority=-1) for i in range(6)]
+    high = [gen([60 + i], 6, task="echo", priority=5) for i in range(4)]
+    normal = [gen([80 + i], 6) for i in range(4)]
+    order = admitted_order(engine, low + normal + high)
+    assert sorted(order[:4]) == [10, 11, 12, 13]  # the high-priority ones first, though they came last
+    assert sorted(order[4:8]) == [6, 7, 8, 9] and sorted(order[8:]) == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_request_past_its_deadline_is_cancelled_and_answered_so(engine):
+    long = [engine.submit(gen([40 + i], 25)) for i in range(4)]  # every slot busy for 24 steps
+    late = engine.submit(gen([70], 5, deadline_ms=1.0))  # waits for a slot past its deadline
+    running = engine.submit(gen([71], 25, task="echo", deadline_ms=60_000.0))
+    engine.run_once()
+    time.sleep(0.01)
+    while engine.busy():
+        engine.run_once()
+    with pytest.raises(DeadlineExceeded, match=r"passed its deadline_ms of 1 \("):
+        late.wait(0)
+    assert all(len(t.wait(0).tokens) == 25 for t in long + [running])
+    # A running request is cancelled too, and its slot freed.
+    expiring = engine.submit(gen([72], 25, deadline_ms=30.0))
+    engine.run_once()
+    assert any(engine.slots)
+    time.sleep(0.05)
+    engine.run_once()
+    with pytest.raises(DeadlineExceeded, match="deadline_ms of 30"):
+        expiring.wait(0)
+    while engine.busy():
+        engine.run_once()
+    assert not any(engine.slots)
 
 
 def test_admission_control(engine):

@@ -270,3 +270,140 @@ def test_metrics_parse_and_count_what_was_served(server):
     assert grew("mtl_time_per_output_token_seconds_count", task="echo") == 1
     assert grew("mtl_request_latency_seconds_count", task="lang") == 1
     assert after[("mtl_queue_depth", ())] == 0 and after[("mtl_busy_slots", ())] == 0
+
+
+# Streaming: server-sent events as tokens are decided.
+
+
+def sse_events(server, path, body):
+    """The ``data:`` payloads of a streamed answer, in order (``[DONE]`` as a string), and the status."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        connection.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.getheader("Content-Type", "").startswith("text/event-stream"), response.getheader(
+            "Content-Type"
+        )
+        text = response.read().decode()
+    finally:
+        connection.close()
+    assert text.endswith("\n\n")
+    events = []
+    for block in text.split("\n\n")[:-1]:
+        assert block.startswith("data: "), block
+        data = block.removeprefix("data: ")
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return response.status, events
+
+
+def test_openai_streaming_adds_up_to_the_greedy_text(server):
+    _, client = openai_client(server)
+    prompts = ["tree", "a stone"]
+    whole = client.completions.create(model="spell", prompt=prompts, max_tokens=14, temperature=0)
+    stop = whole.choices[0].text[5:7]  # greedy text comes again: it stops where this first appears
+    stopped = client.completions.create(model="spell", prompt=prompts, max_tokens=14, temperature=0, stop=stop)
+    for expected, kwargs in ((whole, {}), (stopped, {"stop": stop})):
+        texts, reasons, chunks = ["", ""], [[], []], [0, 0]
+        for c in client.completions.create(
+            model="spell", prompt=prompts, max_tokens=14, temperature=0, stream=True, **kwargs
+        ):
+            for choice in c.choices:
+                texts[choice.index] += choice.text
+                reasons[choice.index].append(choice.finish_reason)
+                chunks[choice.index] += bool(choice.text)
+        assert texts == [c.text for c in expected.choices]
+        for got, choice in zip(reasons, expected.choices):
+            assert got[-1] == choice.finish_reason and set(got[:-1]) <= {None}  # the reason on the last chunk only
+        if not kwargs:
+            assert min(chunks) >= 2  # sent as the engine's chunks were read, not all at the end
+    assert stopped.choices[0].finish_reason == "stop" and stop not in stopped.choices[0].text
+
+
+def test_openai_streaming_reports_usage_when_asked(server):
+    _, client = openai_client(server)
+    chunks = list(
+        client.completions.create(
+            model="echo", prompt="abc", max_tokens=5, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+
+
+def test_infer_streams_deltas_then_the_response_object(server):
+    body = {"id": "st", "task": "spell", "input": "streams", "max_new_tokens": 12}
+    _, whole = call(server, "POST", "/v1/infer", body)
+    status, events = sse_events(server, "/v1/infer", {**body, "stream": True})
+    assert status == 200
+    *deltas, final = events
+    assert deltas and all(set(e) == {"id", "task", "delta"} and e["id"] == "st" for e in deltas)
+    assert "".join(e["delta"] for e in deltas) == whole["output"] == final["output"]
+    assert final["finish_reason"] == "length" and final["tokens"] == 12
+    status, events = sse_events(server, "/v1/infer", {"id": "c", "task": "lang", "input": "Hallo", "stream": True})
+    assert status == 200 and len(events) == 1 and events[0]["label"] in TASKS["lang"].labels
+    status, answer = call(server, "POST", "/v1/infer", {**body, "stream": "yes"})
+    assert status == 400 and "stream 'yes' must be true or false" in answer["error"]
+
+
+def test_a_streaming_client_that_disconnects_frees_its_slot(server):
+    engine = server.engine
+    cancelled = engine.stats["cancelled"]
+    body = json.dumps({"id": "gone", "task": "spell", "input": "abc", "max_new_tokens": 120, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        client.sendall(
+            b"POST /v1/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        received = b""
+        while b"data: " not in received:  # streaming has begun
+            received += client.recv(4096)
+    deadline = time.monotonic() + 30
+    while engine.stats["cancelled"] == cancelled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats["cancelled"] == cancelled + 1
+    while engine.busy() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(engine.slots)
+
+
+def test_streamed_text_waits_for_whole_characters_and_possible_stop_strings():
+    tokenizer = tasks.ByteTokenizer()
+    ids = tokenizer.encode("né END")
+    text = serving.TextStream(tokenizer, ["ENDS", "x"])
+    pieces = [text.update(ids[:n]) for n in range(1, len(ids) + 1)]
+    # "é" is two bytes: nothing until both are read; "E", "EN", "END" could start "ENDS": held.
+    assert pieces == ["n", "", "é", " ", "", "", ""]
+    assert text.finish("né END") == "END"
+    cut = serving.TextStream(tokenizer, ["b"])
+    assert [cut.update(tokenizer.encode(s)) for s in ("a", "ab", "abc")] == ["a", "", ""]
+    assert cut.finish("a") == ""
+
+
+def test_a_request_past_its_deadline_is_answered_with_an_error_naming_it(server):
+    body = {"id": "late", "task": "spell", "input": "abc", "max_new_tokens": 120, "deadline_ms": 1}
+    status, answer = call(server, "POST", "/v1/infer", body)
+    assert status == 504 and answer["id"] == "late", answer
+    assert answer["error"].startswith("the request passed its deadline_ms of 1 ("), answer
+    status, events = sse_events(server, "/v1/infer", {**body, "stream": True})
+    assert status == 200 and "deadline_ms of 1 (" in events[-1]["error"]
+    _, client = openai_client(server)
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.completions.create(model="spell", prompt="abc", max_tokens=120, extra_body={"deadline_ms": 1})
+    assert raised.value.status_code == 504 and "deadline_ms of 1" in raised.value.body["message"]
+    status, answer = call(server, "POST", "/v1/infer", {**body, "deadline_ms": 60_000, "priority": 3})
+    assert status == 200 and answer["tokens"] == 120
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("deadline_ms", 0, "deadline_ms 0 must be a positive number"),
+        ("deadline_ms", "soon", "deadline_ms 'soon' must be a positive number"),
+        ("priority", 1.5, "priority 1.5 must be an integer"),
+        ("priority", True, "priority True must be an integer"),
+    ],
+)
+def test_priority_and_deadline_are_checked(server, field, value, message):
+    status, answer = call(server, "POST", "/v1/infer", {"id": "p", "task": "spell", "input": "a", field: value})
+    assert status == 400 and message in answer["error"], answer

@@ -51,6 +51,7 @@ def test_load_serves_with_the_runs_serving_config(run_folder):
     server = Server.load(str(run_folder))
     engine = server.engine
     assert (engine.max_batch, engine.steps_per_call, engine.prefill_batch) == (4, 3, 4)
+    assert engine.scheduler == "fair"
     assert dict(engine.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
 
 
@@ -58,8 +59,9 @@ def test_load_applies_overrides(run_folder):
     overrides = ["serve.max_batch=2", "serve.prefill_batch=1", "serve.steps_per_call=5", "serve.mesh=data=1,fsdp=2"]
     with pytest.raises(UsageError, match="covers 2 devices"):  # 8 devices here: the mesh must use them all
         Server.load(str(run_folder), overrides)
-    server = Server.load(str(run_folder), overrides[:3] + ["serve.mesh=data=2,tensor=4"])
+    server = Server.load(str(run_folder), overrides[:3] + ["serve.mesh=data=2,tensor=4", "serve.scheduler=fifo"])
     engine = server.engine
+    assert engine.scheduler == "fifo"
     assert (engine.max_batch, engine.prefill_batch, engine.steps_per_call) == (2, 1, 5)
     assert dict(engine.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
     lines = [
@@ -68,15 +70,18 @@ def test_load_applies_overrides(run_folder):
         "{not json",
         '{"id": "c", "task": "nope", "input": "x"}',
         '{"id": "d", "task": "echo", "input": "dog", "max_new_tokens": 2, "temperature": 0.5, "seed": 3}',
+        '{"id": "e", "task": "echo", "input": "dog", "max_new_tokens": 60, "deadline_ms": 0.001}',
     ]
     responses = server.respond(read_requests(lines))
-    assert [r["id"] for r in responses] == ["a", "b", None, "c", "d"]
+    assert [r["id"] for r in responses] == ["a", "b", None, "c", "d", "e"]
     assert responses[0]["tokens"] <= 4 and responses[0]["finish_reason"] in ("stop", "length")
     assert responses[1]["label"] in TASKS[1]["labels"]
     assert sum(responses[1]["scores"].values()) == pytest.approx(1.0, abs=1e-4)
     assert "line 3 is not valid JSON" in responses[2]["error"]
     assert "unknown task 'nope'" in responses[3]["error"]
     assert responses[4]["tokens"] <= 2
+    assert responses[5] == {"id": "e", "error": responses[5]["error"]}
+    assert responses[5]["error"].startswith("the request passed its deadline_ms of 0.001 (")
 
 
 @pytest.mark.parametrize(
@@ -86,6 +91,7 @@ def test_load_applies_overrides(run_folder):
         ("serve.prefill_batch=-1", "serve.prefill_batch=-1"),
         ("serve.steps_per_call=x", "serve.steps_per_call='x'"),
         ("serve.slots=4", "serve has no field 'slots'"),
+        ("serve.scheduler=lifo", "serve.scheduler='lifo' must be fair or fifo"),
         ("model.d_model=8", "only serve.* fields"),
     ],
 )
