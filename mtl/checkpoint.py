@@ -9,16 +9,33 @@ complete only once Orbax has renamed its temporary folder, so a run killed
 mid-save resumes from the previous one.
 
 Restores take an abstract target whose leaves carry the shardings wanted now,
-so a checkpoint saved on one mesh loads onto any other.
+so a checkpoint saved on one mesh loads onto any other. A checkpoint damaged
+after it was written (a truncated data file, a deleted ``manifest.ocdbt`` or
+metadata file) is skipped by :func:`restore_newest`, which training and serving
+both call: it falls back to the newest checkpoint that restores, with a
+one-line warning naming what was skipped and why.
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from mtl.config import UsageError
+
+T = TypeVar("T")
+
+# The files every complete checkpoint holds, by item (optimizer: only in a training checkpoint).
+REQUIRED_FILES = {
+    ".": ("_CHECKPOINT_METADATA",),
+    "model": ("_METADATA", "manifest.ocdbt"),
+    "optimizer": ("_METADATA", "manifest.ocdbt"),
+    "meta": ("metadata",),
+}
 
 
 def _pure(state: nnx.State) -> dict:
@@ -73,11 +90,23 @@ class Checkpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])
 
+    def reload(self) -> None:
+        """Reads the folder's steps again (after another process or :func:`set_aside` changed it)."""
+        self.manager.reload()
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def complete_steps(folder: str | pathlib.Path) -> list[int]:
+    """The steps of ``folder`` whose save finished (Orbax renamed them into place), oldest first."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "meta").exists())
 
 
 def find(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
@@ -86,12 +115,92 @@ def find(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
     Raises:
       ValueError: no complete checkpoint is there.
     """
+    folder, steps = candidates(path)
+    return folder, steps[-1]
+
+
+def candidates(path: str | pathlib.Path) -> tuple[pathlib.Path, list[int]]:
+    """``--ckpt``'s checkpoints folder and the steps to try, oldest first (one, for a step's folder).
+
+    Raises:
+      ValueError: no complete checkpoint is there.
+    """
     path = pathlib.Path(path)
     if path.is_dir() and path.name.isdigit() and (path / "meta").exists():
-        return path.parent, int(path.name)
+        return path.parent, [int(path.name)]
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if folder.is_dir():
-        steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "meta").exists())
-        if steps:
-            return folder, steps[-1]
+    if steps := complete_steps(folder):
+        return folder, steps
     raise ValueError(f"--ckpt {str(path)!r} holds no complete checkpoint (expected a run folder or checkpoints/<step>)")
+
+
+def missing_files(step_dir: str | pathlib.Path, optimizer: bool = False) -> str | None:
+    """What a checkpoint folder lacks of a complete checkpoint's files, as a phrase; None if nothing."""
+    step_dir = pathlib.Path(step_dir)
+    for item, names in REQUIRED_FILES.items():
+        if item == "optimizer" and not optimizer:
+            continue
+        for name in names:
+            if not (step_dir / item / name).is_file():
+                return f"{item}/{name} is missing" if item != "." else f"{name} is missing"
+    return None
+
+
+def restore_newest(
+    directory: str | pathlib.Path,
+    steps: Sequence[int],
+    restore: Callable[[int], T],
+    warn: Callable[[str], None],
+    optimizer: bool = False,
+) -> tuple[int, T, list[int]]:
+    """Restores the newest checkpoint that restores, walking back past damaged ones.
+
+    Args:
+      directory: the checkpoints folder (``RUN/checkpoints``).
+      steps: the steps to try, in any order; the newest is tried first.
+      restore: restores one step (raising if it cannot); its result is returned.
+      warn: called with one line for each step skipped, naming it and why.
+      optimizer: the checkpoints must hold the optimizer state too (training).
+
+    Returns:
+      (the step restored, what ``restore`` returned, the steps skipped).
+
+    Raises:
+      UsageError: ``restore`` raised one (a mesh that does not fit, say): it is no damage.
+      ValueError: no step restores; the message names each step and its reason.
+    """
+    directory = pathlib.Path(directory)
+    skipped, reasons = [], []
+    for step in sorted(steps, reverse=True):
+        reason = missing_files(directory / str(step), optimizer)
+        if reason is None:
+            try:
+                return step, restore(step), skipped
+            except UsageError:
+                raise
+            except Exception as e:  # orbax and tensorstore raise many types for a damaged file
+                reason = _first_line(e)
+        older = [s for s in steps if s < step]
+        then = f"falling back to step {max(older)}" if older else "no older checkpoint is left"
+        warn(f"warning: checkpoint {directory / str(step)} cannot be restored ({reason}); {then}")
+        skipped.append(step)
+        reasons.append(f"step {step}: {reason}")
+    raise ValueError(f"no checkpoint in {str(directory)!r} restores ({'; '.join(reasons) or 'there are none'})")
+
+
+def set_aside(directory: str | pathlib.Path, step: int) -> pathlib.Path:
+    """Renames a damaged step folder to ``damaged-STEP`` (kept for a post-mortem; no longer a step)."""
+    directory = pathlib.Path(directory)
+    target = directory / f"damaged-{step}"
+    n = 1
+    while target.exists():
+        n += 1
+        target = directory / f"damaged-{step}.{n}"
+    (directory / str(step)).rename(target)
+    return target
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -9,6 +9,7 @@
       tensorboard/     the same numbers as TensorBoard scalars
       checkpoints/     mtl.checkpoint's step folders
       best/            the checkpoint ranked highest by train.best_metric
+      .lock            held (fcntl.flock) by the train.py writing the folder; names its pid
 
 In a multi-process run only process 0 writes files; every process writes its
 own shards of the checkpoints.
@@ -17,16 +18,18 @@ own shards of the checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import pathlib
+import socket
 
 import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
 from mtl import config as C
-from mtl.checkpoint import Checkpoints
+from mtl.checkpoint import Checkpoints, restore_newest, set_aside
 from mtl.config import UsageError
 from mtl.evaluator import selection_score
 
@@ -44,6 +47,45 @@ class RunFolder:
         self.path = pathlib.Path(path)
         self.metrics_path = self.path / "metrics.jsonl"
         self._board = None  # TensorBoard writer, opened on the first record
+        self._lock = None  # the open lock file, while this process trains the run
+
+    def lock(self) -> None:
+        """Takes the folder's lock, or raises UsageError naming the process that holds it.
+
+        The lock is ``fcntl.flock`` on ``.lock`` (``.lock-I`` for process I of a
+        multi-process run), so the operating system releases it when the process
+        ends, however it ends; the file stays, holding the last holder's pid.
+        """
+        if self._lock is not None:
+            return
+        index = jax.process_index()
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.path / (".lock" if index == 0 else f".lock-{index}")
+        f = path.open("a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise UsageError(
+                f"--out {str(self.path)!r} is being trained by {holder}; "
+                "wait for it to end, stop it, or use another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"train.py pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._lock = f
+
+    def check_path(self) -> None:
+        """Raises UsageError if the folder cannot be one: it, or a folder above it, is a file."""
+        for path in (self.path, *self.path.parents):
+            if path.exists() and not path.is_dir():
+                what = "" if path == self.path else f" (its parent {str(path)!r} is)"
+                raise UsageError(f"--out {str(self.path)!r} must be a folder, but a file is there{what}")
+            if path.exists():
+                break
 
     def check_resumable(self, cfg: C.Config) -> None:
         """Raises UsageError if the folder holds a run of another model or data.
@@ -51,9 +93,10 @@ class RunFolder:
         The serving section may change freely: it is how the run is served, not what it trains.
         """
 
+        self.check_path()
         saved = self.path / "config.json"
         if not saved.exists():
-            if self.path.exists() and any(self.path.iterdir()):
+            if self.path.exists() and any(not p.name.startswith(".lock") for p in self.path.iterdir()):
                 raise UsageError(f"--out {str(self.path)!r} is not empty and holds no mtl run")
             return
         old = C.from_dict(json.loads(saved.read_text()))
@@ -91,7 +134,9 @@ class RunFolder:
             return
         records = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
         kept = [
-            json.dumps(r) for r in records if r["step"] < step or (r["step"] == step and not (final and "split" in r))
+            json.dumps(r, allow_nan=False)
+            for r in records
+            if r["step"] < step or (r["step"] == step and not (final and "split" in r))
         ]
         _write_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
 
@@ -100,7 +145,7 @@ class RunFolder:
         if jax.process_index() != 0:
             return  # one writer in a multi-process run
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON: the loop writes non-finite as null
         self._tensorboard(record)
 
     def _tensorboard(self, record: dict) -> None:
@@ -117,6 +162,10 @@ class RunFolder:
     def close(self) -> None:
         if self._board is not None:
             self._board.close()
+            self._board = None
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
@@ -131,15 +180,27 @@ class BestCheckpoint:
     Its meta records the score, so a resumed run keeps comparing against it.
     """
 
-    def __init__(self, path: pathlib.Path, spec: str, kinds: dict[str, str]):
+    def __init__(self, path: pathlib.Path, spec: str, kinds: dict[str, str], warn=lambda *_: None):
         self.spec, self.kinds = spec, kinds
         self.checkpoints = Checkpoints(path, keep=1)
-        step = self.checkpoints.latest_step()
-        self.score = -np.inf if step is None else self.checkpoints.read_meta(step)["score"]
+        self.score = -np.inf
+        if steps := self.checkpoints.all_steps():
+            try:
+                _, meta, skipped = restore_newest(path, steps, self.checkpoints.read_meta, warn, optimizer=True)
+                self.score = meta["score"]
+            except ValueError:
+                skipped = steps  # none readable: the next validation saves a new best
+            if skipped:
+                if jax.process_index() == 0:
+                    for step in skipped:
+                        set_aside(path, step)
+                self.checkpoints.reload()
 
     def offer(self, step: int, state, scores: dict, meta: dict) -> None:
         """Saves ``state`` as the best checkpoint if ``scores`` rank above the best so far."""
         score = selection_score(self.spec, self.kinds, scores)
+        if not np.isfinite(score):
+            return  # a non-finite score ranks nothing (strict JSON in the checkpoint's meta, too)
         if score > self.score and step not in self.checkpoints.all_steps():
             self.score = score
             meta = {**meta, "score": score, "best_metric": self.spec}
