@@ -2,10 +2,14 @@
 
 A file is one example a row; its columns decide its kind (``schema.COLUMNS``).
 An optional ``split`` column fixes each row's split; without it the split is a
-stable hash of ``input``. Every problem a user can cause is one sentence that
+stable hash of ``input``. A ``split`` column with no ``validation`` row has its
+validation split cut from the train rows by that hash (as for a hub dataset
+lacking one), so the best checkpoint can still be chosen. Every problem a user can cause is one sentence that
 names the file.
 """
 
+import json
+import logging
 import math
 import os
 from typing import Any, Callable
@@ -72,6 +76,13 @@ def load_task_file(path: str) -> tuple[str, Callable[[], datasets.DatasetDict]]:
 
     if "split" in table:
         splits = [_split_value(path, row, v) for row, v in enumerate(table["split"])]
+        if "validation" not in splits:
+            # As for a hub dataset without one: the validation split (which picks the best
+            # checkpoint) is cut from the train rows by the same hash as a file without splits.
+            splits = [
+                "validation" if s == "train" and split_of(text) == "validation" else s
+                for s, text in zip(splits, columns["input"])
+            ]
     else:
         splits = [split_of(text) for text in columns["input"]]
     rows_of = {split: [i for i in range(n) if splits[i] == split] for split in SPLITS}
@@ -100,15 +111,60 @@ def _read(path: str) -> dict[str, list[Any]]:
         raise ValueError(f"Task file {path!r} does not exist.")
     if os.path.getsize(path) == 0:
         raise ValueError(f"Task file {path!r} is empty.")
+    if ext in (".jsonl", ".json", ".csv"):
+        text = _utf8_text(path)
+        if ext == ".jsonl":
+            return _read_json_lines(path, text)
+    logger = datasets.utils.logging.get_logger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # its parsers log each failure as ERROR lines before raising it
     try:
         dataset = datasets.load_dataset(BUILDERS[ext], data_files=os.path.abspath(path), split="train")
     except Exception as e:  # datasets raises many types; the user needs only the reason
         if "corresponds to no data" in str(e):  # how datasets reports a file of no rows
             raise ValueError(f"Task file {path!r} has no rows.") from e
         raise ValueError(f"Task file {path!r} could not be read as {ext}: {_root_reason(e)}.") from e
+    finally:
+        logger.setLevel(level)
     if dataset.num_rows == 0:
         raise ValueError(f"Task file {path!r} has no rows.")
     return dataset.to_dict()
+
+
+def _utf8_text(path: str) -> str:
+    """The file's text, or a ValueError naming the file and the line of the first byte that is not UTF-8."""
+    data = open(path, "rb").read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(
+            f"Task file {path!r} is not UTF-8 text: byte {data[e.start]:#04x} on line {line} "
+            f"(byte offset {e.start}); save it as UTF-8."
+        ) from None
+
+
+def _read_json_lines(path: str, text: str) -> dict[str, list[Any]]:
+    """One JSON object a line, parsed here so an error names its line (blank lines are skipped)."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"Task file {path!r} has invalid JSON on line {number}, column {e.colno}: {e.msg}."
+            ) from None
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"Task file {path!r} has a {type(row).__name__} on line {number}; a JSON object is accepted."
+            )
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"Task file {path!r} has no rows.")
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    return {name: [row.get(name) for row in rows] for name in names}
 
 
 def _root_reason(error: BaseException) -> str:
@@ -143,7 +199,14 @@ def _clean(path: str, kind: str, column: str, row: int, value: Any) -> Any:
     # input, target, label are text; numeric labels (0/1 in a CSV) become text.
     if isinstance(value, (list, dict)):
         raise ValueError(f"Task file {path!r} has {column} {value!r} in row {row + 1}; text is accepted.")
-    return str(value)
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape in JSON ("\ud800")
+        raise ValueError(
+            f"Task file {path!r} has a lone surrogate in its {column} in row {row + 1}; text must be valid Unicode."
+        ) from None
+    return text
 
 
 def _check_tag_counts(path: str, inputs: list[str], tags: list[list[str]]) -> None:

@@ -111,13 +111,38 @@ def test_user_files_of_every_kind_train_and_serve(tmp_path):
         ("", ".jsonl", "is empty"),
         ('{"input": "a", "colour": "red"}\n', ".jsonl", "colour"),
         ('{"input": "a", "target": "b", "label": "c"}\n', ".jsonl", "more than one"),
+        (b'{"input": "a", "target": "b"}\n{"input": "\xff", "target": "c"}\n', ".jsonl", "byte 0xff on line 2"),
+        ('{"input": "a", "target": "b"}\n\n{"input": "c", "target": \n', ".jsonl", "invalid JSON on line 3, column 26"),
+        ("input,label\na,\xe9t\xe9\n".encode("latin-1"), ".csv", "not UTF-8 text: byte 0xe9 on line 2"),
+        ('{"input": "a\\ud800", "target": "b"}\n', ".jsonl", "lone surrogate in its input in row 1"),
     ],
 )
 def test_bad_task_file_is_one_line_exit_2(tmp_path, content, suffix, message):
     path = tmp_path / f"bad{suffix}"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     result = run("train.py", "--tasks", f"mine={path}", "--steps", "1", "--out", str(tmp_path / "run"))
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and str(path) in errors[0] and message in errors[0], result.stderr
+    assert "ERROR" not in result.stderr and "Traceback" not in result.stderr  # no datasets log lines
     assert not (tmp_path / "run").exists()
+
+
+def test_a_split_column_without_validation_rows_has_validation_cut_from_train(tmp_path):
+    """Such a file trained to the end and then failed to pick the best checkpoint (issue 14)."""
+    from tasks.schema import split_of
+    from tasks.user_files import load_task_file
+
+    rows = [
+        {"input": f"{w} {i}", "label": w[0], "split": "test" if i == 0 else "train"} for w in WORDS for i in range(6)
+    ]
+    path = tmp_path / "no_validation.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, load = load_task_file(str(path))
+    splits = load()
+    assert sorted(splits["validation"]["input"]) == sorted(
+        r["input"] for r in rows if r["split"] == "train" and split_of(r["input"]) == "validation"
+    )
+    assert len(splits["validation"]) > 0
+    assert sorted(splits["test"]["input"]) == sorted(r["input"] for r in rows if r["split"] == "test")
+    assert len(splits["train"]) + len(splits["validation"]) == sum(r["split"] == "train" for r in rows)
