@@ -191,8 +191,6 @@ class _Decoded:
 
 
 SCHEDULERS = ("fair", "fifo")
-# The fair scheduler's prices (S-LoRA's defaults): a generated token costs more than a prompt token.
-PROMPT_TOKEN_COST, OUTPUT_TOKEN_COST = 1, 2
 
 
 def length_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
@@ -220,12 +218,14 @@ class Engine:
         :meth:`run_once`); more amortises dispatch and read-back, fewer lets
         arrivals in sooner.
       scheduler: the order waiting requests are admitted in, after their
-        ``priority`` (higher first): ``"fair"`` (default) serves the task that
-        has received the least service, by a virtual token counter per task
-        (S-LoRA's VTC: a prompt token counts 1 when admitted, a generated
-        token 2 when read; a task that had nothing waiting is lifted to the
-        least counter of those that had), so one task flooding the queue
-        cannot starve another; ``"fifo"``: arrival order.
+        ``priority`` (higher first): ``"fifo"``, arrival order; ``"fair"``
+        (default), arrival order except that a task holding more than its
+        share of the decode slots (``max_batch`` over the tasks with generation
+        requests running or waiting, plus a slack of ``max_batch // 4``) yields
+        free slots to the other tasks' requests, and non-generation requests
+        take turns by task in prefill batches, so one task flooding the queue
+        cannot starve another. Every slot generates one token a step, so equal
+        slot shares are equal shares of the generated tokens.
 
     A request past its ``deadline_ms`` (from its arrival) is cancelled at the
     next iteration, waiting or running, and fails with :class:`DeadlineExceeded`.
@@ -251,8 +251,6 @@ class Engine:
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler {scheduler!r} must be one of {', '.join(SCHEDULERS)}")
         self.scheduler = scheduler
-        self.service = collections.Counter()  # per task: the fair scheduler's virtual token counter
-        self._last_admitted = 0  # the counter of the task admitted last, when it was
         if steps_per_call < 1:
             raise ValueError(f"steps_per_call {steps_per_call} must be at least 1")
         self.cfg = model.cfg
@@ -380,12 +378,6 @@ class Engine:
         with self._lock:
             if len(self.queue) >= self.max_queue:
                 raise QueueFull(f"the queue holds {self.max_queue} requests already; try again later")
-            waiting = {t.request.task for t in self.queue}
-            if request.task not in waiting:
-                # A task that comes back banks no credit from its idle time: it is lifted to the
-                # least-served waiting task, or with nothing waiting, to the task admitted last.
-                floor = min(self.service[task] for task in waiting) if waiting else self._last_admitted
-                self.service[request.task] = max(self.service[request.task], floor)
             self.queue.append(ticket)
             self._lock.notify()
         return ticket
@@ -465,30 +457,34 @@ class Engine:
                 fail(active.ticket)
 
     def _order(self, tickets: list[Ticket], free: int) -> list[Ticket]:
-        """The candidates for the next prefill batch, the scheduler's first choice first: priority
-        first, then arrival (fifo) or the least-served task (fair, as if each request admitted were
-        charged its prompt and its whole budget). Generation requests beyond the first ``free`` are
-        left out, as they would find no slot; past the first batch's worth, the order of the
-        remaining (non-generation) requests is arrival's."""
-        ordered = sorted(tickets, key=lambda t: -t.request.priority)  # stable: arrival order within a priority
+        """The candidates for the next prefill batch, the scheduler's first choice first.
+
+        ``tickets`` are the waiting requests in arrival order. Priority comes first
+        (higher first), then arrival, except under the fair scheduler (see
+        :class:`Engine`): a generation request whose task holds more than its share
+        of the slots goes after the others of its priority, and non-generation
+        requests take turns by task. Generation requests beyond the first ``free``
+        are left out: they would find no slot.
+        """
+        rank: dict[Ticket, tuple] = {}
         if self.scheduler == "fair":
-            by_task: dict[str, collections.deque[Ticket]] = {}
-            for t in ordered:
-                by_task.setdefault(t.request.task, collections.deque()).append(t)
-            counters = {task: self.service[task] for task in by_task}
-            ordered = []
-            while by_task and len(ordered) < self.prefill_batch:
-                task = min(by_task, key=lambda k: (-by_task[k][0].request.priority, counters[k]))
-                t = by_task[task].popleft()
-                ordered.append(t)
-                counters[task] += PROMPT_TOKEN_COST * len(t.request.prompt)
-                counters[task] += OUTPUT_TOKEN_COST * self._budget(t.request) * t.generates
-                if t.generates and sum(o.generates for o in ordered) >= free:
-                    by_task = {k: collections.deque(o for o in q if not o.generates) for k, q in by_task.items()}
-                if not by_task[task]:
-                    del by_task[task]
-                by_task = {k: q for k, q in by_task.items() if q}
-            ordered += [t for q in by_task.values() for t in q]
+            held = collections.Counter(a.ticket.request.task for a in self.slots if a is not None)
+            tasks = set(held) | {t.request.task for t in tickets if t.generates}
+            # A task's share of the slots, and the slack it may hold beyond it before it yields: with the
+            # slack, a mix of tasks arriving at similar rates is served in arrival order (no throughput lost
+            # to reordering), while a task flooding the queue cannot keep another's requests out of the slots.
+            limit = self.max_batch / max(1, len(tasks)) + self.max_batch // 4
+            turns = collections.Counter()
+            for t in sorted(tickets, key=lambda t: -t.request.priority):
+                task = t.request.task
+                if t.generates:
+                    over = held[task] >= limit
+                    held[task] += not over
+                    rank[t] = (over, 0)
+                else:
+                    rank[t] = (False, turns[task])
+                    turns[task] += 1
+        ordered = sorted(tickets, key=lambda t: (-t.request.priority, *rank.get(t, ())))  # stable: arrival order
         kept = []
         for t in ordered:
             if t.generates:
@@ -540,8 +536,6 @@ class Engine:
             picked = next(p for p in map(fill, widths) if len(p) == most)
             for ticket in picked:
                 self.queue.remove(ticket)
-                self.service[ticket.request.task] += PROMPT_TOKEN_COST * len(ticket.request.prompt)
-                self._last_admitted = self.service[ticket.request.task]
         return picked
 
     def _prefill_and_insert(self, picked: list[Ticket]) -> None:
@@ -679,7 +673,6 @@ class Engine:
         else:
             active.tokens.append(token)
             self.stats["tokens"] += 1
-            self.service[active.ticket.request.task] += OUTPUT_TOKEN_COST
             for stop in active.ticket.request.stop:
                 if stop and active.tokens[-len(stop) :] == list(stop):
                     del active.tokens[-len(stop) :]

@@ -485,7 +485,8 @@ def make_app(server: Server):
         """Serves ``parsed`` as server-sent events (``data: JSON``, a blank line after each).
 
         ``piece(i, text)`` is the event for a decided piece of request ``i``'s text
-        (:class:`TextStream`), ``end(i, response, text_stream)`` the events once it is
+        (:class:`TextStream`; at its first token, sent even if empty, so a client sees
+        its time to first token), ``end(i, response, text_stream)`` the events once it is
         answered (its response object), ``last()`` those after every request is. A full
         queue answers 429 before the stream starts; a client that goes away (the
         handler cancelled, or a write that fails) cancels what is still running.
@@ -509,12 +510,13 @@ def make_app(server: Server):
                 return error(request, 429, str(e), {"Retry-After": "1"}, parsed[0].id)
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await response.prepare(request)
-            left = len(parsed)
+            left, started = len(parsed), [False] * len(parsed)
             while left:
                 i, tokens = await events.get()
                 if tokens is not None:
                     text = texts[i].update(tokens)
-                    if text:
+                    if text or not started[i]:  # the first token is announced even while its text is held
+                        started[i] = True
                         await _send_event(response, piece(i, text))
                     continue
                 left -= 1

@@ -1,9 +1,10 @@
 """The server's Prometheus metrics (``GET /metrics``), through ``prometheus_client``.
 
-Requests by task and outcome, generated tokens, and per-task histograms of
-time to first token, time per output token and end-to-end latency, observed
-as each answer is formatted; queue depth and busy slots read from the engine
-at each scrape. Each server has its own registry, so several in one process
+Requests by task and outcome (a finish reason, ``ok``, ``error`` or
+``deadline``), generated tokens, and per-task histograms of time to first
+token, time per output token and end-to-end latency, observed as each answer
+is formatted; queue depth and busy slots read from the engine at each scrape.
+Each server has its own registry, so several in one process
 (tests) do not mix their counts.
 """
 
@@ -49,7 +50,8 @@ class ServerMetrics:
         """Counts one answer: ``response`` is the answer object, an error one included."""
         task = task if task in self.tasks else ""  # label values come from served tasks only
         if "error" in response:
-            self.requests.labels(task, "error").inc()
+            # A request cancelled at its deadline is its own outcome: a latency objective missed, not a fault.
+            self.requests.labels(task, "deadline" if "deadline_ms" in response["error"] else "error").inc()
             return
         self.requests.labels(task, response.get("finish_reason", "ok")).inc()
         self.latency.labels(task).observe(response["latency_ms"] / 1e3)

@@ -1,7 +1,6 @@
 """The continuous-batching engine: slots refilled as they free, mixed tasks, stops,
 admission control, cancelling, and no compilation after warm-up."""
 
-import collections
 import contextlib
 import time
 
@@ -158,18 +157,19 @@ def admitted_order(engine, requests):
 @pytest.mark.parametrize("scheduler", ["fair", "fifo"])
 def test_a_flooding_task_does_not_starve_another(engine, scheduler):
     # 24 requests of one task queued before 4 of another, for 4 slots, each of the same length. Fair: the
-    # second task is served as soon as its counter is the lower, so all 4 of its requests are among the first
-    # 12 answered. First in, first out: they wait for the whole flood (kept to show what fairness changes).
+    # flooding task may hold its share of the slots and a slack (2 + 1) but not all 4, so the other task
+    # always has a slot while it waits: its 4 requests are answered at least one in every 4, all among the
+    # first 16. First in, first out: they wait for the whole flood (kept to show what fairness changes).
     flood = [gen([40 + i], 6) for i in range(24)]
     small = [gen([90 + i], 6, task="echo") for i in range(4)]
-    engine.scheduler, engine.service = scheduler, collections.Counter()
+    engine.scheduler = scheduler
     try:
         order = admitted_order(engine, flood + small)
     finally:
         engine.scheduler = "fair"
     rank = sorted(order.index(24 + i) for i in range(4))
     if scheduler == "fair":
-        assert rank[-1] < 12, order
+        assert rank[-1] < 16, order
     else:
         assert rank == [24, 25, 26, 27], order
 

@@ -393,6 +393,8 @@ def test_a_request_past_its_deadline_is_answered_with_an_error_naming_it(server)
     assert raised.value.status_code == 504 and "deadline_ms of 1" in raised.value.body["message"]
     status, answer = call(server, "POST", "/v1/infer", {**body, "deadline_ms": 60_000, "priority": 3})
     assert status == 200 and answer["tokens"] == 120
+    _, text = call(server, "GET", "/metrics")
+    assert 'mtl_requests_total{outcome="deadline",task="spell"} 3.0' in text
 
 
 @pytest.mark.parametrize(
