@@ -36,6 +36,7 @@ class HFTokenizer:
         a fixed token for the task embedding).
       eos_ids: every id that ends a generation, ``eos_id`` first.
       sep_id: the template's last token (the newline by default).
+      never_generated: BOS and PAD, unless they are EOS ids too.
       template: the prompt's text, with ``{input}`` where the request's input goes.
       vocab_size: the tokenizer's ids, added tokens included (the model may have more rows).
     """
@@ -64,6 +65,9 @@ class HFTokenizer:
         suffix_ids = self.encode(self._suffix)
         self.sep_id = suffix_ids[-1] if suffix_ids else self.eos_id
         self.kept = dict(kept or {})
+        # BOS and PAD are never generated, unless they double as an EOS (Qwen pads with its EOS); the
+        # separator is an ordinary token here (a newline), which a generation may well produce.
+        self.never_generated = tuple(i for i in dict.fromkeys((self.bos_id, self.pad_id)) if i not in self.eos_ids)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, template: str | None = None) -> HFTokenizer:

@@ -28,6 +28,7 @@ class Tokenizer(Protocol):
     sep_id: int
     vocab_size: int
     eos_ids: tuple[int, ...]
+    never_generated: tuple[int, ...]
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -57,6 +58,7 @@ class ByteTokenizer:
     sep_id = SEP
     vocab_size = OFFSET + 256
     eos_ids = (EOS,)
+    never_generated = (PAD, BOS, SEP)  # ids a generation may not produce
 
     def encode(self, text: str) -> list[int]:
         """Returns the token ids of ``text``'s UTF-8 bytes, without specials."""

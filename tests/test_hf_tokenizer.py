@@ -27,6 +27,7 @@ def test_matches_transformers_tokenizer(folder):
     assert isinstance(ours, tasks.Tokenizer)
     assert (ours.bos_id, ours.eos_id, ours.pad_id) == (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id)
     assert ours.eos_ids == (2, 3)  # generation_config.json lists two
+    assert ours.never_generated == (1, 0)  # BOS and PAD; the newline separator may be generated
     assert ours.vocab_size == len(theirs)
     for text in TEXTS:
         ids = ours.encode(text)
