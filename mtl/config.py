@@ -115,6 +115,7 @@ class TrainConfig:
     eval_examples: int = 64  # validation examples per task and evaluation
     checkpoint_every: int = 20
     keep_checkpoints: int = 3
+    init: str = ""  # --init SOURCE: the pretrained model or run the weights start from ("": random)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +127,7 @@ class ServeConfig:
     max_queue: int = 1024  # requests that may wait; beyond, HTTP answers 503
     prefill_batch: int = 0  # prompts prefilled together; 0: min(max_batch, 8)
     steps_per_call: int = 8  # the most decode steps one jitted call runs
-    scheduler: str = "fair"  # admission order after priority: fair (slot shares between tasks) or fifo
+    scheduler: str = "fair"  # admission order after priority: fair (a virtual token counter per task) or fifo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +294,6 @@ def validate(config: Config) -> None:
         "model.head_dim": m.head_dim,
         "model.d_ff": m.d_ff,
         "model.max_len": m.max_len,
-        "train.steps": t.steps,
         "train.batch_size": t.batch_size,
         "train.learning_rate": t.learning_rate,
         "train.log_every": t.log_every,
@@ -317,6 +317,7 @@ def validate(config: Config) -> None:
         if value <= 0:
             raise ValueError(f"{key}={value} must be positive")
     at_least_zero = {
+        "train.steps": t.steps,  # 0: the initial model is the run's checkpoint
         "train.warmup_steps": t.warmup_steps,
         "train.weight_decay": t.weight_decay,
         "train.eval_every": t.eval_every,

@@ -21,7 +21,9 @@ from mtl.engine import Engine, Request
 from mtl.server import make_engine
 
 
-def evaluate(engine: Engine, data: Sequence, split: str, limit: int) -> dict[str, dict[str, float]]:
+def evaluate(
+    engine: Engine, data: Sequence, split: str, limit: int, tokenizer: tasks.Tokenizer | None = None
+) -> dict[str, dict[str, float]]:
     """Per-task metrics of the model in ``engine`` on ``split``.
 
     Args:
@@ -29,12 +31,13 @@ def evaluate(engine: Engine, data: Sequence, split: str, limit: int) -> dict[str
       data: the run's tasks (:class:`mtl.trainer.TaskData`: name, kind, labels, splits, max_new_tokens).
       split: ``validation`` or ``test``.
       limit: examples a task, evenly spaced over the split; 0 for all of them.
+      tokenizer: the run's; default the byte tokenizer.
 
     Returns:
       task name -> metric name -> value (``tasks.metrics.metrics_for`` of the task's kind);
       a task with no example in ``split`` is left out.
     """
-    tokenizer = tasks.ByteTokenizer()
+    tokenizer = tokenizer or tasks.ByteTokenizer()
     results = {}
     for d in data:
         encoded = d.splits[split]
@@ -57,7 +60,9 @@ def evaluate(engine: Engine, data: Sequence, split: str, limit: int) -> dict[str
             elif d.kind == "regress":
                 preds = [float(a.values) for a in answers]
             else:
-                preds = [tasks.tags_at_word_ends(a.values, encoded.inputs[i]) for a, i in zip(answers, picks)]
+                preds = [
+                    tasks.tags_at_word_ends(a.values, encoded.inputs[i], tokenizer) for a, i in zip(answers, picks)
+                ]
                 refs = [[d.labels.index(t) for t in row] for row in refs]
         metric_fns = tasks.metrics.metrics_for(d.kind)
         results[d.name] = {name: fn(preds, refs) for name, fn in metric_fns.items()}
@@ -73,19 +78,29 @@ class Evaluator:
       settings: the engine's (its ``mesh`` field is not read: the engine runs on ``mesh``).
       limit: examples a task and evaluation (0: all).
       log: called with each evaluation record (``metrics.jsonl`` lines).
+      tokenizer: the run's; default the byte tokenizer.
     """
 
-    def __init__(self, data: Sequence, mesh, settings: C.ServeConfig, limit: int, log: Callable[[dict], None]):
+    def __init__(
+        self,
+        data: Sequence,
+        mesh,
+        settings: C.ServeConfig,
+        limit: int,
+        log: Callable[[dict], None],
+        tokenizer: tasks.Tokenizer | None = None,
+    ):
         self.data, self.mesh, self.settings, self.limit, self.log = data, mesh, settings, limit, log
+        self.tokenizer = tokenizer or tasks.ByteTokenizer()
         self.engine: Engine | None = None
 
     def __call__(self, model, split: str, step: int, console) -> dict[str, dict[str, float]]:
         if self.engine is None:
-            self.engine = make_engine(model, self.mesh, self.settings, tasks.ByteTokenizer())
+            self.engine = make_engine(model, self.mesh, self.settings, self.tokenizer)
         else:
             self.engine.params = nnx.state(model)  # a train step donates old buffers: take the current ones
         t0 = time.perf_counter()
-        scores = evaluate(self.engine, self.data, split, self.limit)
+        scores = evaluate(self.engine, self.data, split, self.limit, self.tokenizer)
         for task, values in scores.items():
             self.log({"step": step, "task": task, "split": split, **{k: round(v, 5) for k, v in values.items()}})
             console.log(f"eval {split} step {step} {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))

@@ -41,6 +41,43 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 MAX_LEN = 1024  # the longest sequence by default: the pretrained context is usually far longer than a task needs
 
 
+def resolve_source(source: str) -> tuple[str, str]:
+    """Where ``--init SOURCE`` points: ``("hf", folder)`` or ``("run", folder)``.
+
+    SOURCE is a local Hugging Face model folder, ``hf:ORG/NAME`` (downloaded
+    once by ``huggingface_hub`` into its cache, then found there offline), or
+    an mtl run folder (its ``config.json`` has a ``model`` section).
+
+    Raises:
+      ValueError: one line: a missing folder, a failed download, or a folder of neither kind.
+    """
+    if source.startswith("hf:"):
+        try:
+            from huggingface_hub import snapshot_download
+
+            patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+            try:  # the cache first, so a downloaded model is usable offline
+                folder = snapshot_download(source[3:], allow_patterns=patterns, local_files_only=True)
+            except Exception:  # noqa: BLE001  (not cached yet: any hub error means "download")
+                folder = snapshot_download(source[3:], allow_patterns=patterns)
+        except Exception as e:  # noqa: BLE001  (network, auth, missing repo: one line either way)
+            raise ValueError(
+                f"--init {source}: cannot fetch it from the Hugging Face hub ({type(e).__name__})"
+            ) from None
+        return "hf", folder
+    if not os.path.isdir(source):
+        raise ValueError(f"--init {source!r} is not a folder (nor hf:ORG/NAME)")
+    config_path = os.path.join(source, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"--init {source!r} has no config.json: neither a Hugging Face model folder nor an mtl run")
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError:
+            raise ValueError(f"--init {source!r}: config.json is not JSON") from None
+    return ("run" if isinstance(config.get("model"), dict) and "train" in config else "hf"), source
+
+
 def read_config(folder: str | os.PathLike, max_len: int = MAX_LEN) -> ModelConfig:
     """The backbone of a Hugging Face model folder's ``config.json``, without heads.
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from rich.console import Console
@@ -31,11 +32,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import tasks
 from mtl import config as C
-from mtl import distributed, evaluator, perf, training
+from mtl import distributed, evaluator, hf_import, perf, training
 from mtl.checkpoint import Checkpoints
+from mtl.checkpoint import find as find_checkpoint
 from mtl.config import UsageError
 from mtl.model import MultiTaskModel, count_params
-from mtl.partition import abstract_state
+from mtl.partition import abstract_state, create_sharded
 from mtl.run_folder import BestCheckpoint, RunFolder
 from sharding import make_mesh
 from sharding.mesh import process_rows
@@ -54,15 +56,20 @@ def configure(
     batch_size: int | None = None,
     seed: int | None = None,
     overrides: Sequence[str] = (),
+    init: str | None = None,
 ) -> C.Config:
     """A run's config: a preset, the ``train`` fields given, then ``KEY=VALUE`` overrides.
 
     The arguments are ``train.py``'s flags (``--preset``, ``--tasks``, ...,
-    ``--set``); ``None`` keeps the preset's value. ``tasks`` is a
+    ``--set``, ``--init``); ``None`` keeps the preset's value. ``tasks`` is a
     comma-separated string or a list of task specs (names or ``NAME=PATH``).
+    With ``init`` the model's shape, dtype and architecture come from that
+    source (a Hugging Face folder, ``hf:ORG/NAME`` or an mtl run), and the
+    preset sets only the training fields; ``--set model.X`` still overrides.
 
     Raises:
-      UsageError: an unknown preset or field, a bad value, or no task.
+      UsageError: an unknown preset or field, a bad value, no task, or an
+        init source that cannot be imported.
     """
     if isinstance(tasks, str):
         tasks = [s.strip() for s in tasks.split(",") if s.strip()]
@@ -70,8 +77,12 @@ def configure(
     changes = {k: v for k, v in changes.items() if v is not None}
     if tasks is not None:
         changes["tasks"] = tuple(tasks)
+    if init:
+        changes["init"] = init
     try:
         cfg = C.preset(preset)
+        if init:
+            cfg = dataclasses.replace(cfg, model=source_model(init))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
         for assignment in overrides:
             cfg = C.override(cfg, assignment)
@@ -81,6 +92,25 @@ def configure(
     if not cfg.train.tasks:
         raise UsageError("--tasks names no task; give at least one, e.g. --tasks g2p,langid")
     return cfg
+
+
+def source_model(init: str) -> C.ModelConfig:
+    """The backbone of an ``--init`` source, without heads (raises ValueError, one line)."""
+    kind, folder = hf_import.resolve_source(init)
+    if kind == "hf":
+        return hf_import.read_config(folder)
+    saved = C.from_dict(json.loads((pathlib.Path(folder) / "config.json").read_text()))
+    return dataclasses.replace(saved.model, heads=())
+
+
+def run_tokenizer(cfg: C.Config) -> tasks.Tokenizer:
+    """The tokenizer of the run: its init source's (a Hugging Face folder's, or the warm-started run's), else bytes."""
+    if not cfg.train.init:
+        return tasks.ByteTokenizer()
+    try:
+        return tasks.load_tokenizer(hf_import.resolve_source(cfg.train.init)[1])
+    except ValueError as e:
+        raise UsageError(f"--init {cfg.train.init}: {e}") from None
 
 
 def default_out(cfg: C.Config) -> str:
@@ -131,6 +161,7 @@ class Plan:
     config: C.Config  # with heads filled in
     data: list[TaskData]
     mesh: jax.sharding.Mesh
+    tokenizer: tasks.Tokenizer = dataclasses.field(default_factory=tasks.ByteTokenizer)
 
 
 def prepare(cfg: C.Config, log: Callable[[str], None] = print) -> Plan:
@@ -145,7 +176,7 @@ def prepare(cfg: C.Config, log: Callable[[str], None] = print) -> Plan:
         mesh = make_mesh(cfg.train.mesh)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    tokenizer = tasks.ByteTokenizer()
+    tokenizer = run_tokenizer(cfg)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UsageError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
@@ -182,7 +213,7 @@ def prepare(cfg: C.Config, log: Callable[[str], None] = print) -> Plan:
     except ValueError as e:
         raise UsageError(str(e)) from None
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, heads=tuple(d.head() for d in data)))
-    return Plan(cfg, data, mesh)
+    return Plan(cfg, data, mesh, tokenizer)
 
 
 def eval_settings(cfg: C.Config) -> C.ServeConfig:
@@ -207,6 +238,8 @@ def run(plan: Plan, out: str | os.PathLike, console: Console | None = None) -> d
     folder.check_resumable(cfg)
     distributed.sync("mtl: run folder checked")  # before process 0 writes into it
     folder.start(cfg, [d.meta() for d in plan.data])
+    if jax.process_index() == 0:
+        plan.tokenizer.save(folder.path)  # served with the prompts it trained on (nothing for the byte tokenizer)
     by_name = {d.name: d for d in plan.data}
     sizes = {d.name: len(d.splits["train"]) for d in plan.data}
     rates = tasks.mixture_rates(cfg.train.mixture, sizes)
@@ -227,14 +260,17 @@ def run(plan: Plan, out: str | os.PathLike, console: Console | None = None) -> d
         folder.truncate_metrics(start, final=start >= cfg.train.steps)
         console.log(f"resumed from step {start}")
     else:
-        with console.status("initialising the sharded model and optimizer"):
-            graphdef, state, shardings = training.create_train_state(cfg.model, cfg.train, mesh)
+        with console.status(f"initialising the sharded model and optimizer {cfg.train.init or ''}".strip()):
+            params = initial_params(cfg, mesh) if cfg.train.init else None  # --init: the pretrained weights
+            graphdef, state, shardings = training.create_train_state(cfg.model, cfg.train, mesh, params)
     params = count_params(state["model"])
     console.log(f"model: {params / 1e6:.2f}M parameters")
 
     step_fns = {}
     weights = C.parse_weights(cfg.train.loss_weights)
-    evaluation = evaluator.Evaluator(plan.data, mesh, eval_settings(cfg), cfg.train.eval_examples, folder.log)
+    evaluation = evaluator.Evaluator(
+        plan.data, mesh, eval_settings(cfg), cfg.train.eval_examples, folder.log, plan.tokenizer
+    )
     best = BestCheckpoint(folder.path / "best", cfg.train.best_metric, {d.name: d.kind for d in plan.data})
     with console.status("measuring the matmul peak (for MFU)"):
         peak = perf.mesh_peak(mesh, cfg.model.dtype)
@@ -243,6 +279,8 @@ def run(plan: Plan, out: str | os.PathLike, console: Console | None = None) -> d
     compiled: set[tuple[str, int]] = set()
     meta_base = {"config": C.to_dict(cfg), "tasks": [d.meta() for d in plan.data]}
     last_metrics: dict = {}
+    if cfg.train.steps == 0 and not start:  # --steps 0: the initial (imported) model is the run's checkpoint
+        checkpoints.save(0, state["model"], state["optimizer"], {**meta_base, "step": 0, "sampler_position": 0})
     progress = _progress(console, cfg.train.steps, start)
     with progress, jax.set_mesh(mesh):
         for step in range(start, cfg.train.steps):
@@ -300,6 +338,48 @@ def run(plan: Plan, out: str | os.PathLike, console: Console | None = None) -> d
             manager.close()
     folder.close()
     return test
+
+
+def initial_params(cfg: C.Config, mesh: jax.sharding.Mesh) -> nnx.State:
+    """The model parameters ``--init`` starts from, on ``mesh``.
+
+    A Hugging Face source is imported (:func:`mtl.hf_import.load`). An mtl run
+    gives its newest checkpoint's backbone, and the heads and task embeddings
+    of the tasks this run shares with it (same name, kind and classes); the
+    other tasks get new heads and a zero task embedding.
+    """
+    kind, folder = hf_import.resolve_source(cfg.train.init)
+    if kind == "hf":
+        try:
+            return hf_import.load(folder, cfg.model, mesh, seed=cfg.train.seed)[1]
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    source = C.from_dict(json.loads((pathlib.Path(folder) / "config.json").read_text())).model
+    try:
+        ckpt_folder, step = find_checkpoint(folder)
+    except ValueError as e:
+        raise UsageError(f"--init {cfg.train.init}: {e}") from None
+    _, old, _ = abstract_state(lambda: MultiTaskModel(source, rngs=nnx.Rngs(0)), mesh)
+    Checkpoints(ckpt_folder, read_only=True).restore(step, old)
+    _, new, _ = create_sharded(lambda: MultiTaskModel(cfg.model, rngs=nnx.Rngs(cfg.train.seed)), mesh)
+    same = {(h.task, h.kind, h.num_classes): i for i, h in enumerate(source.heads)}
+    shared = {
+        h.task: same[h.task, h.kind, h.num_classes] for h in cfg.model.heads if (h.task, h.kind, h.num_classes) in same
+    }
+    old_flat = dict(nnx.to_flat_state(old))
+    leaves = []
+    for path, variable in nnx.to_flat_state(new):
+        name = tuple(str(p) for p in path)
+        if name[0] in ("task_embed", "task_log_var"):
+            value = jnp.zeros_like(variable[...]) if name[0] == "task_embed" else variable[...]
+            for i, task in enumerate(cfg.model.task_names):
+                if task in shared:
+                    value = value.at[i].set(old_flat[path][...][shared[task]])
+            variable = variable.replace(jax.device_put(value, variable[...].sharding))
+        elif name[0] != "heads" or name[1] in shared:
+            variable = variable.replace(old_flat[path][...])
+        leaves.append((path, variable))
+    return nnx.from_flat_state(leaves)
 
 
 def trim(batch: dict[str, np.ndarray], multiple: int = 32, longest: int | None = None) -> dict[str, np.ndarray]:
@@ -415,7 +495,9 @@ def eval_only(
     checkpoints.restore(step, params)
     model = nnx.merge(graphdef, params)
     folder = RunFolder(out)
-    evaluation = evaluator.Evaluator(plan.data, plan.mesh, eval_settings(cfg), cfg.train.eval_examples, folder.log)
+    evaluation = evaluator.Evaluator(
+        plan.data, plan.mesh, eval_settings(cfg), cfg.train.eval_examples, folder.log, plan.tokenizer
+    )
     with jax.set_mesh(plan.mesh):
         scores = {split: evaluation(model, split, step, console) for split in ("validation", "test")}
     folder.close()

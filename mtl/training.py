@@ -49,14 +49,26 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def create_train_state(
-    model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: jax.sharding.Mesh
+    model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: jax.sharding.Mesh, params: nnx.State | None = None
 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """Initialises model and optimizer state directly into their shards on ``mesh``.
+
+    Args:
+      params: the model's parameters to start from (a pretrained model, laid
+        out on ``mesh``; they are donated); default a random initialisation.
 
     Returns:
       The graph definition, the state, and the state's shardings.
     """
-    return create_sharded(_train_state_fn(model_cfg, train_cfg), mesh)
+    if params is None:
+        return create_sharded(_train_state_fn(model_cfg, train_cfg), mesh)
+    graphdef, _, shardings = abstract_state(_train_state_fn(model_cfg, train_cfg), mesh)
+    model_def = nnx.graphdef(nnx.eval_shape(lambda: MultiTaskModel(model_cfg, rngs=nnx.Rngs(0))))
+    tx = make_optimizer(train_cfg)
+    start = jax.jit(
+        lambda p: nnx.state(TrainState(nnx.merge(model_def, p), tx)), out_shardings=shardings, donate_argnums=0
+    )
+    return graphdef, start(params), shardings
 
 
 def abstract_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: jax.sharding.Mesh):

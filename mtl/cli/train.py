@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field by its dotted name"
     )
+    p.add_argument(
+        "--init",
+        metavar="SOURCE",
+        help="start from a pretrained model: a Hugging Face folder, hf:ORG/NAME, or an mtl run folder (warm start)",
+    )
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
     p.add_argument("--eval-only", action="store_true", help="evaluate the newest checkpoint in --out and exit")
     p.add_argument(
@@ -58,6 +63,7 @@ def config_from_args(args: argparse.Namespace) -> C.Config:
         batch_size=args.batch_size,
         seed=args.seed,
         overrides=args.set,
+        init=args.init,
     )
 
 

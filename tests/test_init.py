@@ -1,0 +1,104 @@
+"""``train.py --init``: a tiny Hugging Face model as a run's start (its step-0 checkpoint), warm starts, bad sources."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mtl import config as C
+from mtl import trainer
+from mtl.checkpoint import Checkpoints
+from mtl.model import MultiTaskModel
+from mtl.partition import abstract_state
+from sharding import make_mesh
+from tasks import load_tokenizer
+from tasks.hf_tokenizer import HFTokenizer
+from tests import hf_fixtures
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+QUIET = dict(log=lambda *_: None)
+
+
+def task_files(folder):
+    words = hf_fixtures.WORDS
+    gen = folder / "echo.jsonl"
+    gen.write_text("".join(json.dumps({"input": w, "target": w[::-1]}) + "\n" for w in words))
+    cls = folder / "size.jsonl"
+    cls.write_text("".join(json.dumps({"input": w, "label": "long" if len(w) > 4 else "short"}) + "\n" for w in words))
+    return f"echo={gen}", f"size={cls}"
+
+
+def restored_logits(run, tokens):
+    cfg = C.from_dict(json.loads((run / "config.json").read_text()))
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    graphdef, params, _ = abstract_state(lambda: MultiTaskModel(cfg.model, rngs=nnx.Rngs(0)), mesh)
+    checkpoints = Checkpoints(run / "checkpoints", read_only=True)
+    checkpoints.restore(checkpoints.latest_step(), params)
+    model = nnx.merge(graphdef, params)
+    return np.asarray(model.lm_logits(model(jnp.asarray(tokens), jnp.zeros(len(tokens), jnp.int32))))
+
+
+def test_steps_0_checkpoint_is_the_pretrained_model_and_warm_starts(tmp_path):
+    source = hf_fixtures.tiny_model("qwen3", str(tmp_path / "hf"))
+    echo, size = task_files(tmp_path)
+    run = tmp_path / "run"
+    settings = ["train.eval_examples=4", "train.batch_size=8"]
+    cfg = trainer.configure("small", tasks=[echo, size], steps=0, init=source, overrides=settings)
+    assert (cfg.model.d_model, cfg.model.qk_norm, cfg.model.head_dim, cfg.train.learning_rate) == (64, True, 24, 2e-3)
+    trainer.run(trainer.prepare(cfg, **QUIET), run)
+
+    tokens = np.random.default_rng(0).integers(4, 320, (2, 9))
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(restored_logits(run, tokens), expected, atol=1e-4, rtol=1e-4)
+    served = load_tokenizer(run)  # the run folder carries the tokenizer, its ids and prompt template
+    assert isinstance(served, HFTokenizer) and served.prompt_ids("the cat") == HFTokenizer.from_folder(
+        source
+    ).prompt_ids("the cat")
+
+    warm = tmp_path / "warm"
+    cfg = trainer.configure("tiny", tasks=[size, echo], steps=2, init=str(run), overrides=settings)
+    assert dataclasses_equal(cfg.model, C.from_dict(json.loads((run / "config.json").read_text())).model)
+    trainer.run(trainer.prepare(cfg, **QUIET), warm)
+    assert Checkpoints(warm / "checkpoints", read_only=True).latest_step() == 2
+    assert isinstance(load_tokenizer(warm), HFTokenizer)
+
+
+def dataclasses_equal(a, b):
+    import dataclasses
+
+    return dataclasses.replace(a, heads=()) == dataclasses.replace(b, heads=())
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (None, "is not a folder"),
+        ({"architectures": ["GPT2LMHeadModel"]}, "architecture GPT2LMHeadModel cannot be imported"),
+        (
+            {
+                **{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "num_attention_heads": 4},
+                **{"vocab_size": 320, "num_hidden_layers": 2, "intermediate_size": 96, "hidden_act": "relu"},
+            },
+            "hidden_act='relu' is not supported",
+        ),
+    ],
+)
+def test_bad_init_source_is_one_line_and_writes_nothing(config, message, tmp_path, capsys):
+    from mtl.cli.train import main
+
+    source = tmp_path / "model"
+    if config is not None:
+        source.mkdir()
+        (source / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    assert main(["--init", str(source), "--tasks", "g2p", "--out", str(out)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("train.py: error: ") and message in line, line
+    assert not out.exists()
