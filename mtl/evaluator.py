@@ -113,11 +113,15 @@ def selection_score(spec: str, kinds: dict[str, str], scores: dict[str, dict[str
 
     ``mean`` averages each task's main metric (``tasks.metrics.MAIN``, all
     higher-is-better); ``TASK/METRIC`` takes one metric, negated when lower is
-    better (an error rate, say).
+    better (an error rate, say). A task with no examples in the split has no
+    scores and is left out; NaN when nothing is left, which ranks no checkpoint.
     """
     if spec == "mean":
-        return float(np.mean([scores[t][tasks.metrics.MAIN[kind]] for t, kind in kinds.items()]))
+        values = [scores[t][tasks.metrics.MAIN[kind]] for t, kind in kinds.items() if t in scores]
+        return float(np.mean(values)) if values else float("nan")  # no task had examples to score
     task, metric = spec.split("/")
+    if task not in scores:
+        return float("nan")
     sign = 1.0 if tasks.metrics.HIGHER_IS_BETTER[metric] else -1.0
     return sign * scores[task][metric]
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
+import signal
 import time
 from collections.abc import Callable, Sequence
 
@@ -33,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import tasks
 from mtl import config as C
 from mtl import distributed, evaluator, hf_import, perf, training
-from mtl.checkpoint import Checkpoints
+from mtl.checkpoint import Checkpoints, restore_newest, set_aside
 from mtl.checkpoint import find as find_checkpoint
 from mtl.config import UsageError
 from mtl.model import MultiTaskModel, count_params
@@ -116,6 +118,11 @@ def run_tokenizer(cfg: C.Config) -> tasks.Tokenizer:
 def default_out(cfg: C.Config) -> str:
     """The run folder of a run given none: ``runs/TASK-TASK-SEED``."""
     return f"runs/{'-'.join(cfg.train.tasks)}-{cfg.train.seed}"
+
+
+def _warner(console: Console) -> Callable[[str], None]:
+    """Prints a warning as one unwrapped line (rich's log would wrap it at the console's width)."""
+    return lambda message: console.print(message, soft_wrap=True, highlight=False, markup=False)
 
 
 def _console() -> Console:
@@ -225,21 +232,123 @@ def eval_settings(cfg: C.Config) -> C.ServeConfig:
 # The loop
 
 
+class Preempted(Exception):
+    """The run stopped on SIGTERM or SIGINT after saving a checkpoint of ``step``; the same command resumes it."""
+
+    def __init__(self, step: int, signal_name: str, out: pathlib.Path):
+        self.step, self.signal_name, self.out = step, signal_name, out
+        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint {step} is saved in {out}")
+
+
+class Diverged(Exception):
+    """A non-finite loss, gradient norm or state stopped the run; no non-finite checkpoint was written."""
+
+
+class StopSignals:
+    """SIGTERM and SIGINT ask the run to stop after its current step; the handler only sets a flag.
+
+    On one process the loop reads the flag between steps (a Python attribute: no
+    host sync). On several, JAX's preemption service (started with the cluster)
+    catches SIGTERM and ``reached_preemption_sync_point`` answers True on every
+    process at the same step, so all save the same checkpoint; SIGINT is turned
+    into a SIGTERM of this process for the service to spread.
+    """
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+        self._service = None
+
+    def __enter__(self) -> StopSignals:
+        from jax._src import distributed as jax_distributed  # the service's handle; no public accessor
+
+        if jax.process_count() > 1:
+            self._service = jax_distributed.global_state.preemption_sync_manager
+        handled = (signal.SIGINT,) if self._service is not None else (signal.SIGINT, signal.SIGTERM)
+        for sig in handled:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+        if self._service is not None and signum != signal.SIGTERM:
+            os.kill(os.getpid(), signal.SIGTERM)  # the preemption service listens for SIGTERM
+
+    def local(self) -> bool:
+        """Whether a signal came, where this process alone decides (one process; several sync at steps only)."""
+        return self._service is None and self.signal_name is not None
+
+    def reached(self, step: int) -> bool:
+        """Whether to stop after ``step`` (on several processes: all answer alike at the same step)."""
+        if self._service is not None:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal_name = self.signal_name or "SIGTERM"
+                return True
+            return False
+        return self.signal_name is not None
+
+
 def run(plan: Plan, out: str | os.PathLike, console: Console | None = None) -> dict:
     """Trains (or resumes) the planned run in ``out``; returns the final test metrics.
 
-    Raises:
-      UsageError: ``out`` holds another run, or files that are no run.
-    """
+    On SIGTERM or SIGINT it finishes the current step, saves a checkpoint of it
+    and raises :class:`Preempted`; a non-finite loss or gradient stops it with
+    :class:`Diverged`, its checkpoints all finite.
 
-    console = console or _console()
+    Raises:
+      UsageError: ``out`` holds another run, files that are no run, a run another
+        process is training, or checkpoints of which none restores.
+      Preempted: stopped by a signal, with a checkpoint of the step it stopped at.
+      Diverged: the loss, a gradient or the state became non-finite.
+    """
+    with StopSignals() as stop:
+        return _run(plan, pathlib.Path(out), console or _console(), stop)
+
+
+def _run(plan: Plan, out: pathlib.Path, console: Console, stop: StopSignals) -> dict:
     cfg, mesh = plan.config, plan.mesh
     folder = RunFolder(out)
     folder.check_resumable(cfg)
-    distributed.sync("mtl: run folder checked")  # before process 0 writes into it
+    distributed.sync("mtl: run folder checked")  # before anything (a lock file, checkpoints/) is created in it
+    folder.lock()  # a second train.py on this folder stops here, naming this process
+    checkpoints = Checkpoints(folder.path / "checkpoints", keep=cfg.train.keep_checkpoints)
+    start = 0
+    if steps := checkpoints.all_steps():
+        with console.status(f"restoring checkpoint {max(steps)}"):
+            graphdef, state, shardings = training.abstract_train_state(cfg.model, cfg.train, mesh)
+
+            def restore(step: int) -> dict:
+                return checkpoints.restore(step, state["model"], state["optimizer"])[2]  # fills ``state``
+
+            try:
+                _, meta, skipped = restore_newest(
+                    checkpoints.directory, steps, restore, _warner(console), optimizer=True
+                )
+            except ValueError as e:
+                raise UsageError(f"--out {str(out)!r} cannot be resumed: {e}") from None
+        if skipped:  # set aside, so the steps are saved afresh when the run reaches them
+            if jax.process_index() == 0:
+                for step in skipped:
+                    set_aside(checkpoints.directory, step)
+            distributed.sync("mtl: damaged checkpoints set aside")
+            checkpoints.reload()
+        start = meta["step"]
     folder.start(cfg, [d.meta() for d in plan.data])
     if jax.process_index() == 0:
         plan.tokenizer.save(folder.path)  # served with the prompts it trained on (nothing for the byte tokenizer)
+    if start:
+        folder.truncate_metrics(start, final=start >= cfg.train.steps)
+        console.log(f"resumed from step {start}")
+    else:
+        with console.status(f"initialising the sharded model and optimizer {cfg.train.init or ''}".strip()):
+            params = initial_params(cfg, mesh) if cfg.train.init else None  # --init: the pretrained weights
+            graphdef, state, shardings = training.create_train_state(cfg.model, cfg.train, mesh, params)
     by_name = {d.name: d for d in plan.data}
     sizes = {d.name: len(d.splits["train"]) for d in plan.data}
     rates = tasks.mixture_rates(cfg.train.mixture, sizes)
@@ -249,20 +358,6 @@ def run(plan: Plan, out: str | os.PathLike, console: Console | None = None) -> d
     rows = process_rows(cfg.train.batch_size, mesh)  # this process's rows of every global batch
     lengths = {d.name: np.count_nonzero(d.splits["train"].arrays["tokens"], axis=1) for d in plan.data}  # [N]
     console.log(f"mesh {dict(mesh.shape)}; mixture {', '.join(f'{k} {v:.2f}' for k, v in rates.items())}")
-
-    checkpoints = Checkpoints(folder.path / "checkpoints", keep=cfg.train.keep_checkpoints)
-    start = 0
-    if (latest := checkpoints.latest_step()) is not None:
-        with console.status(f"restoring checkpoint {latest}"):
-            graphdef, state, shardings = training.abstract_train_state(cfg.model, cfg.train, mesh)
-            _, _, meta = checkpoints.restore(latest, state["model"], state["optimizer"])  # fills ``state``
-        start = meta["step"]
-        folder.truncate_metrics(start, final=start >= cfg.train.steps)
-        console.log(f"resumed from step {start}")
-    else:
-        with console.status(f"initialising the sharded model and optimizer {cfg.train.init or ''}".strip()):
-            params = initial_params(cfg, mesh) if cfg.train.init else None  # --init: the pretrained weights
-            graphdef, state, shardings = training.create_train_state(cfg.model, cfg.train, mesh, params)
     params = count_params(state["model"])
     console.log(f"model: {params / 1e6:.2f}M parameters")
 
@@ -271,7 +366,8 @@ def run(plan: Plan, out: str | os.PathLike, console: Console | None = None) -> d
     evaluation = evaluator.Evaluator(
         plan.data, mesh, eval_settings(cfg), cfg.train.eval_examples, folder.log, plan.tokenizer
     )
-    best = BestCheckpoint(folder.path / "best", cfg.train.best_metric, {d.name: d.kind for d in plan.data})
+    kinds = {d.name: d.kind for d in plan.data}
+    best = BestCheckpoint(folder.path / "best", cfg.train.best_metric, kinds, _warner(console))
     with console.status("measuring the matmul peak (for MFU)"):
         peak = perf.mesh_peak(mesh, cfg.model.dtype)
     console.log(f"matmul peak {peak / 1e9:.0f} GFLOP/s ({cfg.model.dtype}, the whole mesh)")
@@ -279,65 +375,117 @@ def run(plan: Plan, out: str | os.PathLike, console: Console | None = None) -> d
     compiled: set[tuple[str, int]] = set()
     meta_base = {"config": C.to_dict(cfg), "tasks": [d.meta() for d in plan.data]}
     last_metrics: dict = {}
+    saved = start  # the newest step with a checkpoint
+
+    def save(done: int) -> None:
+        """Saves step ``done``, once it is known that no step so far went non-finite."""
+        _check_finite(window, state, done, saved, folder)
+        checkpoints.save(
+            done, state["model"], state["optimizer"], {**meta_base, "step": done, "sampler_position": done}
+        )
+
     if cfg.train.steps == 0 and not start:  # --steps 0: the initial (imported) model is the run's checkpoint
-        checkpoints.save(0, state["model"], state["optimizer"], {**meta_base, "step": 0, "sampler_position": 0})
+        save(0)
     progress = _progress(console, cfg.train.steps, start)
-    with progress, jax.set_mesh(mesh):
-        for step in range(start, cfg.train.steps):
-            name, indices = sampler.batch_at(step)  # [B], the global batch
-            d = by_name[name]
-            batch = trim(d.splits["train"].batch(indices[rows]), longest=int(lengths[name][indices].max()))
-            if name not in step_fns:
-                progress.console.log(f"compiling the train step for {name}")
-                step_fns[name] = training.compile_train_step(
-                    graphdef,
-                    shardings,
-                    mesh,
-                    {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape[1:]), v.dtype) for k, v in batch.items()},
-                    task=name,
-                    kind=d.kind,
-                    weight=weights.get(name, 1.0),
-                    uncertainty=cfg.train.loss_weighting == "uncertainty",
-                    grad_accum=cfg.train.grad_accum,
-                )
-            width = batch["tokens"].shape[1]
-            window.tokens += int(lengths[name][indices].sum())
-            window.flops += perf.train_flops_per_token(cfg.model, width) * cfg.train.batch_size * width
-            new_shape = (name, width) not in compiled
-            if new_shape:  # it compiles: finish the queued steps first, so only the compile is excluded
-                compiled.add((name, width))
-                jax.block_until_ready(state)
-            t0 = time.perf_counter()
-            state, metrics = step_fns[name](state, training.put_batch(batch, mesh, cfg.train.batch_size))
-            if new_shape:  # keep the compilation (and this one step) out of the throughput
-                jax.block_until_ready(metrics)
-                window.excluded += time.perf_counter() - t0
-            window.add(name, metrics)
-            done = step + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                for record in window.flush(done):
-                    folder.log(record)
-                    last_metrics[record["task"]] = record
-                progress.update(0, completed=done, losses=_losses_text(last_metrics))
-            else:
-                progress.update(0, completed=done)
-            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-                meta = {**meta_base, "step": done, "sampler_position": done}
-                checkpoints.save(done, state["model"], state["optimizer"], meta)
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
-                scores = evaluation(nnx.merge(graphdef, state).model, "validation", done, progress.console)
-                best.offer(done, state, scores, {**meta_base, "step": done})
-    with console.status("evaluating on validation and test splits"), jax.set_mesh(mesh):
-        model = nnx.merge(graphdef, state).model
-        scores = evaluation(model, "validation", cfg.train.steps, console)
-        best.offer(cfg.train.steps, state, scores, {**meta_base, "step": cfg.train.steps})
-        test = evaluation(model, "test", cfg.train.steps, console)
-    with console.status("finishing the last checkpoint"):
-        for manager in (checkpoints, best.checkpoints):
-            manager.wait()
-            manager.close()
-    folder.close()
+    try:
+        with progress, jax.set_mesh(mesh):
+            for step in range(start, cfg.train.steps):
+                name, indices = sampler.batch_at(step)  # [B], the global batch
+                d = by_name[name]
+                batch = trim(d.splits["train"].batch(indices[rows]), longest=int(lengths[name][indices].max()))
+                if name not in step_fns:
+                    progress.log(f"compiling the train step for {name}")
+                    step_fns[name] = training.compile_train_step(
+                        graphdef,
+                        shardings,
+                        mesh,
+                        {
+                            k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape[1:]), v.dtype)
+                            for k, v in batch.items()
+                        },
+                        task=name,
+                        kind=d.kind,
+                        weight=weights.get(name, 1.0),
+                        uncertainty=cfg.train.loss_weighting == "uncertainty",
+                        grad_accum=cfg.train.grad_accum,
+                    )
+                width = batch["tokens"].shape[1]
+                window.tokens += int(lengths[name][indices].sum())
+                window.flops += perf.train_flops_per_token(cfg.model, width) * cfg.train.batch_size * width
+                new_shape = (name, width) not in compiled
+                if new_shape:  # it compiles: finish the queued steps first, so only the compile is excluded
+                    compiled.add((name, width))
+                    jax.block_until_ready(state)
+                t0 = time.perf_counter()
+                state, metrics = step_fns[name](state, training.put_batch(batch, mesh, cfg.train.batch_size))
+                if new_shape:  # keep the compilation (and this one step) out of the throughput
+                    jax.block_until_ready(metrics)
+                    window.excluded += time.perf_counter() - t0
+                window.add(name, metrics, step + 1)
+                done = step + 1
+                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                    for record in window.flush(done):
+                        folder.log(record)
+                        last_metrics[record["task"]] = record
+                    progress.update(completed=done, losses=_losses_text(last_metrics))
+                    if window.diverged is not None:
+                        raise Diverged(_diverged_text(window.diverged, saved, folder))
+                else:
+                    progress.update(completed=done)
+                if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+                    save(done)
+                    saved = done
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
+                    _check_finite(window, state, done, saved, folder)  # before evaluating, and saving a best
+                    scores = evaluation(nnx.merge(graphdef, state).model, "validation", done, progress.console)
+                    best.offer(done, state, scores, {**meta_base, "step": done})
+                if stop.reached(done):  # asked once a step: on several processes, a sync point
+                    if done == cfg.train.steps:  # its checkpoint is saved: stop before the evaluation
+                        raise Preempted(done, stop.signal_name or "SIGTERM", folder.path)
+                    if saved != done:
+                        save(done)
+                        saved = done
+                    raise Preempted(done, stop.signal_name or "SIGTERM", folder.path)
+        with console.status("evaluating on validation and test splits"), jax.set_mesh(mesh):
+            # The last step's checkpoint is saved: a signal now stops between evaluations,
+            # and the same command evaluates again.
+            _check_finite(window, state, cfg.train.steps, saved, folder)
+            model = nnx.merge(graphdef, state).model
+            scores = evaluation(model, "validation", cfg.train.steps, console)
+            best.offer(cfg.train.steps, state, scores, {**meta_base, "step": cfg.train.steps})
+            if stop.local():
+                raise Preempted(cfg.train.steps, stop.signal_name, folder.path)
+            test = evaluation(model, "test", cfg.train.steps, console)
+    finally:
+        with console.status("finishing the last checkpoint"):
+            for manager in (checkpoints, best.checkpoints):
+                manager.wait()
+                manager.close()
+        folder.close()
     return test
+
+
+def _check_finite(window: _Window, state, done: int, saved: int, folder: RunFolder) -> None:
+    """Raises Diverged if a step so far skipped a non-finite update, or the state holds a non-finite value."""
+    window.check()  # fetches the steps' ``skipped`` flags: the save syncs with the device anyway
+    if window.diverged is None and not bool(training.all_finite(state)):
+        window.diverged = (done, "", "the model or optimizer state")
+    if window.diverged is not None:
+        raise Diverged(_diverged_text(window.diverged, saved, folder))
+
+
+def _diverged_text(diverged: tuple[int, str, str], saved: int, folder: RunFolder) -> str:
+    step, task, what = diverged
+    where = f" on task {task}" if task else ""
+    kept = (
+        f"its newest checkpoint, step {saved}, is kept in {folder.path / 'checkpoints'}"
+        if saved
+        else "no checkpoint was written"
+    )
+    return (
+        f"the run diverged: {what} became non-finite at step {step}{where} (that update was not applied); "
+        f"{kept}; lower train.learning_rate or train.grad_clip and start a new --out"
+    )
 
 
 def initial_params(cfg: C.Config, mesh: jax.sharding.Mesh) -> nnx.State:
@@ -403,30 +551,54 @@ class _Window:
 
     ``tokens`` counts real (non-padding) tokens, ``flops`` the model FLOPs of
     the padded batches the devices computed; ``excluded`` holds seconds spent
-    compiling, which are not training throughput.
+    compiling, which are not training throughput. ``diverged`` is set, at a
+    fetch, to ``(step, task, what)`` of the first step whose update was skipped
+    as non-finite.
     """
 
     def __init__(self, peak_flops: float):
         self.peak_flops = peak_flops
+        self.diverged: tuple[int, str, str] | None = None
         self.reset()
 
     def reset(self):
         self.sums: dict[str, list] = {}
+        self.steps: dict[str, list[int]] = {}
+        self.checked = 0  # steps of ``sums`` whose flags have been read
         self.tokens = 0
         self.flops = 0.0
         self.excluded = 0.0
         self.t0 = time.perf_counter()
 
-    def add(self, task: str, metrics) -> None:
+    def add(self, task: str, metrics, step: int = 0) -> None:
         self.sums.setdefault(task, []).append(metrics)
+        self.steps.setdefault(task, []).append(step)
+
+    def check(self) -> None:
+        """Fetches only the ``skipped`` flags of the steps so far (before a checkpoint is saved)."""
+        flags = jax.device_get({t: [m.get("skipped", 0.0) for m in items] for t, items in self.sums.items()})
+        self._note(flags)
+
+    def _note(self, flags: dict[str, list]) -> None:
+        bad = [(s, t) for t, fs in flags.items() for s, f in zip(self.steps[t], fs) if float(f) > 0]
+        if bad and self.diverged is None:
+            step, task = min(bad)
+            self.diverged = (step, task, "the loss or gradient norm")
 
     def flush(self, step: int) -> list[dict]:
         fetched = jax.device_get(self.sums)  # the one host sync of a log interval
+        self._note({t: [m.get("skipped", 0.0) for m in items] for t, items in fetched.items()})
         seconds = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
         records = []
         for task, items in sorted(fetched.items()):
             record = {"step": step, "task": task, "steps": len(items)}
-            record.update({k: round(float(np.mean([m[k] for m in items])), 6) for k in items[0]})
+            for key in items[0]:
+                if key == "skipped":
+                    continue
+                value = float(np.mean([m[key] for m in items]))
+                record[key] = round(value, 6) if math.isfinite(value) else None  # metrics.jsonl is strict JSON
+            if skipped := int(sum(float(m.get("skipped", 0.0)) for m in items)):
+                record["skipped_steps"] = skipped
             record["tokens_per_s"] = round(self.tokens / seconds, 1)
             record["mfu"] = round(self.flops / seconds / self.peak_flops, 4)
             records.append(record)
@@ -435,24 +607,86 @@ class _Window:
 
 
 def _losses_text(last: dict) -> str:
-    return "  ".join(f"{t} {r['loss']:.3f}" for t, r in sorted(last.items())) + (
-        f"  {next(iter(last.values()))['tokens_per_s'] / 1e3:.1f}k tok/s" if last else ""
+    losses = "  ".join(
+        f"{t} {r['loss']:.3f}" if r.get("loss") is not None else f"{t} non-finite" for t, r in sorted(last.items())
     )
+    return losses + (f"  {next(iter(last.values()))['tokens_per_s'] / 1e3:.1f}k tok/s" if last else "")
 
 
-def _progress(console: Console, total: int, start: int) -> Progress:
+def _progress(console: Console, total: int, start: int) -> _Bar | _Lines:
+    """A progress bar on a terminal; elsewhere (a pipe, a file, a notebook) a plain line every few seconds."""
+    if console.is_terminal and not console.is_jupyter:
+        return _Bar(console, total, start)
+    return _Lines(console, total, start)
 
-    progress = Progress(
-        TextColumn("train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[losses]}"),
-        console=console,
-        disable=console.quiet,  # processes other than 0 show no bar
-    )
-    progress.add_task("train", total=total, completed=start, losses="")
-    return progress
+
+class _Bar:
+    """rich's progress bar, with the losses and throughput beside it."""
+
+    def __init__(self, console: Console, total: int, start: int):
+        self.progress = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[losses]}"),
+            console=console,
+            disable=console.quiet,  # processes other than 0 show no bar
+        )
+        self.progress.add_task("train", total=total, completed=start, losses="")
+        self.console = self.progress.console
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def log(self, message: str) -> None:
+        self.console.log(message)
+
+    def update(self, completed: int, losses: str | None = None) -> None:
+        if losses is None:
+            self.progress.update(0, completed=completed)
+        else:
+            self.progress.update(0, completed=completed, losses=losses)
+
+
+class _Lines:
+    """One plain line every ``every`` seconds: step, per-task loss, tokens/s and the time left."""
+
+    def __init__(self, console: Console, total: int, start: int, every: float = 5.0):
+        self.console, self.total, self.every = console, total, every
+        self.start, self.t_start = start, time.perf_counter()
+        self.last_print = self.t_start
+        self.losses = ""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def log(self, message: str) -> None:
+        self.console.log(message)
+
+    def update(self, completed: int, losses: str | None = None) -> None:
+        if losses is not None:
+            self.losses = losses
+        now = time.perf_counter()
+        if now - self.last_print < self.every and completed != self.total:
+            return
+        self.last_print = now
+        rate = (completed - self.start) / max(now - self.t_start, 1e-9)
+        left = (self.total - completed) / rate if rate > 0 else float("nan")
+        left_text = time.strftime("%H:%M:%S", time.gmtime(left)) if math.isfinite(left) else "?"
+        self.console.print(
+            f"train step {completed}/{self.total}  {self.losses}  {left_text} left",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -487,14 +721,20 @@ def eval_only(
     except ValueError as e:
         raise UsageError(str(e)) from None
     plan = prepare(cfg, log=console.log)
+    folder = RunFolder(out)
+    folder.lock()  # its metric lines would interleave with a training run's
     checkpoints = Checkpoints(pathlib.Path(out) / "checkpoints", read_only=True)
-    step = checkpoints.latest_step()
-    if step is None:
+    steps = checkpoints.all_steps()
+    if not steps:
         raise UsageError(f"--out {str(out)!r} has no complete checkpoint yet")
     graphdef, params, _ = abstract_state(lambda: MultiTaskModel(plan.config.model, rngs=nnx.Rngs(0)), plan.mesh)
-    checkpoints.restore(step, params)
+    try:  # the newest checkpoint that restores, as training and serving do
+        step, _, _ = restore_newest(
+            checkpoints.directory, steps, lambda s: checkpoints.restore(s, params), _warner(console)
+        )
+    except ValueError as e:
+        raise UsageError(f"--out {str(out)!r}: {e}") from None
     model = nnx.merge(graphdef, params)
-    folder = RunFolder(out)
     evaluation = evaluator.Evaluator(
         plan.data, plan.mesh, eval_settings(cfg), cfg.train.eval_examples, folder.log, plan.tokenizer
     )

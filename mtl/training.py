@@ -168,6 +168,9 @@ def train_step(
     axes), their gradients are summed in a ``lax.scan``, and one update is
     made: the same update as the whole batch at once, holding the activations
     of one micro-batch at a time.
+
+    A non-finite loss or gradient norm leaves the state as it was (the update
+    is skipped inside the step) and sets ``metrics["skipped"]`` to 1.
     """
     train_state = nnx.merge(graphdef, state)
     model_def, params, rest = nnx.split(train_state.model, nnx.Param, ...)
@@ -198,9 +201,32 @@ def train_step(
         (grads, metrics), _ = jax.lax.scan(accumulate, (zeros[1], zeros[0][1]), micro_batches)
     if uncertainty:
         metrics["log_var"] = params["task_log_var"][...][train_state.model.task_index(task)]
-    train_state.optimizer.update(train_state.model, grads)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    return nnx.state(train_state), metrics
+    # A non-finite loss or gradient is caught here, before it reaches the weights: the
+    # update is skipped on the device and ``skipped`` says so, for the loop to read
+    # when it next fetches metrics (no host sync of its own).
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+
+    def update(state, grads):
+        train_state = nnx.merge(graphdef, state)
+        train_state.optimizer.update(train_state.model, grads)
+        return nnx.state(train_state)
+
+    # A select rather than lax.cond: XLA fuses it into the update's own elementwise pass, where a
+    # conditional cost the small preset 2-6% a step (measured with the train step of HEAD beside both).
+    # The old values are taken as arrays first: the update writes through the state's variables.
+    old, treedef = jax.tree.flatten(state)
+    new = jax.tree.leaves(update(state, grads))
+    state = jax.tree.unflatten(treedef, [jnp.where(finite, n, o) for n, o in zip(new, old)])
+    metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+    return state, metrics
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """Whether every floating-point value of ``tree`` is finite (checked before a checkpoint is written)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
 
 
 def _micro_batches(x: jax.Array, k: int) -> jax.Array:

@@ -226,6 +226,8 @@ def test_serve_same_greedy_answers_on_any_mesh(runs, tmp_path):
         (["--set", "train.loss_weights=g2p=-1"], "g2p=-1"),
         (["--set", "train.loss_weights=klingon=2"], "klingon"),
         (["--eval-only"], "holds no mtl run to evaluate"),
+        (["--seed", "-1"], "seed"),  # it used to leave config.json behind, refusing the retry
+        (["--set", "train.learning_rate=nan"], "learning_rate"),
     ],
 )
 def test_train_usage_errors_are_one_line_and_write_nothing(args, message, tmp_path):
@@ -236,6 +238,29 @@ def test_train_usage_errors_are_one_line_and_write_nothing(args, message, tmp_pa
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_out_naming_a_file_is_refused_before_the_data_is_read(tmp_path, capsys):
+    from mtl.cli.train import main
+
+    (tmp_path / "file").write_text("mine")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        assert main(["--tasks", "mine=/no/such/file.jsonl", "--out", str(out)]) == 2  # the --out check comes first
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"train.py: error: --out {str(out)!r} must be a folder"), line
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_help_lists_the_set_fields_with_their_defaults():
+    result = run("train.py", "--help")
+    assert result.returncode == 0
+    for line in (
+        "  train.learning_rate=0.003",
+        "  model.d_model=64",
+        "  serve.max_batch=32",
+        "  train.tasks=g2p,langid",
+    ):
+        assert line in result.stdout.splitlines(), line
 
 
 def test_installs_packages_and_console_scripts_not_top_level_modules():

@@ -37,7 +37,7 @@ def test_the_command_line_builds_the_same_config():
         ({"preset": "huge"}, "huge"),
         ({"tasks": " , "}, "--tasks names no task"),
         ({"overrides": ["model.d_modle=4"]}, "d_modle"),
-        ({"steps": 0}, "train.steps=0"),
+        ({"steps": -1}, "train.steps=-1 must be at least 0"),
     ],
 )
 def test_configure_raises_one_usage_error(kwargs, message):
@@ -74,3 +74,27 @@ def test_list_tasks_names_every_built_in_task():
         ["langid", "classify"],
         ["valence", "regress"],
     ]
+
+
+def test_progress_without_a_terminal_is_a_plain_line_every_few_seconds():
+    import io
+
+    from rich.console import Console
+
+    text = io.StringIO()
+    console = Console(file=text, force_terminal=False, width=40)
+    progress = trainer._progress(console, total=100, start=0)
+    assert isinstance(progress, trainer._Lines)
+    progress.every = 0.0
+    with progress:
+        progress.update(10, losses="g2p 2.500  langid 1.250  12.3k tok/s")
+        progress.update(11)
+    lines = text.getvalue().splitlines()
+    assert len(lines) == 2  # one line each, never wrapped at the console's width
+    assert lines[0].startswith("train step 10/100  g2p 2.500  langid 1.250  12.3k tok/s  ") and lines[0].endswith(
+        "left"
+    )
+    assert lines[1].startswith("train step 11/100  g2p 2.500")
+    quiet = trainer._progress(Console(file=io.StringIO(), force_terminal=False), 100, 0)
+    quiet.update(1)  # within the interval: nothing
+    assert quiet.console.file.getvalue() == ""

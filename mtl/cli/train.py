@@ -8,6 +8,7 @@ and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -19,10 +20,15 @@ from mtl import distributed, perf, trainer
 from mtl.config import UsageError
 from mtl.run_folder import RunFolder
 
+DIVERGED = 3  # exit status of a run stopped by a non-finite loss, gradient or state (2 is bad usage)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="train.py", description="Train a sharded multi-task Transformer on built-in tasks and task files."
+        prog="train.py",
+        description="Train a sharded multi-task Transformer on built-in tasks and task files.",
+        epilog=set_fields_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", default="tiny", help="model/training size: tiny, small or base (default: tiny)")
     p.add_argument("--tasks", help="comma-separated built-in task names and/or NAME=PATH task files")
@@ -50,6 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", metavar="N", help="processes in the run (env MTL_NUM_PROCESSES; 1: no cluster)")
     p.add_argument("--process-id", metavar="I", help="this process's index, 0 to N-1 (env MTL_PROCESS_ID)")
     return p
+
+
+def set_fields_help(preset: str = "tiny") -> str:
+    """The fields ``--set`` accepts, with the ``preset``'s values (``--help``'s epilog)."""
+    cfg = C.preset(preset)
+    lines = [f"--set fields (SECTION.FIELD=VALUE), with the {preset} preset's values:"]
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for field in dataclasses.fields(values):
+            if field.name == "heads":
+                continue  # filled in from the tasks
+            value = getattr(values, field.name)
+            shown = ",".join(value) if isinstance(value, tuple) else value
+            lines.append(f"  {section.name}.{field.name}={shown}")
+    return "\n".join(lines)
 
 
 def config_from_args(args: argparse.Namespace) -> C.Config:
@@ -87,12 +108,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         cfg = config_from_args(args)
         out = args.out or trainer.default_out(cfg)
+        RunFolder(out).check_path()  # before the data is read
         plan = trainer.prepare(cfg, log=print if first else lambda *_: None)
         RunFolder(out).check_resumable(plan.config)  # before the model is built and compiled
         test = trainer.run(plan, out)
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except trainer.Preempted as e:
+        print(f"train.py: {e}; run the same command to resume", file=sys.stderr)
+        return 128 + 15  # as a process ended by SIGTERM: what schedulers expect
+    except trainer.Diverged as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return DIVERGED
     if first:
         print(json.dumps({"out": str(out), "test": test}))
     return 0
