@@ -17,7 +17,7 @@ from flax import nnx
 from mtl import act_btd, act_btv
 from mtl.config import HeadConfig, ModelConfig
 from mtl.layers import Block, RMSNorm, contract, normal, param
-from sharding import constrain
+from sharding import constrain, vocab_parallel
 
 
 class Classifier(nnx.Module):
@@ -132,11 +132,10 @@ class MultiTaskModel(nnx.Module):
         tokens, positions: [B, T]; task_ids: [B]. Returns [B, T, D].
         """
         dt = jnp.dtype(self.cfg.dtype)
-        # Look-ups as one-hot matmuls: with the table sharded over vocab and
-        # width, a matmul partitions cleanly where a gather would be replicated.
+        # A gather, vocabulary-parallel under a mesh that splits the table (sharding.vocab_parallel.embed): a
+        # one-hot matmul would cost a [B, T, V] array and V multiply-adds a token (151,936 for Qwen).
         scale = jnp.asarray(self.cfg.d_model**0.5 if self.cfg.scale_embeddings else 1.0, dt)
-        one_hot = jax.nn.one_hot(tokens, self.cfg.vocab_size, dtype=dt)  # [B, T, V]
-        x = contract("BTV,VD->BTD", one_hot, self.embed_vd[...].astype(dt)) * scale
+        x = vocab_parallel.embed(self.embed_vd[...].astype(dt), tokens) * scale  # [B, T, D]
         task_one_hot = jax.nn.one_hot(task_ids, self.task_embed.shape[0], dtype=dt)  # [B, J]
         task_vec = jnp.einsum("BJ,JD->BD", task_one_hot, self.task_embed[...].astype(dt)) * scale
         x = x + jnp.where(positions[..., None] == 0, task_vec[:, None, :], 0).astype(dt)  # [B, T, D]

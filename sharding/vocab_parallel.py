@@ -1,4 +1,4 @@
-"""Vocabulary-parallel cross-entropy: a ``shard_map`` piece.
+"""Vocabulary-parallel cross-entropy and embedding look-up: ``shard_map`` pieces.
 
 Language-model logits are [B, T, V] and, under tensor parallelism, split over
 the vocabulary. Left to the automatic partitioner, the label look-up of a
@@ -12,6 +12,12 @@ vocab-parallel loss):
 * the label's logit, which exactly one vocabulary shard holds, through ``psum``.
 
 The backward pass is local too: ``softmax - one_hot`` on each block.
+
+The embedding look-up (:func:`embed`) is the same idea on the way in: each
+device gathers the rows its vocabulary shard holds (zeros for the others) and
+one ``psum`` over ``tensor`` completes every token's vector, where a one-hot
+matmul would cost a [B, T, V] array and V multiply-adds a token, and a plain
+gather on a vocabulary-split table would be left to the partitioner.
 """
 
 from __future__ import annotations
@@ -72,3 +78,38 @@ def _local(logits: jax.Array, labels: jax.Array, axis: str | None) -> tuple[jax.
         label_logit = jax.lax.psum(label_logit, axis)
     nll = jnp.log(sum_exp) + top - label_logit
     return nll, (label_logit >= top).astype(jnp.float32)
+
+
+def embed(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """The rows of ``table`` at ``tokens``: [V, D] and [B, T] -> [B, T, D], a gather, not a one-hot matmul.
+
+    Args:
+      table: [V, D], sharded by the logical names ``('vocab', 'embed')``.
+      tokens: [B, T] integer ids in ``[0, V)``.
+
+    Inside ``jax.set_mesh`` with the vocabulary split over ``tensor`` it runs
+    as a ``shard_map`` (the width is gathered first, as FSDP gathers every
+    weight before use); elsewhere it is ``jnp.take``.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return jnp.take(table, tokens, axis=0)
+    spec = logical_to_spec(("vocab", "embed"), table.shape, mesh)
+    if spec[0] is None:
+        return jnp.take(table, tokens, axis=0)
+    rows = logical_to_spec(("batch", "length"), tokens.shape, mesh)
+    return jax.shard_map(
+        _local_embed,
+        mesh=mesh,
+        in_specs=(PartitionSpec(spec[0], None), rows),
+        out_specs=PartitionSpec(rows[0], rows[1], None),
+    )(table, tokens)
+
+
+def _local_embed(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """One vocabulary block's rows at ``tokens`` ([v, D], [b, T] -> [b, T, D]), summed over the blocks."""
+    block = table.shape[0]
+    local = tokens - jax.lax.axis_index(_TENSOR) * block
+    held = (local >= 0) & (local < block)
+    rows = jnp.take(table, jnp.clip(local, 0, block - 1), axis=0)
+    return jax.lax.psum(jnp.where(held[..., None], rows, jnp.zeros((), table.dtype)), _TENSOR)

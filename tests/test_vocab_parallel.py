@@ -94,3 +94,32 @@ def test_train_step_never_gathers_the_logits(spec):
         hlo = step.lower(state, training.put_batch(batch, mesh)).compile().as_text()
     assert "all-reduce" in hlo  # the loss's collectives are there (the max, the sum of exps, the label's logit)
     assert logits_gathers(hlo, T) == []
+
+
+@pytest.mark.parametrize("spec", ["tensor=8", "data=2,fsdp=2,tensor=2", "data=8"])
+def test_embedding_look_up_equals_a_gather_and_its_gradient(spec):
+    table = jax.random.normal(jax.random.key(1), (V, 32))
+    tokens = jax.random.randint(jax.random.key(2), (B, T), 0, V)
+    cotangent = jax.random.normal(jax.random.key(3), (B, T, 32))
+    want = jnp.take(table, tokens, axis=0)
+    want_grad = jax.grad(lambda w: jnp.sum(jnp.take(w, tokens, axis=0) * cotangent))(table)
+
+    mesh = sharding.make_mesh(spec)
+    w = jax.device_put(table, NamedSharding(mesh, sharding.logical_to_spec(("vocab", "embed"), table.shape, mesh)))
+    with jax.set_mesh(mesh):
+        got = jax.jit(vocab_parallel.embed)(w, tokens)
+        grad = jax.jit(jax.grad(lambda w: jnp.sum(vocab_parallel.embed(w, tokens) * cotangent)))(w)
+    np.testing.assert_array_equal(got, want)  # exact: one shard holds each row, the others add zeros
+    np.testing.assert_allclose(grad, want_grad, atol=1e-6)
+
+
+def test_model_input_has_no_one_hot_over_the_vocabulary():
+    from flax import nnx
+
+    from mtl.model import MultiTaskModel
+
+    model = MultiTaskModel(MODEL, rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((B, T), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda t: model.embed(t, jnp.zeros(B, jnp.int32), jnp.zeros((B, T), jnp.int32)))(tokens)
+    shapes = [v.aval.shape for eqn in jaxpr.eqns for v in eqn.outvars]
+    assert not [s for s in shapes if MODEL.vocab_size in s and len(s) == 3], shapes  # no [B, T, V] array
