@@ -33,14 +33,14 @@ def task_files(folder):
     return f"echo={gen}", f"size={cls}"
 
 
-def restored_logits(run, tokens):
+def restored_logits(run, tokens, task_id=0):
     cfg = C.from_dict(json.loads((run / "config.json").read_text()))
     mesh = make_mesh("data=1", jax.devices()[:1])
     graphdef, params, _ = abstract_state(lambda: MultiTaskModel(cfg.model, rngs=nnx.Rngs(0)), mesh)
     checkpoints = Checkpoints(run / "checkpoints", read_only=True)
     checkpoints.restore(checkpoints.latest_step(), params)
     model = nnx.merge(graphdef, params)
-    return np.asarray(model.lm_logits(model(jnp.asarray(tokens), jnp.zeros(len(tokens), jnp.int32))))
+    return np.asarray(model.lm_logits(model(jnp.asarray(tokens), jnp.full(len(tokens), task_id, jnp.int32))))
 
 
 def test_steps_0_checkpoint_is_the_pretrained_model_and_warm_starts(tmp_path):
@@ -63,11 +63,25 @@ def test_steps_0_checkpoint_is_the_pretrained_model_and_warm_starts(tmp_path):
     ).prompt_ids("the cat")
 
     warm = tmp_path / "warm"
-    cfg = trainer.configure("tiny", tasks=[size, echo], steps=2, init=str(run), overrides=settings)
+    fast = [*settings, "train.warmup_steps=0", "train.learning_rate=0.05"]  # a task embedding far from zero
+    cfg = trainer.configure("tiny", tasks=[size, echo], steps=4, init=str(run), overrides=fast)
     assert dataclasses_equal(cfg.model, C.from_dict(json.loads((run / "config.json").read_text())).model)
     trainer.run(trainer.prepare(cfg, **QUIET), warm)
-    assert Checkpoints(warm / "checkpoints", read_only=True).latest_step() == 2
+    assert Checkpoints(warm / "checkpoints", read_only=True).latest_step() == 4
     assert isinstance(load_tokenizer(warm), HFTokenizer)
+
+    # Export for task echo (index 1 here): transformers computes what mtl does for it, on prompts that start with BOS.
+    from mtl.export import main as export_main
+
+    assert export_main(["--ckpt", str(warm), "--out", str(tmp_path / "export"), "--task", "echo"]) == 0
+    tokens[:, 0] = served.bos_id
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = exported(input_ids=torch.tensor(tokens)).logits.numpy()
+    mtl_echo = restored_logits(warm, tokens, task_id=1)
+    assert np.abs(mtl_echo - restored_logits(warm, tokens, task_id=0)).max() > 1e-3  # the task embedding matters
+    np.testing.assert_allclose(got, mtl_echo, atol=1e-4, rtol=1e-4)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "export")("the cat").input_ids[-1] != served.bos_id
 
 
 def dataclasses_equal(a, b):

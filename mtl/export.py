@@ -1,0 +1,197 @@
+"""A trained run out as a Hugging Face model folder: ``python -m mtl.export --ckpt RUN --out DIR [--task NAME]``.
+
+The folder (``config.json``, ``model.safetensors``, the run's tokenizer files,
+``generation_config.json``) loads in ``transformers`` as the family the
+backbone's options describe (Gemma 3, Qwen3, Qwen2, else Llama) and computes,
+for task NAME, the language-model logits mtl serves for it. The task is folded
+in: mtl adds the task's embedding at position 0, which every prompt fills with
+BOS, so the export adds it to BOS's embedding row (the output head is written
+untied, so BOS's logit is unchanged). mtl's own embedding scale sqrt(D) is
+folded into the table for the families that have none. Weights are the
+transposes of what :mod:`mtl.hf_import` reads (the same ``sources`` table).
+Classification, regression and tag heads are not exported yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import sys
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mtl import config as C
+from mtl import hf_import
+from mtl.checkpoint import Checkpoints, find
+from mtl.config import ModelConfig, UsageError
+from mtl.model import MultiTaskModel
+from mtl.partition import abstract_state
+from sharding import make_mesh
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def family(cfg: ModelConfig) -> str:
+    """The transformers family a backbone's options describe."""
+    if cfg.sandwich_norms or cfg.norm_offset:
+        return "gemma3"
+    if cfg.qk_norm:
+        return "qwen3"
+    return "qwen2" if cfg.qkv_bias else "llama"
+
+
+def hf_config(cfg: ModelConfig, ids: dict[str, object]) -> dict:
+    """``config.json`` of the exported model (untied output head; ``ids``: bos/eos/pad token ids)."""
+    kind = family(cfg)
+    out = {
+        "architectures": [
+            {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(
+                kind, "Gemma3ForCausalLM"
+            )
+        ],
+        "model_type": {"gemma3": "gemma3_text"}.get(kind, kind),
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": False,
+        "torch_dtype": cfg.param_dtype,
+        **{f"{name}_token_id": value for name, value in ids.items()},
+    }
+    full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    scaling, _, numbers = cfg.rope_scaling.partition(":")
+    if scaling == "linear":
+        full = {**full, "rope_type": "linear", "factor": float(numbers)}
+    elif scaling == "llama3":
+        factor, low, high, original = (float(v) for v in numbers.split(","))
+        full = {**full, "rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high}
+        full["original_max_position_embeddings"] = int(original)
+    if kind == "gemma3":
+        local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+        types = cfg.layer_types or "G" * cfg.n_layers
+        out.update(
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=(cfg.attn_scale or cfg.head_dim**-0.5) ** -2,
+            sliding_window=cfg.sliding_window or cfg.max_len,
+            layer_types=["sliding_attention" if t == "L" else "full_attention" for t in types],
+            rope_parameters={"full_attention": full, "sliding_attention": local},
+        )
+        return out
+    if cfg.layer_types or cfg.norm_offset or cfg.mlp_activation != "silu" or cfg.attn_scale:
+        raise UsageError(f"a {kind} export cannot carry this backbone's options (sliding layers, Gemma norms, GELU)")
+    out.update(hidden_act="silu", rope_parameters=full)
+    if kind != "llama":
+        out["use_sliding_window"] = False
+    return out
+
+
+def export(run: str | os.PathLike, out: str | os.PathLike, task: str | None = None) -> pathlib.Path:
+    """Writes run ``run``'s newest checkpoint as a Hugging Face folder ``out`` answering for ``task``.
+
+    Raises:
+      UsageError: no checkpoint, an unknown or non-generation task, or options no family carries.
+    """
+    try:
+        folder, step = find(run)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    run_dir = folder.parent
+    checkpoints = Checkpoints(folder, read_only=True)
+    meta = checkpoints.read_meta(step)
+    cfg = C.from_dict(meta["config"]).model
+    generate = [h.task for h in cfg.heads if h.kind == "generate"]
+    task = task or (generate[0] if generate else None)
+    if task not in generate:
+        raise UsageError(f"--task {task!r} is not a generation task of this run; choose one of {', '.join(generate)}")
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    graphdef, params, _ = abstract_state(lambda: MultiTaskModel(cfg, rngs=nnx.Rngs(0)), mesh)
+    checkpoints.restore(step, params)
+    checkpoints.close()
+    model = nnx.merge(graphdef, params)
+    ids = _special_ids(run_dir)
+    tensors = _tensors(model, cfg, task, int(ids.get("bos", 1)))
+    hf = hf_config(cfg, {k: v for k, v in ids.items() if k in ("bos", "eos", "pad")})
+
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": ids.get("bos"), "eos_token_id": ids.get("eos_ids"), "pad_token_id": ids.get("pad")})
+    )
+    for name in TOKENIZER_FILES:
+        if (run_dir / name).exists():
+            shutil.copy(run_dir / name, out / name)
+    return out
+
+
+def _special_ids(run_dir: pathlib.Path) -> dict:
+    """The run's BOS/EOS/pad ids: its tokenizer_mtl.json, else the byte tokenizer's."""
+    path = run_dir / "tokenizer_mtl.json"
+    saved = json.loads(path.read_text()) if path.exists() else {"bos_id": 1, "eos_ids": [2], "pad_id": 0}
+    return {"bos": saved["bos_id"], "eos": saved["eos_ids"][0], "eos_ids": saved["eos_ids"], "pad": saved["pad_id"]}
+
+
+def _tensors(model: MultiTaskModel, cfg: ModelConfig, task: str, bos: int) -> dict[str, np.ndarray]:
+    """Every checkpoint tensor of the exported model, the task folded into BOS's embedding row."""
+    state = dict(nnx.to_flat_state(nnx.state(model)))
+    out = {}
+    for path, source in hf_import.sources(cfg).items():
+        value = np.asarray(state[tuple(path)][...])
+        for i in range(cfg.n_layers) if source.stacked else [None]:
+            part = value[i] if i is not None else value
+            out[source.name.format(i=i)] = np.ascontiguousarray(
+                part.transpose(np.argsort(source.perm)).reshape(_hf_shape(source))
+            )
+    table = np.asarray(model.embed_vd[...], np.float32)
+    task_vec = np.asarray(model.task_embed[...][model.task_index(task)], np.float32)
+    gemma = family(cfg) == "gemma3"  # transformers scales Gemma's table by sqrt(D) itself
+    scale = 1.0 if gemma or not cfg.scale_embeddings else cfg.d_model**0.5
+    table = table * scale
+    table[bos] += task_vec * scale
+    dtype = out["model.embed_tokens.weight"].dtype
+    out["model.embed_tokens.weight"] = table.astype(dtype)
+    out["lm_head.weight"] = np.ascontiguousarray(np.asarray(model.lm_head()).T).astype(dtype)
+    return out
+
+
+def _hf_shape(source: hf_import.Source) -> tuple[int, ...]:
+    """The transformers tensor's shape: linear weights [out, in] with heads merged, biases [out]."""
+    split = source.split
+    if source.name.endswith("proj.weight") and len(split) == 3:
+        return (split[0], split[1] * split[2]) if "o_proj" in source.name else (split[0] * split[1], split[2])
+    if source.name.endswith("proj.bias"):
+        return (split[0] * split[1],)
+    return split
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mtl.export", description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", required=True, help="the run folder (its newest checkpoint) or a step folder")
+    p.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    p.add_argument("--task", help="the generation task the export answers for (default: the run's first)")
+    args = p.parse_args(argv)
+    try:
+        out = export(args.ckpt, args.out, args.task)
+    except UsageError as e:
+        print(f"mtl.export: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": str(out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
