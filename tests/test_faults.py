@@ -31,6 +31,7 @@ from tests.test_checkpoint import trained_state
 from tests.test_sharding import MODEL, TRAIN
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+ONE_DEVICE = lambda: sharding.make_mesh("", jax.devices()[:1])  # noqa: E731  (in-process checks: compile fast)
 STEPS = 10
 COMMAND = [
     "--preset",
@@ -290,7 +291,7 @@ def test_a_diverging_run_stops_with_one_line_and_no_non_finite_checkpoint(tmp_pa
 
 
 def test_the_train_step_skips_a_non_finite_update_on_the_device():
-    mesh = sharding.make_mesh("data=8")
+    mesh = ONE_DEVICE()
     state = trained_state(mesh)
     graphdef, _, shardings = training.abstract_train_state(MODEL, TRAIN, mesh)
     from tests.test_sharding import fixed_batches
@@ -318,7 +319,7 @@ def test_the_train_step_skips_a_non_finite_update_on_the_device():
 def saved_steps(tmp_path_factory):
     """Checkpoints 1, 2, 3 of a tiny model, saved once; each test damages a copy."""
     path = tmp_path_factory.mktemp("ckpts")
-    state = trained_state(sharding.make_mesh("data=8"))
+    state = trained_state(ONE_DEVICE())
     checkpoints = Checkpoints(path)
     for step in (1, 2, 3):
         checkpoints.save(step, state["model"], state["optimizer"], {"step": step})
@@ -345,7 +346,7 @@ def test_restore_walks_back_past_each_kind_of_damage(saved_steps, tmp_path, dama
     path = tmp_path / "checkpoints"
     shutil.copytree(saved_steps, path)
     DAMAGE[damage](path / "3")
-    mesh = sharding.make_mesh("data=8")
+    mesh = ONE_DEVICE()
     _, target, _ = training.abstract_train_state(MODEL, TRAIN, mesh)
     checkpoints = Checkpoints(path, read_only=True)
     warnings = []

@@ -121,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except trainer.Diverged as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return DIVERGED
+    except KeyboardInterrupt:  # Ctrl-C before training started (after, the run saves and stops on its own)
+        print("train.py: interrupted before training started", file=sys.stderr)
+        return 128 + 2
     if first:
         print(json.dumps({"out": str(out), "test": test}))
     return 0
