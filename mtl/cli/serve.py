@@ -56,7 +56,7 @@ def parse_address(address: str) -> tuple[str, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # warnings stay one line when stderr is a file or pipe
     lines: list[bytes] | None = None
     try:
         address = parse_address(args.http) if args.http else None
