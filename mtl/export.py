@@ -82,7 +82,7 @@ def hf_config(cfg: ModelConfig, ids: dict[str, object]) -> dict:
         types = cfg.layer_types or "G" * cfg.n_layers
         out.update(
             hidden_activation="gelu_pytorch_tanh",
-            query_pre_attn_scalar=(cfg.attn_scale or cfg.head_dim**-0.5) ** -2,
+            query_pre_attn_scalar=round((cfg.attn_scale or cfg.head_dim**-0.5) ** -2),  # an int in transformers
             sliding_window=cfg.sliding_window or cfg.max_len,
             layer_types=["sliding_attention" if t == "L" else "full_attention" for t in types],
             rope_parameters={"full_attention": full, "sliding_attention": local},

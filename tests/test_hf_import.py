@@ -144,3 +144,22 @@ def test_windowed_attention_matches_dot_product_attention(window):
     rows = jnp.take_along_axis(query, positions[:, None, None, None], axis=1)  # each row's query at its position
     want = reference(query, key, value)[jnp.arange(2), positions][:, None]
     np.testing.assert_allclose(layers.cached_attention(rows, cache, positions, window, 0.3), want, atol=1e-5)
+
+
+def test_export_round_trip_with_the_task_folded_in(folder, tmp_path):
+    """mtl.export's tensors and config load in transformers and give mtl's logits for a task (BOS-started rows)."""
+    from safetensors.numpy import save_file
+
+    from mtl import export
+
+    cfg = dataclasses.replace(hf_import.read_config(folder), heads=HEADS)
+    graphdef, state = hf_import.load(folder, cfg, make_mesh("data=1", jax.devices()[:1]))
+    model = nnx.merge(graphdef, state)
+    model.task_embed[...] = 0.1 * jax.random.normal(jax.random.key(0), model.task_embed.shape)  # a trained task
+    save_file(export._tensors(model, cfg, "echo", bos=1), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(export.hf_config(cfg, {"bos": 1, "eos": 2, "pad": 0})))
+    tokens, _ = padded_batch(cfg.vocab_size)
+    tokens[:, 0] = 1
+    want = np.asarray(model.lm_logits(model(jnp.asarray(tokens), jnp.zeros(len(tokens), jnp.int32))))
+    got = reference_logits(str(tmp_path), tokens, np.ones_like(tokens))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
