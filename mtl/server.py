@@ -82,9 +82,9 @@ def make_engine(model: MultiTaskModel, mesh, settings: C.ServeConfig, tokenizer)
 
 
 def allowed_tokens(tokenizer, vocab_size: int) -> np.ndarray:
-    """Tokens generation may produce: the tokenizer's, less PAD, BOS and SEP."""
+    """Tokens generation may produce: the tokenizer's, less those it never generates (PAD, BOS, SEP of bytes)."""
     allowed = np.arange(vocab_size) < tokenizer.vocab_size
-    allowed[[tokenizer.pad_id, tokenizer.bos_id, tokenizer.sep_id]] = False
+    allowed[list(tokenizer.never_generated)] = False
     return allowed
 
 
@@ -150,7 +150,7 @@ class Server:
             raise UsageError(str(e)) from None
         checkpoints.close()
         log(f"restored step {step} from {folder} onto mesh {dict(mesh.shape)} in {time.perf_counter() - t0:.1f}s")
-        tokenizer = tasks.ByteTokenizer()
+        tokenizer = tasks.load_tokenizer(folder.parent)  # the run's own (--init), else the byte tokenizer
         engine = make_engine(nnx.merge(graphdef, params), mesh, cfg.serve, tokenizer)
         t0 = time.perf_counter()
         engine.warmup()  # every shape compiled now, so no request waits for a compilation
@@ -239,7 +239,7 @@ class Server:
     def format(self, p: Parsed, result) -> dict:
         """The response object to a served request, by its task's kind (an error if it is not finite)."""
         if not isinstance(result, Generation):
-            return finite_or_error(head_response(p, result))
+            return finite_or_error(head_response(p, result, self.tokenizer))
         text, reason, count = self.tokenizer.decode(result.tokens), result.finish_reason, len(result.tokens)
         # The engine stops on a stop string's tokens; a tokenizer whose tokens straddle it is caught here.
         cut = min((text.find(s) for s in p.stop if s in text), default=-1)
@@ -257,7 +257,7 @@ class Server:
         }
 
 
-def head_response(p: Parsed, answer) -> dict:
+def head_response(p: Parsed, answer, tokenizer) -> dict:
     """The response to a request answered by a non-generation head, by the task's kind."""
     response = {"id": p.id, "task": p.task.name}
     if p.task.kind == "classify":
@@ -267,7 +267,7 @@ def head_response(p: Parsed, answer) -> dict:
     elif p.task.kind == "regress":
         response["value"] = round(float(answer.values), 6)
     else:
-        response["tags"] = [p.task.labels[i] for i in tasks.tags_at_word_ends(answer.values, p.text)]
+        response["tags"] = [p.task.labels[i] for i in tasks.tags_at_word_ends(answer.values, p.text, tokenizer)]
     response["latency_ms"] = round(answer.latency_ms, 2)
     return response
 

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="serve.KEY=VALUE",
-        help="override a serving field: mesh, max_batch, max_queue, prefill_batch, steps_per_call",
+        help="override a serving field: mesh, max_batch, max_queue, prefill_batch, steps_per_call, scheduler",
     )
     return p
 
