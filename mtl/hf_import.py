@@ -351,7 +351,7 @@ def _read_block(tensors, source: Source, name: str, index: tuple[slice, ...], dt
         local_shape += [outer.stop - outer.start] + [source.split[a] for a in group[1:]]
         cut += [slice(None)] + [split_index[a] for a in group[1:]]
     block = tensors.read(name, tuple(read)).reshape(local_shape)[tuple(cut)]
-    return np.ascontiguousarray(block.transpose(source.perm)).astype(dtype)
+    return np.ascontiguousarray(block.transpose(source.perm)).astype(dtype, copy=False)
 
 
 def load(folder: str | os.PathLike, cfg: ModelConfig, mesh: jax.sharding.Mesh, seed: int = 0):
