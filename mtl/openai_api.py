@@ -111,40 +111,24 @@ def completion(cid: str, model: str, answers: list[dict], prompt_tokens: int) ->
         {"index": i, "text": a["output"], "finish_reason": a["finish_reason"], "logprobs": None}
         for i, a in enumerate(answers)
     ]
-    completion_tokens = sum(a["tokens"] for a in answers)
-    usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-    return {
-        "id": cid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": usage,
-    }
+    return {**_envelope(cid, model, choices), "usage": _usage(prompt_tokens, sum(a["tokens"] for a in answers))}
 
 
 def chunk(cid: str, model: str, index: int, text: str, finish_reason: str | None) -> dict:
     """One server-sent event's object while streaming a completion."""
     choice = {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
-    return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": [choice]}
+    return _envelope(cid, model, [choice])
 
 
 def usage_chunk(cid: str, model: str, prompt_tokens: int, completion_tokens: int) -> dict:
     """The last event of a stream asked for with ``stream_options: {"include_usage": true}``: no choices, the usage."""
-    usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-    return {
-        "id": cid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [],
-        "usage": usage,
-    }
+    return {**_envelope(cid, model, []), "usage": _usage(prompt_tokens, completion_tokens)}
+
+
+def _envelope(cid: str, model: str, choices: list[dict]) -> dict:
+    return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    total = prompt_tokens + completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
