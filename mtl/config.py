@@ -127,7 +127,7 @@ class ServeConfig:
     max_queue: int = 1024  # requests that may wait; beyond, HTTP answers 503
     prefill_batch: int = 0  # prompts prefilled together; 0: min(max_batch, 8)
     steps_per_call: int = 8  # the most decode steps one jitted call runs
-    scheduler: str = "fair"  # admission order after priority: fair (a virtual token counter per task) or fifo
+    scheduler: str = "fair"  # admission order after priority: fair (slot shares between tasks) or fifo
 
 
 @dataclasses.dataclass(frozen=True)
