@@ -130,6 +130,17 @@ def test_a_full_queue_answers_429_with_retry_after(server):
     assert status == 429 and retry == "1" and answer["id"] == "q" and "queue" in answer["error"]
 
 
+def assert_cancelled_and_free(engine, cancelled_before: int) -> None:
+    """Waits (30 s at most) for one more cancelled request and every slot free again."""
+    deadline = time.monotonic() + 30
+    while engine.stats["cancelled"] == cancelled_before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats["cancelled"] == cancelled_before + 1
+    while engine.busy() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(engine.slots)
+
+
 def test_a_client_that_disconnects_frees_its_slot(server):
     engine = server.engine
     cancelled = engine.stats["cancelled"]
@@ -144,13 +155,7 @@ def test_a_client_that_disconnects_frees_its_slot(server):
         while not engine.busy() and time.monotonic() < deadline:
             time.sleep(0.0005)
     # Closed mid-generation: the handler is cancelled and the engine drops the request.
-    deadline = time.monotonic() + 30
-    while engine.stats["cancelled"] == cancelled and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.stats["cancelled"] == cancelled + 1
-    while engine.busy() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not any(engine.slots)
+    assert_cancelled_and_free(engine, cancelled)
     status, answer = call(
         server, "POST", "/v1/infer", {"id": "after", "task": "spell", "input": "abc", "max_new_tokens": 3}
     )
@@ -357,13 +362,7 @@ def test_a_streaming_client_that_disconnects_frees_its_slot(server):
         received = b""
         while b"data: " not in received:  # streaming has begun
             received += client.recv(4096)
-    deadline = time.monotonic() + 30
-    while engine.stats["cancelled"] == cancelled and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.stats["cancelled"] == cancelled + 1
-    while engine.busy() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not any(engine.slots)
+    assert_cancelled_and_free(engine, cancelled)
 
 
 def test_streamed_text_waits_for_whole_characters_and_possible_stop_strings():
