@@ -124,19 +124,29 @@ class RunFolder:
         _write_atomic(self.path / "config.json", C.dumps(cfg))
         _write_atomic(self.path / "tasks.json", json.dumps(task_meta, indent=2))
 
-    def truncate_metrics(self, step: int, final: bool) -> None:
+    def truncate_metrics(self, step: int, evaluated: bool) -> None:
         """Drops metric lines a run resumed at ``step`` logs again.
 
-        That is every line after ``step`` and, when ``step`` ends the run, its
-        final evaluation, which the resumed run repeats.
+        That is every line after ``step`` and, when ``step`` is one the run
+        evaluates at (``evaluated``: the last step, or an ``eval_every`` step),
+        its evaluation lines: a run killed while evaluating may have written
+        some of them, and the resumed run evaluates that step again. A torn
+        last line (a crash mid-write) is dropped too.
         """
         if jax.process_index() != 0 or not self.metrics_path.exists():
             return
-        records = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        lines = self.metrics_path.read_text().splitlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):  # only the last line can be torn by a crash; this is not ours to drop
+                    raise UsageError(f"{str(self.metrics_path)!r} line {number} is not JSON: {line[:80]!r}") from None
         kept = [
             json.dumps(r, allow_nan=False)
             for r in records
-            if r["step"] < step or (r["step"] == step and not (final and "split" in r))
+            if r["step"] < step or (r["step"] == step and not (evaluated and "split" in r))
         ]
         _write_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
 

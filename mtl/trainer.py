@@ -342,8 +342,10 @@ def _run(plan: Plan, out: pathlib.Path, console: Console, stop: StopSignals) -> 
     folder.start(cfg, [d.meta() for d in plan.data])
     if jax.process_index() == 0:
         plan.tokenizer.save(folder.path)  # served with the prompts it trained on (nothing for the byte tokenizer)
+    # A run stopped at a step it evaluates at may have stopped mid-evaluation: that evaluation comes again.
+    evaluate_again = start < cfg.train.steps and bool(cfg.train.eval_every) and start % cfg.train.eval_every == 0
     if start:
-        folder.truncate_metrics(start, final=start >= cfg.train.steps)
+        folder.truncate_metrics(start, evaluated=start >= cfg.train.steps or evaluate_again)
         console.log(f"resumed from step {start}")
     else:
         with console.status(f"initialising the sharded model and optimizer {cfg.train.init or ''}".strip()):
@@ -389,6 +391,9 @@ def _run(plan: Plan, out: pathlib.Path, console: Console, stop: StopSignals) -> 
     progress = _progress(console, cfg.train.steps, start)
     try:
         with progress, jax.set_mesh(mesh):
+            if start and evaluate_again:
+                scores = evaluation(nnx.merge(graphdef, state).model, "validation", start, progress.console)
+                best.offer(start, state, scores, {**meta_base, "step": start})
             for step in range(start, cfg.train.steps):
                 name, indices = sampler.batch_at(step)  # [B], the global batch
                 d = by_name[name]

@@ -28,6 +28,8 @@ TRAIN = [
     "--set",
     "train.checkpoint_every=4",
     "--set",
+    "train.eval_every=4",  # the kill at the first checkpoint lands in (or just before) an evaluation
+    "--set",
     "train.log_every=1",
     "--set",
     "train.eval_examples=8",
@@ -116,7 +118,11 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(runs):
     assert sorted(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8, 12]
     assert 0 < records[0]["mfu"] < 1
     assert list((resumed / "tensorboard").glob("events.out.tfevents.*"))
-    assert [p.name for p in (resumed / "best").iterdir()] == ["12"]  # the only validation: at the end
+    # The evaluation the kill interrupted (or never began) is done again: the same lines as the whole run's.
+    whole_evals = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if "split" in r] == [r for r in whole_evals if "split" in r]
+    assert {r["step"] for r in records if r.get("split") == "validation"} == {4, 8, 12}
+    assert [p.name for p in (resumed / "best").iterdir()] == [p.name for p in (whole / "best").iterdir()]
 
 
 @pytest.mark.slow
@@ -230,13 +236,23 @@ def test_serve_same_greedy_answers_on_any_mesh(runs, tmp_path):
         (["--set", "train.learning_rate=nan"], "learning_rate"),
     ],
 )
-def test_train_usage_errors_are_one_line_and_write_nothing(args, message, tmp_path):
+def test_train_usage_errors_are_one_line_and_write_nothing(args, message, tmp_path, capsys):
+    from mtl.cli.train import main  # in this process: the command line's own code, without a Python start each
+
     out = tmp_path / "run"
-    result = run("train.py", "--steps", "2", "--out", str(out), *args)
+    assert main(["--steps", "2", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if "error" in line]
+    assert len(error_lines) == 1 and message in error_lines[0], err
+    assert not out.exists()
+
+
+def test_a_usage_error_from_a_piped_terminal_is_one_line_and_no_traceback(tmp_path):
+    out = tmp_path / "run"
+    result = run("train.py", "--steps", "2", "--out", str(out), "--seed", "-1")
     assert result.returncode == 2, result.stderr[-2000:]
-    error_lines = [line for line in result.stderr.splitlines() if "error" in line]
-    assert len(error_lines) == 1 and message in error_lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "error" in line]
+    assert line.startswith("train.py: error: train.seed=-1") and "Traceback" not in result.stderr, result.stderr
     assert not out.exists()
 
 

@@ -2,8 +2,9 @@
 
 The slow test starts ``train.py`` as two processes on localhost joined by
 ``jax.distributed``, kills both from outside (SIGKILL) as soon as their first
-checkpoint is complete and starts them again, and checks
-that the resumed run's per-step losses match a single-process run on the same
+checkpoint is complete, starts them again and preempts them (SIGTERM to one
+process only; both must save the same step and stop), starts them a third time,
+and checks that the run's per-step losses match a single-process run on the same
 8-device mesh, and that its checkpoints and final evaluation are there. The
 fast tests check how ``train.py`` reads the cluster from flags and variables.
 """
@@ -108,6 +109,21 @@ def kill_at_first_checkpoint(procs: list[subprocess.Popen], out) -> list[tuple[i
     return finish(procs)
 
 
+def sigterm_one_after(procs: list[subprocess.Popen], out, step: int) -> list[tuple[int, str, str]]:
+    """Sends SIGTERM to the last process alone once the resumed run ``out`` logged ``step``: a preemption notice.
+
+    The other process hears of it through JAX's preemption service, so both stop after the same step.
+    """
+    deadline = time.monotonic() + TIMEOUT
+    while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        resumed = "resumed from step" in read(f"{procs[0].log}.err")  # the stale lines are dropped by then
+        if resumed and max((r["step"] for r in records(out) if "split" not in r), default=0) >= step:
+            break
+        time.sleep(0.02)
+    procs[-1].send_signal(signal.SIGTERM)
+    return finish(procs)
+
+
 def two_processes(out: pathlib.Path, env=None) -> list[subprocess.Popen]:
     cluster = ["--out", str(out), "--coordinator", f"localhost:{free_port()}", "--num-processes", "2"]
     logs = [out.with_name(f"{out.name}-{i}") for i in range(2)]
@@ -137,20 +153,27 @@ def runs(tmp_path_factory):
     assert [c for c, _, _ in killed] == [-signal.SIGKILL] * 2, [e[-3000:] for _, _, e in killed]
     killed_at = newest_checkpoint(multi)
     assert killed_at is not None and killed_at < STEPS, killed_at
+    stopped = sigterm_one_after(two_processes(multi, env=cache), multi, killed_at + 1)
+    # Both saved the same step and stopped as a process ended by SIGTERM does (128 + 15).
+    assert [c for c, _, _ in stopped] == [143] * 2, [e[-3000:] for _, _, e in stopped]
+    stopped_at = newest_checkpoint(multi)
+    assert killed_at < stopped_at <= STEPS
+    assert f"stopped by SIGTERM after step {stopped_at}" in stopped[0][2], stopped[0][2][-3000:]
     resumed = finish(two_processes(multi, env=cache))
     for code, _, err in resumed:
         assert code == 0, err[-3000:]
-    return single, multi, resumed, killed_at
+    return single, multi, resumed, stopped_at
 
 
 @pytest.mark.slow
 def test_two_processes_resume_and_match_one(runs):
-    single, multi, resumed, killed_at = runs
+    single, multi, resumed, stopped_at = runs
     (_, out0, err0), (_, out1, err1) = resumed
-    # Killed once a checkpoint was complete, it resumes from the newest complete one.
-    assert f"resumed from step {killed_at}" in err0, err0[-3000:]
+    # Killed, then stopped by SIGTERM, it resumes each time from the newest complete checkpoint.
+    assert f"resumed from step {stopped_at}" in err0, err0[-3000:]
     a, b = losses(single), losses(multi)
     assert sorted(a) == sorted(b) and len(a) == STEPS
+    assert len([r for r in records(multi) if "split" not in r]) == STEPS  # each step logged once
     assert {task for _, task in a} == {"g2p", "langid"}
     for key in a:
         # Measured: equal, or 1 apart in the 6th logged decimal (1.3e-7 relative): gloo sums the
@@ -158,7 +181,8 @@ def test_two_processes_resume_and_match_one(runs):
         assert b[key] == pytest.approx(a[key], rel=1e-5), key
     evals = [r for r in records(multi) if r.get("split") == "test"]
     assert {r["task"] for r in evals} == {"g2p", "langid"}
-    assert sorted(int(p.name) for p in (multi / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
+    saved = sorted({2, 4, 6, stopped_at})[-3:]  # every 2 steps and where SIGTERM stopped it; the newest 3 kept
+    assert sorted(int(p.name) for p in (multi / "checkpoints").iterdir() if p.name.isdigit()) == saved
     # Process 0 reports; process 1 only computes.
     report = [line for line in out0.splitlines() if line.startswith("{")]
     assert json.loads(report[-1])["test"].keys() == {"g2p", "langid"}

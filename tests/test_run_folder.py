@@ -62,9 +62,28 @@ def test_a_resumed_run_drops_the_lines_it_logs_again(tmp_path):
         return [(r["step"], r.get("split")) for r in map(json.loads, folder.metrics_path.read_text().splitlines())]
 
     # Resumed at the last step of a finished run: only its final evaluation comes again.
-    folder.truncate_metrics(4, final=True)
+    folder.truncate_metrics(4, evaluated=True)
     assert steps() == [(1, None), (2, None), (3, None), (4, None)]
     # Resumed mid-run at step 2: everything after it comes again.
-    folder.truncate_metrics(2, final=False)
+    folder.truncate_metrics(2, evaluated=False)
     assert steps() == [(1, None), (2, None)]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_resumed_run_drops_a_part_done_evaluation_and_a_torn_last_line(tmp_path):
+    folder = started(tmp_path)
+    for step in (2, 4):
+        folder.log({"step": step, "task": "g2p", "loss": 1.0 / step})
+        folder.log({"step": step, "task": "g2p", "split": "validation", "exact_match": 0.5})
+    folder.close()
+    with folder.metrics_path.open("a") as f:
+        f.write('{"step": 4, "task": "langid", "spl')  # killed mid-write, mid-evaluation
+    # Resumed at step 4, where it evaluates: the evaluation comes again, the torn line is gone.
+    folder.truncate_metrics(4, evaluated=True)
+    records = [json.loads(line) for line in folder.metrics_path.read_text().splitlines()]
+    assert [(r["step"], r.get("split")) for r in records] == [(2, None), (2, "validation"), (4, None)]
+    # A line that is not JSON before the last was not torn by a crash: it is named, nothing is rewritten.
+    folder.metrics_path.write_text('{"step": 1, "task": "g2p", "loss": 1.0}\nnot json\n{"step": 2}\n')
+    with pytest.raises(UsageError, match="line 2 is not JSON: 'not json'"):
+        folder.truncate_metrics(2, evaluated=False)
+    assert folder.metrics_path.read_text().count("\n") == 3
