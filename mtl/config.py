@@ -79,6 +79,10 @@ class ModelConfig:
     layer_types: str = ""  # one letter a layer: L local (sliding window) or G global; "": all global
     sliding_window: int = 0  # the keys a local layer's query sees, itself included
     rope_local_theta: float = 0.0  # local layers' rotary base; 0: rope_theta
+    # Per-task LoRA adapters (mtl.adapters): rank R (0: none), the projections adapted, and alpha (scale alpha/R).
+    adapter_rank: int = 0
+    adapter_targets: str = "q,k,v,o,gate,up,down"  # a comma list of q, k, v, o, gate, up, down
+    adapter_alpha: float = 16.0
 
     def head(self, task: str) -> HeadConfig:
         for head in self.heads:
@@ -116,6 +120,7 @@ class TrainConfig:
     checkpoint_every: int = 20
     keep_checkpoints: int = 3
     init: str = ""  # --init SOURCE: the pretrained model or run the weights start from ("": random)
+    trainable: str = "all"  # or "adapters": the backbone frozen; adapters, heads and task embeddings train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +368,30 @@ def validate(config: Config) -> None:
     if t.loss_weighting not in ("static", "uncertainty"):
         raise ValueError(f"train.loss_weighting={t.loss_weighting!r} must be static or uncertainty")
     parse_weights(t.loss_weights)
+    _validate_adapters(config)
+
+
+ADAPTER_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _validate_adapters(config: Config) -> None:
+    m, t = config.model, config.train
+    if m.adapter_rank < 0:
+        raise ValueError(f"model.adapter_rank={m.adapter_rank} must be at least 0 (0: no adapters)")
+    names = [n.strip() for n in m.adapter_targets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ADAPTER_TARGETS]
+    if unknown:
+        raise ValueError(
+            f"model.adapter_targets names {', '.join(map(repr, unknown))}; choose from {','.join(ADAPTER_TARGETS)}"
+        )
+    if m.adapter_rank and not names:
+        raise ValueError(f"model.adapter_targets={m.adapter_targets!r} names no projection to adapt")
+    if m.adapter_rank and m.adapter_alpha <= 0:
+        raise ValueError(f"model.adapter_alpha={m.adapter_alpha} must be positive")
+    if t.trainable not in ("all", "adapters"):
+        raise ValueError(f"train.trainable={t.trainable!r} must be all or adapters")
+    if t.trainable == "adapters" and not m.adapter_rank:
+        raise ValueError("train.trainable=adapters needs adapters: set model.adapter_rank to a positive rank")
 
 
 def _section_name(section) -> str:

@@ -262,7 +262,7 @@ def forward(
     kept = []
     caches = (None,) * len(weights.layers) if cache is None else cache
     for index, (layer, layer_cache) in enumerate(zip(weights.layers, caches, strict=True)):
-        x, layer_cache = nnx.merge(block_def, layer)(x, positions, layer_cache, index)
+        x, layer_cache = nnx.merge(block_def, layer)(x, positions, layer_cache, index, task_ids)
         kept.append(layer_cache)
     return model.final_norm(x), tuple(kept)
 

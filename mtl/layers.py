@@ -25,7 +25,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from mtl import act_btd, act_btf, act_btkh, act_btnh, cache_bkhs, cache_bksh
+from mtl import act_btd, act_btf, act_btkh, act_btnh, adapters, cache_bkhs, cache_bksh
 from mtl.config import ModelConfig
 from sharding import constrain
 
@@ -309,6 +309,9 @@ class Attention(nnx.Module):
         self.window = cfg.sliding_window
         self.scale = cfg.attn_scale or h**-0.5
         self.dtype = jnp.dtype(cfg.dtype)
+        qkv_out = {"q": (n * h, "heads"), "k": (k * h, "kv_heads"), "v": (k * h, "kv_heads")}
+        shapes = {name: (d, o, "embed", axis) for name, (o, axis) in qkv_out.items()}
+        adapters.attach(self, cfg, rngs, {**shapes, "o": (n * h, d, "heads", "embed")})
 
     def layer_settings(self, layer: jax.Array | int | None) -> tuple[jax.Array, jax.Array | int | None]:
         """This layer's rotary frequencies [H/2] and sliding window (None: global), by its index in the stack.
@@ -331,7 +334,12 @@ class Attention(nnx.Module):
         return jnp.where(local, local_freq, global_freq), jnp.where(local, self.window, jnp.iinfo(jnp.int32).max)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None, layer: jax.Array | int | None = None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cache: KVCache | None = None,
+        layer: jax.Array | int | None = None,
+        task_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Attends causally over the sequence, or, decoding, over a cache.
 
@@ -343,6 +351,7 @@ class Attention(nnx.Module):
             attends to the cache's positions up to that one.
           layer: this layer's index in the stack; needed only where local and
             global layers are interleaved.
+          task_ids: [B] each row's task; needed only with adapters (``mtl.adapters``).
 
         Returns:
           The [B, T, D] output and a KVCache: of ``x``'s T tokens without a
@@ -352,6 +361,9 @@ class Attention(nnx.Module):
         query = contract("BTD,DNH->BTNH", x, self.w_dnh[...].astype(dt))
         key = contract("BTD,DKH->BTKH", x, self.w_dkh_key[...].astype(dt))
         value = contract("BTD,DKH->BTKH", x, self.w_dkh_value[...].astype(dt))
+        query = adapters.apply(self, "q", x, query, task_ids)
+        key = adapters.apply(self, "k", x, key, task_ids)
+        value = adapters.apply(self, "v", x, value, task_ids)
         if hasattr(self, "b_nh"):
             query = query + self.b_nh[...].astype(dt)
             key = key + self.b_kh_key[...].astype(dt)
@@ -371,7 +383,8 @@ class Attention(nnx.Module):
             cache = cache.write(key, value, positions[:, 0])
             out = cached_attention(query, cache, positions[:, 0], window, self.scale)
         out = constrain(out, act_btnh)
-        return contract("BTNH,NHD->BTD", out, self.w_nhd[...].astype(dt)), cache
+        projected = contract("BTNH,NHD->BTD", out, self.w_nhd[...].astype(dt))
+        return adapters.apply(self, "o", out, projected, task_ids), cache
 
 
 @jax.custom_vjp
@@ -410,14 +423,20 @@ class MLP(nnx.Module):
         self.w_fd = param(rngs, normal(f**-0.5 / (2 * cfg.n_layers) ** 0.5), (f, d), ("mlp", "embed"), pd)
         self.activation = cfg.mlp_activation
         self.dtype = jnp.dtype(cfg.dtype)
+        shapes = {"gate": (d, f, "embed", "mlp"), "up": (d, f, "embed", "mlp"), "down": (f, d, "mlp", "embed")}
+        adapters.attach(self, cfg, rngs, shapes)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, task_ids: jax.Array | None = None) -> jax.Array:
+        """[B, T, D] -> [B, T, D]; ``task_ids`` [B] picks each row's adapters, where there are any."""
         dt = self.dtype
         gate = contract("BTD,DF->BTF", x, self.w_df_gate[...].astype(dt))
         up = contract("BTD,DF->BTF", x, self.w_df_up[...].astype(dt))
+        gate = adapters.apply(self, "gate", x, gate, task_ids)
+        up = adapters.apply(self, "up", x, up, task_ids)
         gated = swiglu(gate, up) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True) * up
         hidden = constrain(gated, act_btf)
-        return contract("BTF,FD->BTD", hidden, self.w_fd[...].astype(dt))
+        down = contract("BTF,FD->BTD", hidden, self.w_fd[...].astype(dt))
+        return adapters.apply(self, "down", hidden, down, task_ids)
 
 
 class Block(nnx.Module):
@@ -435,14 +454,19 @@ class Block(nnx.Module):
             self.post_mlp_norm = norm()
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None, layer: jax.Array | int | None = None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cache: KVCache | None = None,
+        layer: jax.Array | int | None = None,
+        task_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """[B, T, D] -> [B, T, D], and this layer's KVCache (see ``Attention.__call__``)."""
-        attended, cache = self.attention(self.attention_norm(x), positions, cache, layer)
+        attended, cache = self.attention(self.attention_norm(x), positions, cache, layer, task_ids)
         if hasattr(self, "post_attention_norm"):
             attended = self.post_attention_norm(attended)
         x = constrain(x + attended, act_btd)
-        mixed = self.mlp(self.mlp_norm(x))
+        mixed = self.mlp(self.mlp_norm(x), task_ids)
         if hasattr(self, "post_mlp_norm"):
             mixed = self.post_mlp_norm(mixed)
         x = constrain(x + mixed, act_btd)

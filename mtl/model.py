@@ -118,7 +118,7 @@ class MultiTaskModel(nnx.Module):
 
         def layer(x, layer_params_and_index):
             layer_params, index = layer_params_and_index
-            x, _ = nnx.merge(graphdef, layer_params)(x, positions, None, index)  # the keys and values are not kept
+            x, _ = nnx.merge(graphdef, layer_params)(x, positions, None, index, task_ids)  # keys and values not kept
             return x, None
 
         if cfg.remat != "none":

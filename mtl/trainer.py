@@ -33,8 +33,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import tasks
+from mtl import adapters, distributed, evaluator, hf_import, perf, training
 from mtl import config as C
-from mtl import distributed, evaluator, hf_import, perf, training
 from mtl.checkpoint import Checkpoints, restore_newest, set_aside
 from mtl.checkpoint import find as find_checkpoint
 from mtl.config import UsageError
@@ -498,8 +498,9 @@ def initial_params(cfg: C.Config, mesh: jax.sharding.Mesh) -> nnx.State:
 
     A Hugging Face source is imported (:func:`mtl.hf_import.load`). An mtl run
     gives its newest checkpoint's backbone, and the heads and task embeddings
-    of the tasks this run shares with it (same name, kind and classes); the
-    other tasks get new heads and a zero task embedding.
+    of the tasks this run shares with it (same name, kind and classes), with
+    their adapters where both runs have adapters of one rank on a projection;
+    the other tasks get new heads, a zero task embedding and fresh adapters.
     """
     kind, folder = hf_import.resolve_source(cfg.train.init)
     if kind == "hf":
@@ -529,10 +530,24 @@ def initial_params(cfg: C.Config, mesh: jax.sharding.Mesh) -> nnx.State:
                 if task in shared:
                     value = value.at[i].set(old_flat[path][...][shared[task]])
             variable = variable.replace(jax.device_put(value, variable[...].sharding))
+        elif adapters.is_adapter_path(name):
+            carried = _carried_adapter(variable[...], old_flat.get(path), cfg.model.task_names, shared)
+            variable = variable.replace(carried)
         elif name[0] != "heads" or name[1] in shared:
             variable = variable.replace(old_flat[path][...])
         leaves.append((path, variable))
     return nnx.from_flat_state(leaves)
+
+
+def _carried_adapter(new: jax.Array, old: nnx.Variable | None, names: Sequence[str], shared: dict) -> jax.Array:
+    """An adapter stack [L, J, ...] of this run with the rows of the tasks it shares taken from the source's."""
+    if old is None or old.shape[:1] + old.shape[2:] != new.shape[:1] + new.shape[2:]:
+        return new  # the source has no adapter of this shape here: all start fresh
+    rows = [(i, shared[task]) for i, task in enumerate(names) if task in shared]
+    if not rows:
+        return new
+    mine, theirs = (jnp.asarray(r) for r in zip(*rows))
+    return jax.device_put(new.at[:, mine].set(old[...][:, theirs]), new.sharding)
 
 
 def trim(batch: dict[str, np.ndarray], multiple: int = 32, longest: int | None = None) -> dict[str, np.ndarray]:

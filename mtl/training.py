@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mtl import adapters
 from mtl.config import ModelConfig, TrainConfig
 from mtl.model import MultiTaskModel, last_position
 from mtl.partition import abstract_state, create_sharded
@@ -25,11 +26,27 @@ Batch = dict[str, jax.Array]
 
 
 class TrainState(nnx.Module):
-    """The model and its optimizer; ``optimizer.step`` counts updates."""
+    """The model and its optimizer; ``optimizer.step`` counts updates.
 
-    def __init__(self, model: MultiTaskModel, tx: optax.GradientTransformation):
+    ``optimizer.wrt`` filters what trains (:func:`trainable`): the step takes
+    gradients of those parameters only and the optimizer keeps state for them only.
+    """
+
+    def __init__(self, model: MultiTaskModel, tx: optax.GradientTransformation, wrt=nnx.Param):
         self.model = model
-        self.optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        self.optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+
+
+def trainable(cfg: TrainConfig):
+    """The nnx filter of the parameters ``train.trainable`` trains: every one, or adapters, heads and task embeddings.
+
+    A filter rather than ``optax.multi_transform`` with frozen labels: the
+    frozen backbone then has no optimizer state at all (not even empty
+    placeholders to checkpoint) and the step computes no gradient for it.
+    """
+    if cfg.trainable == "all":
+        return nnx.Param
+    return nnx.All(nnx.Param, adapters.Trainable())
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -66,7 +83,9 @@ def create_train_state(
     model_def = nnx.graphdef(nnx.eval_shape(lambda: MultiTaskModel(model_cfg, rngs=nnx.Rngs(0))))
     tx = make_optimizer(train_cfg)
     start = jax.jit(
-        lambda p: nnx.state(TrainState(nnx.merge(model_def, p), tx)), out_shardings=shardings, donate_argnums=0
+        lambda p: nnx.state(TrainState(nnx.merge(model_def, p), tx, trainable(train_cfg))),
+        out_shardings=shardings,
+        donate_argnums=0,
     )
     return graphdef, start(params), shardings
 
@@ -78,7 +97,7 @@ def abstract_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: j
 
 def _train_state_fn(model_cfg: ModelConfig, train_cfg: TrainConfig):
     tx = make_optimizer(train_cfg)
-    return lambda: TrainState(MultiTaskModel(model_cfg, rngs=nnx.Rngs(train_cfg.seed)), tx)
+    return lambda: TrainState(MultiTaskModel(model_cfg, rngs=nnx.Rngs(train_cfg.seed)), tx, trainable(train_cfg))
 
 
 # Losses, one per head kind. Each takes the step's ``total``, the number of
@@ -173,7 +192,7 @@ def train_step(
     is skipped inside the step) and sets ``metrics["skipped"]`` to 1.
     """
     train_state = nnx.merge(graphdef, state)
-    model_def, params, rest = nnx.split(train_state.model, nnx.Param, ...)
+    model_def, params, rest = nnx.split(train_state.model, train_state.optimizer.wrt, ...)
     total = TOTALS[kind](batch)
 
     def loss_fn(params, micro):

@@ -10,3 +10,40 @@ ALL_KINDS = HEADS + (HeadConfig("score", "regress", 0, 2.0, 3.0), HeadConfig("po
 
 def tiny_model_config(**changes) -> ModelConfig:
     return dataclasses.replace(tiny().model, **{"heads": HEADS, **changes})
+
+
+def randomise_adapters(model, seed: int = 1, std: float = 0.05):
+    """Draws every adapter's B (zero at initialisation) at random, as a trained adapter would be: returns ``model``."""
+    import jax
+    from flax import nnx
+
+    keys = iter(jax.random.split(jax.random.key(seed), 64))
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if str(path[-1]).startswith("lora_b_"):
+            variable[...] = std * jax.random.normal(next(keys), variable.shape)
+    return model
+
+
+def write_run(folder, config, model, step: int = 1):
+    """A run folder as training leaves it (``config.json``, one checkpoint of ``model``), without training.
+
+    Args:
+      config: the run's ``mtl.config.Config`` (its model config is ``model.cfg``).
+    """
+    import json
+    import pathlib
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mtl import config as C
+    from mtl.checkpoint import Checkpoints
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(C.dumps(config))
+    checkpoints = Checkpoints(folder / "checkpoints")
+    optimizer = nnx.State({"step": nnx.Variable(jnp.zeros((), jnp.int32))})
+    checkpoints.save(step, nnx.state(model), optimizer, {"config": json.loads(C.dumps(config)), "step": step})
+    checkpoints.close()
+    return folder

@@ -1,22 +1,29 @@
 """KV-cache decoding against full recomputation, sampling, and the engine."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from mtl import decode
 from mtl.engine import Engine, Request, length_buckets
 from mtl.model import MultiTaskModel
 from sharding import make_mesh
-from tests.helpers import tiny_model_config
+from tests.helpers import randomise_adapters, tiny_model_config
 
 CFG = tiny_model_config(max_len=32)
 ALLOWED = np.arange(CFG.vocab_size) >= 2  # PAD and BOS never produced
 EOS = 2
 
 
-def make_model(seed=0):
+def make_model(seed=0, adapter_rank=0):
+    """The tiny model; with ``adapter_rank`` its per-task adapters are random (each task computes otherwise)."""
+    if adapter_rank:
+        model = MultiTaskModel(dataclasses.replace(CFG, adapter_rank=adapter_rank), rngs=nnx.Rngs(seed))
+        return randomise_adapters(model, seed + 1)
     return MultiTaskModel(CFG, rngs=nnx.Rngs(seed))
 
 
@@ -136,8 +143,10 @@ def make_engine(model, max_batch=4, mesh=None):
     return Engine(model, mesh, max_batch=max_batch, allowed_tokens=ALLOWED, eos_id=EOS, pad_id=0)
 
 
-def test_engine_greedy_matches_recomputation_alone_and_in_a_mixed_batch():
-    model = make_model()
+@pytest.mark.parametrize("adapter_rank", [0, 4])
+def test_engine_greedy_matches_recomputation_alone_and_in_a_mixed_batch(adapter_rank):
+    # With adapters every row's task has its own: the target's output must not depend on its neighbours'.
+    model = make_model(adapter_rank=adapter_rank)
     engine = make_engine(model)
     target = Request(task="spell", prompt=[1, 40, 41, 3], max_new_tokens=10)
     expected = greedy_by_recomputation(model, target.prompt, 0, 10)
@@ -154,9 +163,11 @@ def test_engine_greedy_matches_recomputation_alone_and_in_a_mixed_batch():
     assert alone.finish_reason == ("stop" if stopped else "length")
 
 
-def test_engine_on_a_sharded_mesh_matches_one_device():
-    model = make_model(seed=3)
-    requests = [Request(task="spell", prompt=[1, 40 + i, 41, 3], max_new_tokens=6) for i in range(8)]
+@pytest.mark.parametrize("adapter_rank", [0, 4])
+def test_engine_on_a_sharded_mesh_matches_one_device(adapter_rank):
+    model = make_model(seed=3, adapter_rank=adapter_rank)
+    tasks = ("spell", "echo")  # with adapters, rows of two tasks' adapters
+    requests = [Request(task=tasks[i % 2], prompt=[1, 40 + i, 41, 3], max_new_tokens=6) for i in range(8)]
     one = make_engine(model, max_batch=8).generate(requests)
     engine = make_engine(model, max_batch=8, mesh=make_mesh("data=2,fsdp=2,tensor=2"))
     sharded = engine.generate(requests)

@@ -2,6 +2,7 @@
 admission control, cancelling, and no compilation after warm-up."""
 
 import contextlib
+import dataclasses
 import time
 
 import jax
@@ -12,7 +13,7 @@ from flax import nnx
 from mtl.engine import Cancelled, DeadlineExceeded, Engine, QueueFull, Request
 from mtl.model import MultiTaskModel
 from sharding import make_mesh
-from tests.helpers import tiny_model_config
+from tests.helpers import randomise_adapters, tiny_model_config
 
 CFG = tiny_model_config(max_len=32)
 EOS = 2
@@ -20,13 +21,33 @@ NO_EOS = np.arange(CFG.vocab_size) >= 3  # EOS banned too: lengths follow max_ne
 
 
 @pytest.fixture(scope="module")
-def engine():
+def plain_engine():
     """One warmed-up engine for the module: 4 slots, prefills of 2, generation never stops early."""
     model = MultiTaskModel(CFG, rngs=nnx.Rngs(1))
     mesh = make_mesh("data=1", jax.devices()[:1])
     engine = Engine(model, mesh, max_batch=4, prefill_batch=2, allowed_tokens=NO_EOS, eos_id=EOS, pad_id=0)
     engine.warmup()
     return engine
+
+
+@pytest.fixture
+def engine(request):
+    """The plain engine; tests marked ``both_engines`` run on the adapter engine too."""
+    return request.getfixturevalue(getattr(request, "param", "plain_engine"))
+
+
+@pytest.fixture(scope="module")
+def adapter_engine():
+    """The same engine over a model whose every task has its own (random, as if trained) adapters."""
+    model = randomise_adapters(MultiTaskModel(dataclasses.replace(CFG, adapter_rank=4), rngs=nnx.Rngs(1)))
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    engine = Engine(model, mesh, max_batch=4, prefill_batch=2, allowed_tokens=NO_EOS, eos_id=EOS, pad_id=0)
+    engine.warmup()
+    return engine
+
+
+# Tests that run on the plain engine and again on the adapter engine (rows of different adapters in one batch).
+both_engines = pytest.mark.parametrize("engine", ["plain_engine", "adapter_engine"], indirect=True)
 
 
 @contextlib.contextmanager
@@ -242,6 +263,7 @@ def test_cancel_frees_the_slot(engine):
     assert all(len(t.wait().tokens) == 25 for t in queued[:-1])
 
 
+@both_engines
 def test_no_compilation_after_warm_up_across_a_long_mixed_workload(engine):
     rng = np.random.default_rng(0)
     traces = dict(engine.traces)
