@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mtl.config import ModelConfig
@@ -175,3 +176,51 @@ def merge(blocks: nnx.Module, cfg: ModelConfig, j: int) -> None:
         w = getattr(getattr(blocks, module_name), weight)
         product = jnp.einsum("LIR,LRO->LIO", a.astype(jnp.float32), b.astype(jnp.float32)) * scale(cfg)
         w[...] = (w[...].astype(jnp.float32) + product.reshape(w.shape)).astype(w.dtype)
+
+
+# PEFT's names: the transformers module each target adapts, and the adapter's config.
+PEFT_MODULES = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+
+
+def peft_tensors(blocks: nnx.Module, cfg: ModelConfig, j: int) -> dict[str, np.ndarray]:
+    """Task row ``j``'s adapters as PEFT saves a LoRA of a ``*ForCausalLM`` (``adapter_model.safetensors``).
+
+    PEFT keeps ``lora_A.weight`` [R, I] and ``lora_B.weight`` [O, R] per module, its keys without the
+    adapter's name (``peft.utils.save_and_load.get_peft_model_state_dict``). I and O flatten heads
+    head-major, as transformers' projections do, which is also the order of mtl's flattened axes.
+    """
+    out = {}
+    for name, (a, b) in task_pairs(blocks, cfg, j).items():
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)  # [L, I, R], [L, R, O]
+        for layer in range(cfg.n_layers):
+            key = f"base_model.model.model.layers.{layer}.{PEFT_MODULES[name]}"
+            out[f"{key}.lora_A.weight"] = np.ascontiguousarray(a[layer].T)
+            out[f"{key}.lora_B.weight"] = np.ascontiguousarray(b[layer].T)
+    return out
+
+
+def peft_config(cfg: ModelConfig, base_model: str) -> dict:
+    """``adapter_config.json`` of :func:`peft_tensors`: plain LoRA, scale lora_alpha / r as mtl's."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": cfg.adapter_rank,
+        "lora_alpha": cfg.adapter_alpha,
+        "lora_dropout": 0.0,
+        "target_modules": [PEFT_MODULES[name].split(".")[1] for name in targets(cfg)],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }

@@ -10,6 +10,13 @@ untied, so BOS's logit is unchanged). mtl's own embedding scale sqrt(D) is
 folded into the table for the families that have none. Weights are the
 transposes of what :mod:`mtl.hf_import` reads (the same ``sources`` table).
 Classification, regression and tag heads are not exported yet.
+
+A run with adapters (``model.adapter_rank``) exports the backbone without
+them, plus the task's adapter in the PEFT format in ``DIR/adapter``
+(``adapter_config.json``, ``adapter_model.safetensors``): ``peft``'s
+``PeftModel.from_pretrained(model, DIR/adapter)`` on the exported model then
+computes what mtl serves for the task. ``--merge-adapter TASK`` instead folds
+TASK's adapter into the weights (W + alpha/r A B), a plain model for TASK.
 """
 
 from __future__ import annotations
@@ -26,8 +33,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mtl import adapters, hf_import
 from mtl import config as C
-from mtl import hf_import
 from mtl.checkpoint import Checkpoints, find
 from mtl.config import ModelConfig, UsageError
 from mtl.model import MultiTaskModel
@@ -96,8 +103,14 @@ def hf_config(cfg: ModelConfig, ids: dict[str, object]) -> dict:
     return out
 
 
-def export(run: str | os.PathLike, out: str | os.PathLike, task: str | None = None) -> pathlib.Path:
+def export(
+    run: str | os.PathLike, out: str | os.PathLike, task: str | None = None, merge_adapter: bool = False
+) -> pathlib.Path:
     """Writes run ``run``'s newest checkpoint as a Hugging Face folder ``out`` answering for ``task``.
+
+    Args:
+      merge_adapter: fold ``task``'s adapter into the weights; else, in a run
+        with adapters, write it in the PEFT format to ``out/adapter``.
 
     Raises:
       UsageError: no checkpoint, an unknown or non-generation task, or options no family carries.
@@ -120,6 +133,11 @@ def export(run: str | os.PathLike, out: str | os.PathLike, task: str | None = No
     checkpoints.close()
     model = nnx.merge(graphdef, params)
     ids = _special_ids(run_dir)
+    j = model.task_index(task)
+    if merge_adapter:
+        if not adapters.targets(cfg):
+            raise UsageError(f"--merge-adapter {task}: run {run} has no adapters (model.adapter_rank is 0)")
+        adapters.merge(model.blocks, cfg, j)
     tensors = _tensors(model, cfg, task, int(ids.get("bos", 1)))
     hf = hf_config(cfg, {k: v for k, v in ids.items() if k in ("bos", "eos", "pad")})
 
@@ -135,6 +153,11 @@ def export(run: str | os.PathLike, out: str | os.PathLike, task: str | None = No
     for name in TOKENIZER_FILES:
         if (run_dir / name).exists():
             shutil.copy(run_dir / name, out / name)
+    if adapters.targets(cfg) and not merge_adapter:
+        (out / "adapter").mkdir(exist_ok=True)
+        save_file(adapters.peft_tensors(model.blocks, cfg, j), str(out / "adapter" / "adapter_model.safetensors"))
+        peft = adapters.peft_config(cfg, str(out.resolve()))
+        (out / "adapter" / "adapter_config.json").write_text(json.dumps(peft, indent=2))
     return out
 
 
@@ -183,9 +206,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ckpt", required=True, help="the run folder (its newest checkpoint) or a step folder")
     p.add_argument("--out", required=True, help="the Hugging Face folder to write")
     p.add_argument("--task", help="the generation task the export answers for (default: the run's first)")
+    p.add_argument(
+        "--merge-adapter",
+        metavar="TASK",
+        help="fold TASK's adapter into the weights (a plain model for TASK) instead of writing it for PEFT",
+    )
     args = p.parse_args(argv)
     try:
-        out = export(args.ckpt, args.out, args.task)
+        if args.merge_adapter and args.task and args.task != args.merge_adapter:
+            raise UsageError(f"--merge-adapter {args.merge_adapter} and --task {args.task} name two tasks; give one")
+        out = export(args.ckpt, args.out, args.merge_adapter or args.task, merge_adapter=bool(args.merge_adapter))
     except UsageError as e:
         print(f"mtl.export: error: {e}", file=sys.stderr)
         return 2

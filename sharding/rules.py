@@ -26,6 +26,10 @@ RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),  # ...and the MLP width
     "vocab": ("tensor",),  # logits and the embedding table, by vocabulary
+    # Replicated, said so: every device serves every task, and a LoRA rank is too small to split.
+    # An adapter stack [J, I, R] / [J, R, O] shards its I or O like the weight it adapts.
+    "tasks": (),
+    "adapter_rank": (),
 }
 
 Mesh = jax.sharding.Mesh | jax.sharding.AbstractMesh

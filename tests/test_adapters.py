@@ -138,3 +138,36 @@ def test_a_warm_start_carries_the_adapters_of_the_tasks_it_shares(tmp_path):
         np.testing.assert_array_equal(warm[path][:, 2], trained[path][:, 0])  # g2p's rows
     np.testing.assert_array_equal(warm[("blocks", "mlp", "lora_b_down")][:, :2], 0)  # fresh: B zero
     np.testing.assert_array_equal(warm[("blocks", "mlp", "w_fd")], trained[("blocks", "mlp", "w_fd")])
+
+
+def test_export_writes_peft_adapters_that_peft_loads_with_mtls_logits(tmp_path):
+    """transformers + peft on the export give mtl's logits for the task (f32, 1e-4); so does --merge-adapter."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from mtl.config import tiny
+    from mtl.export import main as export_main
+
+    cfg = tiny_model_config(adapter_rank=4, adapter_targets="q,k,v,o,gate,up,down", adapter_alpha=8.0)
+    model = randomise_adapters(MultiTaskModel(cfg, rngs=nnx.Rngs(0)), std=0.2)
+    model.task_embed[...] = 0.1 * jax.random.normal(jax.random.key(5), model.task_embed.shape)
+    run = write_run(tmp_path / "run", dataclasses.replace(tiny(), model=cfg), model)
+    tokens = np.random.default_rng(0).integers(4, 300, (2, 11))
+    tokens[:, 0] = 1  # BOS, where the task is folded in
+    want = np.asarray(model.lm_logits(_call(model, jnp.asarray(tokens), jnp.full(2, 2))))  # task "echo"
+    without = np.asarray(model.lm_logits(_call(model, jnp.asarray(tokens), jnp.full(2, 0))))
+    assert np.abs(want - without).max() > 1e-2  # the adapter matters
+
+    def logits(hf):
+        with torch.no_grad():
+            return hf(input_ids=torch.tensor(tokens)).logits.numpy()
+
+    assert export_main(["--ckpt", str(run), "--out", str(tmp_path / "hf"), "--task", "echo"]) == 0
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with_adapter = peft.PeftModel.from_pretrained(base, str(tmp_path / "hf" / "adapter")).eval()
+    np.testing.assert_allclose(logits(with_adapter), want, atol=1e-4, rtol=1e-4)
+
+    assert export_main(["--ckpt", str(run), "--out", str(tmp_path / "merged"), "--merge-adapter", "echo"]) == 0
+    assert not (tmp_path / "merged" / "adapter").exists()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    np.testing.assert_allclose(logits(merged), want, atol=1e-4, rtol=1e-4)
