@@ -133,6 +133,7 @@ class ServeConfig:
     prefill_batch: int = 0  # prompts prefilled together; 0: min(max_batch, 8)
     steps_per_call: int = 8  # the most decode steps one jitted call runs
     scheduler: str = "fair"  # admission order after priority: fair (slot shares between tasks) or fifo
+    max_tasks: int = 0  # task rows served, for POST /v1/tasks (mtl.task_admin); 0: the run's tasks, no room
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,6 +389,10 @@ def _validate_adapters(config: Config) -> None:
         raise ValueError(f"model.adapter_targets={m.adapter_targets!r} names no projection to adapt")
     if m.adapter_rank and m.adapter_alpha <= 0:
         raise ValueError(f"model.adapter_alpha={m.adapter_alpha} must be positive")
+    if 0 < config.serve.max_tasks < len(m.heads):
+        raise ValueError(f"serve.max_tasks={config.serve.max_tasks} must be 0 or at least the {len(m.heads)} tasks run")
+    if config.serve.max_tasks < 0:
+        raise ValueError(f"serve.max_tasks={config.serve.max_tasks} must be at least 0")
     if t.trainable not in ("all", "adapters"):
         raise ValueError(f"train.trainable={t.trainable!r} must be all or adapters")
     if t.trainable == "adapters" and not m.adapter_rank:

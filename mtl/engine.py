@@ -394,6 +394,13 @@ class Engine:
     def busy(self) -> bool:
         return bool(self.queue) or any(self.slots) or bool(self._in_flight)
 
+    def has_requests_of(self, task: str) -> bool:
+        """Whether a request of ``task`` is queued, in a slot or in a dispatched prefill (``mtl.task_admin``)."""
+        with self._lock:
+            tickets = [*self.queue, *(a.ticket for a in self.slots if a)]
+            tickets += [t for item in self._in_flight if isinstance(item, _Prefilled) for t in item.picked]
+            return any(t.request.task == task for t in tickets)
+
     # The loop.
 
     def run_once(self) -> None:

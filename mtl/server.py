@@ -29,6 +29,7 @@ from flax import nnx
 
 import tasks
 from mtl import config as C
+from mtl import task_admin
 from mtl.checkpoint import Checkpoints, candidates, restore_newest
 from mtl.config import UsageError
 from mtl.engine import DeadlineExceeded, Engine, Generation, QueueFull, Request
@@ -112,6 +113,7 @@ class Server:
         self.engine = engine
         self.tasks = tasks_info
         self.tokenizer = tokenizer
+        self.room = None  # the task rows POST/DELETE /v1/tasks change (mtl.task_admin), set by load
 
     @classmethod
     def load(cls, ckpt: str, overrides: Sequence[str] = (), log=lambda *_: None) -> Server:
@@ -149,6 +151,8 @@ class Server:
         except ValueError as e:
             raise UsageError(str(e)) from None
         checkpoints.close()
+        if cfg.serve.max_tasks:  # rows for tasks added while serving
+            graphdef, params = task_admin.make_room(cfg, params, mesh)
         log(f"restored step {step} from {folder} onto mesh {dict(mesh.shape)} in {time.perf_counter() - t0:.1f}s")
         tokenizer = tasks.load_tokenizer(folder.parent)  # the run's own (--init), else the byte tokenizer
         engine = make_engine(nnx.merge(graphdef, params), mesh, cfg.serve, tokenizer)
@@ -158,7 +162,9 @@ class Server:
         infos = {
             t["name"]: TaskInfo(t["name"], t["kind"], tuple(t["labels"]), t["max_new_tokens"]) for t in meta["tasks"]
         }
-        return cls(engine, infos, tokenizer)
+        server = cls(engine, infos, tokenizer)
+        server.room = task_admin.TaskRoom(server, cfg, folder.parent)
+        return server
 
     # Requests in, responses out.
 
@@ -422,7 +428,7 @@ def make_app(server: Server):
     from mtl.server_metrics import ServerMetrics
 
     metrics = ServerMetrics(server.engine, set(server.tasks))
-    kinds = {name: info.kind for name, info in server.tasks.items()}
+    kinds = lambda: {name: info.kind for name, info in server.tasks.items()}  # noqa: E731 (tasks come and go)
     started = int(time.time())
 
     def error(request, status: int, message: str, headers=None, rid=None):
@@ -560,12 +566,12 @@ def make_app(server: Server):
         return web.json_response(response, status=_status(response), dumps=to_json)
 
     async def list_models(_request):
-        return web.json_response(openai_api.models(kinds, started))
+        return web.json_response(openai_api.models(kinds(), started))
 
     async def completions(request):
         try:
             body = await read_json(request)
-            raws = openai_api.completion_requests(body, kinds)
+            raws = openai_api.completion_requests(body, kinds())
         except ValueError as e:
             return error(request, 400, str(e))
         except openai_api.OpenAIError as e:
@@ -625,6 +631,7 @@ def make_app(server: Server):
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/metrics", prometheus)
+    task_admin.add_routes(app, server)
     app.on_startup.append(start_engine)
     app.on_cleanup.append(stop_engine)
     return app

@@ -44,6 +44,11 @@ def write_run(folder, config, model, step: int = 1):
     (folder / "config.json").write_text(C.dumps(config))
     checkpoints = Checkpoints(folder / "checkpoints")
     optimizer = nnx.State({"step": nnx.Variable(jnp.zeros((), jnp.int32))})
-    checkpoints.save(step, nnx.state(model), optimizer, {"config": json.loads(C.dumps(config)), "step": step})
+    tasks = [
+        {"name": h.task, "kind": h.kind, "labels": [f"l{i}" for i in range(h.num_classes)], "max_new_tokens": 8}
+        for h in config.model.heads
+    ]
+    meta = {"config": json.loads(C.dumps(config)), "step": step, "tasks": tasks}
+    checkpoints.save(step, nnx.state(model), optimizer, meta)
     checkpoints.close()
     return folder

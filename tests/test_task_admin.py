@@ -1,0 +1,115 @@
+"""Tasks added and removed over HTTP while serving (mtl.task_admin): rows written, nothing recompiled,
+the other tasks' answers unchanged, running requests finished, incompatible runs refused in one line."""
+
+import asyncio
+import dataclasses
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import tasks
+from mtl import server as serving
+from mtl.config import HeadConfig, tiny
+from mtl.engine import Request
+from mtl.model import MultiTaskModel
+from tests.helpers import randomise_adapters, tiny_model_config, write_run
+from tests.test_http import call
+
+pytest.importorskip("aiohttp")
+
+CFG = tiny_model_config(max_len=64, adapter_rank=4, adapter_targets="q,v,down")
+OTHER_HEADS = (HeadConfig("rev", "generate"), HeadConfig("spell", "generate"), HeadConfig("rev2", "generate"))
+
+
+def run_of(folder, cfg, model):
+    return str(write_run(folder, dataclasses.replace(tiny(), model=cfg), model))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Run A served with room for one more task; run B on A's backbone with its own tasks and adapters."""
+    tmp = tmp_path_factory.mktemp("runs")
+    served = randomise_adapters(MultiTaskModel(CFG, rngs=nnx.Rngs(0)), seed=1)
+    other_cfg = dataclasses.replace(CFG, heads=OTHER_HEADS)
+    other = randomise_adapters(MultiTaskModel(other_cfg, rngs=nnx.Rngs(0)), seed=2, std=0.3)  # same backbone
+    other.task_embed[...] = 0.3 * jax.random.normal(jax.random.key(3), other.task_embed.shape)
+    runs = {"a": run_of(tmp / "a", CFG, served), "b": run_of(tmp / "b", other_cfg, other)}
+    wide = dataclasses.replace(other_cfg, d_ff=128)
+    runs["wide"] = run_of(tmp / "wide", wide, MultiTaskModel(wide, rngs=nnx.Rngs(0)))
+    runs["retrained"] = run_of(tmp / "retrained", other_cfg, MultiTaskModel(other_cfg, rngs=nnx.Rngs(9)))
+    server = serving.Server.load(runs["a"], ["serve.max_tasks=4", "serve.max_batch=4"])
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    runner, server.port = asyncio.run_coroutine_threadsafe(serving.start_http(server, "127.0.0.1", 0), loop).result(60)
+    yield server, runs, other
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(60)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def infer(server, task, text="hello", n=6):
+    status, body = call(server, "POST", "/v1/infer", {"id": text, "task": task, "input": text, "max_new_tokens": n})
+    assert status == 200, body
+    return body.get("output", body.get("label"))
+
+
+def greedy(model, task_id, prompt, n, allowed, eos):
+    """Greedy tokens by recomputing the whole sequence (padded to a fixed length: one compilation)."""
+    forward = nnx.jit(lambda m, tokens, ids: m.lm_logits(m(tokens, ids)))
+    seq = list(prompt)
+    for _ in range(n):
+        padded = jnp.array([seq + [0] * (CFG.max_len - len(seq))])
+        logits = np.where(allowed, np.asarray(forward(model, padded, jnp.array([task_id])))[0, len(seq) - 1], -np.inf)
+        seq.append(int(logits.argmax()))
+        if seq[-1] == eos:
+            break
+    return seq[len(prompt) :]
+
+
+def test_add_and_remove_tasks_over_http_while_serving(setup):
+    server, runs, other = setup
+    texts = ["hello", "spam and eggs"]
+    before = {(task, t): infer(server, task, t) for task in ("spell", "echo", "lang") for t in texts}
+    traces = dict(server.engine.traces)
+
+    status, body = call(server, "POST", "/v1/tasks", {"run": runs["b"], "task": "rev"})
+    assert status == 200 and body["task"] == "rev", body
+    tokenizer = tasks.ByteTokenizer()
+    allowed = serving.allowed_tokens(tokenizer, CFG.vocab_size)
+    expected = greedy(other, 0, tokenizer.prompt_ids("hello"), 6, allowed, tokenizer.eos_id)
+    assert infer(server, "rev") == tokenizer.decode([t for t in expected if t != tokenizer.eos_id])
+    assert infer(server, "rev") != infer(server, "spell")  # its own adapter and task embedding
+    assert {(task, t): infer(server, task, t) for task, t in before} == before  # the others unchanged
+    assert call(server, "GET", "/health")[1]["tasks"] == ["echo", "lang", "rev", "spell"]
+
+    refusals = {
+        ("b", "spell"): "task 'spell' is served already",
+        ("b", "rev2"): "no room for another task: serve.max_tasks=4",
+        ("b", "nope"): "has no task 'nope'",
+        ("wide", "rev2"): "has another backbone: model.d_ff=128",
+    }
+    for (run, task), message in refusals.items():
+        status, body = call(server, "POST", "/v1/tasks", {"run": runs[run], "task": task})
+        assert status == 400 and message in body["error"] and "\n" not in body["error"], body
+    assert call(server, "POST", "/v1/tasks", {"run": 3})[0] == 400
+    assert call(server, "DELETE", "/v1/tasks/nope")[0] == 404
+
+    # A request running when its task is removed finishes; new ones are refused; the row is reused after.
+    running = server.engine.submit(Request("rev", tokenizer.prompt_ids("long one"), 40))
+    assert call(server, "DELETE", "/v1/tasks/rev") == (200, {"task": "rev", "removed": True})
+    assert len(running.wait(60).tokens) == 40
+    status, body = call(server, "POST", "/v1/infer", {"id": 1, "task": "rev", "input": "x"})
+    assert status == 400 and "unknown task 'rev'" in body["error"]
+    status, body = call(server, "POST", "/v1/tasks", {"run": runs["retrained"], "task": "rev2"})
+    assert status == 400 and "has other backbone weights" in body["error"], body
+    status, body = call(server, "POST", "/v1/tasks", {"run": runs["b"], "task": "rev2"})
+    assert status == 200, body
+    expected = greedy(other, 2, tokenizer.prompt_ids("hello"), 6, allowed, tokenizer.eos_id)
+    assert infer(server, "rev2") == tokenizer.decode([t for t in expected if t != tokenizer.eos_id])
+    assert {(task, t): infer(server, task, t) for task, t in before} == before
+    assert server.engine.traces == traces  # no program compiled again
