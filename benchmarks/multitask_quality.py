@@ -6,9 +6,21 @@ model per task for the steps that task gets in the multi-task mixture
 many steps as the multi-task one. Every model then answers the same test
 examples; the table compares each task's metrics side by side.
 
-    python benchmarks/multitask_quality.py --steps 1200 --out docs/multitask_quality.md
+With ``--adapter-rank R`` two more variants, at the same total steps:
 
-Takes about 20 minutes on 2 CPU cores with the small preset and 1200 steps.
+- ``mt+adapters``: the multi-task model with a rank-R adapter per task
+  (``model.adapter_rank``), everything trained together;
+- ``mt→adapter``: the MT-DNN recipe: multi-task training for the steps less
+  ``--finetune-share`` of them, then per task a short fine-tune of a fresh
+  adapter, its head and task embedding only (``--init`` the multi-task run,
+  ``train.trainable=adapters``), each task's share of the fine-tune steps as in
+  the mixture.
+
+    python benchmarks/multitask_quality.py --steps 1200 --out docs/multitask_quality.md
+    python benchmarks/multitask_quality.py --steps 600 --adapter-rank 8 --out docs/multitask_quality.md
+
+Takes about 20 minutes on 2 CPU cores with the small preset and 1200 steps
+(the two variants); the adapter variants double that.
 """
 
 from __future__ import annotations
@@ -27,8 +39,9 @@ from mtl import trainer  # noqa: E402
 from tasks.metrics import HIGHER_IS_BETTER, MAIN  # noqa: E402
 
 
-def train_model(base, task_names, steps, out, log):
-    cfg = trainer.configure(**base, tasks=task_names, steps=steps)
+def train_model(base, task_names, steps, out, log, extra=(), init=None):
+    base = {**base, "overrides": [*base["overrides"], *extra]}
+    cfg = trainer.configure(**base, tasks=task_names, steps=steps, init=init)
     plan = trainer.prepare(cfg, log=lambda *_: None)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -37,20 +50,23 @@ def train_model(base, task_names, steps, out, log):
     return test
 
 
-def table(single, multi, sizes, steps_of, total) -> str:
-    lines = [
-        "| task | train size | single-task steps | metric | single-task | multi-task | multi-task gain |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: |",
-    ]
+def table(single, variants: dict, sizes, steps_of, total) -> str:
+    """Each task's metrics: single-task, then every multi-task variant with its gain over single-task."""
+    head = "| task | train size | single-task steps | metric | single-task |"
+    rule = "| --- | ---: | ---: | --- | ---: |"
+    for name in variants:
+        head += f" {name} | gain |"
+        rule += " ---: | ---: |"
+    lines = [head, rule]
     for task in sorted(sizes, key=sizes.get):
         for metric, value in single[task].items():
-            m = multi[task][metric]
-            better = (m - value) * (1 if HIGHER_IS_BETTER[metric] else -1)
             name = f"**{metric}**" if metric == MAIN[tasks.get(task).kind] else metric
-            lines.append(
-                f"| {task} | {sizes[task]:,} | {steps_of[task]} | {name} | {value:.4f} | {m:.4f} | "
-                f"{'+' if better >= 0 else '−'}{abs(m - value):.4f} |"
-            )
+            row = f"| {task} | {sizes[task]:,} | {steps_of[task]} | {name} | {value:.4f} |"
+            for results in variants.values():
+                m = results[task][metric]
+                better = (m - value) * (1 if HIGHER_IS_BETTER[metric] else -1)
+                row += f" {m:.4f} | {'+' if better >= 0 else '−'}{abs(m - value):.4f} |"
+            lines.append(row)
     lines.append(f"\nMulti-task: {total} steps over all tasks; the single-task models' steps add up to the same.")
     return "\n".join(lines)
 
@@ -64,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-examples", type=int, default=512)
     p.add_argument("--runs", default="runs/multitask_quality", help="where the models' run folders go")
     p.add_argument("--out", default="docs/multitask_quality.md")
+    p.add_argument("--adapter-rank", type=int, default=0, help="also the two adapter variants, at this rank")
+    p.add_argument("--finetune-share", type=float, default=0.25, help="mt→adapter: the steps spent fine-tuning")
     args = p.parse_args(argv)
 
     names = args.tasks.split(",")
@@ -77,6 +95,19 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     multi = train_model(base, names, args.steps, runs / "multi", print)
     single = {n: train_model(base, [n], steps_of[n], runs / n, print)[n] for n in names}
+    variants = {"multi-task": multi}
+    if args.adapter_rank:
+        rank = [f"model.adapter_rank={args.adapter_rank}"]
+        variants["mt+adapters"] = train_model(base, names, args.steps, runs / "multi_adapters", print, rank)
+        tune = round(args.steps * args.finetune_share)
+        first = runs / "multi_before_adapters"
+        train_model(base, names, args.steps - tune, first, print)
+        tune_of = {n: max(1, round(tune * rates[n])) for n in names}
+        frozen = [*rank, "train.trainable=adapters", "train.warmup_steps=10"]
+        variants["mt→adapter"] = {
+            n: train_model(base, [n], tune_of[n], runs / f"adapter_{n}", print, frozen, init=str(first))[n]
+            for n in names
+        }
     minutes = (time.perf_counter() - t0) / 60
 
     command = "python benchmarks/multitask_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -87,12 +118,12 @@ def main(argv=None) -> int:
         f"(preset `{args.preset}`, mixture `{args.mixture}`, test metrics on {args.eval_examples} "
         "evenly spaced test examples a task, greedy decoding). Main metric of each kind in bold.",
         "",
-        table(single, multi, sizes, steps_of, args.steps),
+        table(single, variants, sizes, steps_of, args.steps),
         "",
         "Raw results:",
         "",
         "```json",
-        json.dumps({"multi": multi, "single": single, "steps": steps_of, "sizes": sizes}, indent=1),
+        json.dumps({**variants, "single": single, "steps": steps_of, "sizes": sizes}, indent=1),
         "```",
     ]
     pathlib.Path(args.out).write_text("\n".join(report) + "\n")

@@ -144,9 +144,12 @@ def decode_step_cost(cfg, batch: int, n_params: int, context: float) -> tuple[fl
     return float(flops), float(n_params * 4 + cache)
 
 
-def time_decode_step(engine: Engine, prompt_len: int = 16, repeats: int = 3) -> tuple[float, int, int]:
+def time_decode_step(
+    engine: Engine, prompt_len: int = 16, repeats: int = 3, tasks: list[str] | None = None
+) -> tuple[float, int, int]:
     """Seconds per decode step with every slot live: the time of jitted calls of ``steps_per_call``
     steps each, divided by their steps (the host loop excluded), best of ``repeats``.
+    Slot i serves ``tasks[i % len(tasks)]`` (default: g2p in every slot).
 
     Returns (seconds, first, last): the steps timed run at positions ``first`` to ``last``.
     """
@@ -156,7 +159,11 @@ def time_decode_step(engine: Engine, prompt_len: int = 16, repeats: int = 3) -> 
     best = float("inf")
     for _ in range(repeats):
         prompt = [1, *range(10, 10 + prompt_len - 2), 3]
-        tickets = [engine.submit(Request("g2p", prompt, max_new_tokens=budget)) for _ in range(engine.max_batch)]
+        tasks = tasks or ["g2p"]
+        tickets = [
+            engine.submit(Request(tasks[i % len(tasks)], prompt, max_new_tokens=budget))
+            for i in range(engine.max_batch)
+        ]
         engine.run_once()  # prefills every slot and queues a first chunk of k steps
         assert all(engine.slots), "the decode step is timed with every slot live"
         with jax.set_mesh(engine.mesh):
@@ -173,6 +180,55 @@ def time_decode_step(engine: Engine, prompt_len: int = 16, repeats: int = 3) -> 
         while engine.busy():
             engine.run_once()
     return best, prompt_len + k, prompt_len + k + calls * k - 1
+
+
+def adapter_section(
+    preset: str, max_batch: int, steps_per_call: int, rank: int, mesh, repeats: int, targets: str
+) -> None:
+    """Decode step time with no adapters, and with 1, 4 and 16 distinct adapters among ``max_batch`` live slots.
+
+    Every model has 16 generation tasks (16 task rows); the adapters are on ``targets``. The gather of
+    each row's pair (``mtl.adapters.delta``, what the model uses) is timed beside a one-hot product over all
+    16 pairs (``delta_one_hot``). The engines take turns, ``repeats`` rounds, and each figure is the best.
+    """
+    from mtl import adapters
+
+    heads = tuple(HeadConfig(f"t{i}", "generate") for i in range(16))
+    allowed = np.zeros(C.PRESETS[preset]().model.vocab_size, bool)
+    allowed[4:260] = True
+    engines, gather = {}, adapters.delta
+    for name, r, delta in (
+        ("none", 0, None),
+        ("gather", rank, adapters.delta),
+        ("one-hot", rank, adapters.delta_one_hot),
+    ):
+        cfg = dataclasses.replace(C.PRESETS[preset]().model, heads=heads, adapter_rank=r, adapter_targets=targets)
+        if delta is not None:
+            adapters.delta = delta  # read when the engine's programs are traced, in warmup
+        engine = Engine(
+            MultiTaskModel(cfg, rngs=nnx.Rngs(0)),
+            mesh,
+            max_batch=max_batch,
+            allowed_tokens=allowed,
+            eos_id=2,
+            pad_id=0,
+            steps_per_call=steps_per_call,
+        )
+        engine.warmup()
+        engines[name] = engine
+    adapters.delta = gather
+    mixes = {"no adapters": ("none", 1), "1 adapter": ("gather", 1), "4 adapters": ("gather", 4)}
+    mixes |= {"16 adapters": ("gather", 16), "16 adapters, one-hot": ("one-hot", 16)}
+    best = {mix: float("inf") for mix in mixes}
+    for _ in range(repeats):
+        for mix, (name, distinct) in mixes.items():
+            tasks = [f"t{i}" for i in range(distinct)]
+            best[mix] = min(best[mix], time_decode_step(engines[name], repeats=1, tasks=tasks)[0])
+    base = best["no adapters"]
+    print(f"\nadapters: rank {rank} on {targets}, 16 task rows, {max_batch} live slots, best of {repeats}")
+    print(f"{'slots serve':<24}{'ms/step':>10}{'tok/s':>10}{'vs none':>10}")
+    for mix, seconds in best.items():
+        print(f"{mix:<24}{seconds * 1e3:>10.3f}{max_batch / seconds:>10.0f}{seconds / base:>9.2f}x")
 
 
 def eos_section(ckpt: str, max_batch: int, n: int, repeats: int, seed: int) -> None:
@@ -285,7 +341,20 @@ def main(argv=None) -> int:
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     p.add_argument("--ckpt", help="also serve this trained run's generation task on CMUdict words (EOS-ended)")
     p.add_argument("--eos-requests", type=int, default=256, help="requests of the --ckpt workload")
+    p.add_argument("--adapters", type=int, metavar="RANK", help="only time decoding with 0, 1, 4, 16 adapters of RANK")
+    p.add_argument("--adapter-targets", default="q,k,v,o,gate,up,down", help="the projections --adapters adapts")
     args = p.parse_args(argv)
+    if args.adapters:
+        adapter_section(
+            args.preset,
+            args.max_batch,
+            args.steps_per_call,
+            args.adapters,
+            make_mesh(args.mesh),
+            args.offline_repeats,
+            args.adapter_targets,
+        )
+        return 0
 
     cfg = dataclasses.replace(C.PRESETS[args.preset]().model, heads=HEADS)
     model = MultiTaskModel(cfg, rngs=nnx.Rngs(0))
