@@ -134,6 +134,7 @@ class ServeConfig:
     steps_per_call: int = 8  # the most decode steps one jitted call runs
     scheduler: str = "fair"  # admission order after priority: fair (slot shares between tasks) or fifo
     max_tasks: int = 0  # task rows served, for POST /v1/tasks (mtl.task_admin); 0: the run's tasks, no room
+    max_classes: int = 0  # labels a spare row's classifier holds (added classify tasks); 0: spare rows generate only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,9 +391,11 @@ def _validate_adapters(config: Config) -> None:
     if m.adapter_rank and m.adapter_alpha <= 0:
         raise ValueError(f"model.adapter_alpha={m.adapter_alpha} must be positive")
     if 0 < config.serve.max_tasks < len(m.heads):
-        raise ValueError(f"serve.max_tasks={config.serve.max_tasks} must be 0 or at least the {len(m.heads)} tasks run")
-    if config.serve.max_tasks < 0:
-        raise ValueError(f"serve.max_tasks={config.serve.max_tasks} must be at least 0")
+        room = config.serve.max_tasks
+        raise ValueError(f"serve.max_tasks={room} must be 0 (no room) or at least {len(m.heads)}, the run's tasks")
+    for key in ("max_tasks", "max_classes"):
+        if getattr(config.serve, key) < 0:
+            raise ValueError(f"serve.{key}={getattr(config.serve, key)} must be at least 0")
     if t.trainable not in ("all", "adapters"):
         raise ValueError(f"train.trainable={t.trainable!r} must be all or adapters")
     if t.trainable == "adapters" and not m.adapter_rank:

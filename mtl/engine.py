@@ -269,6 +269,7 @@ class Engine:
         self.allowed = jnp.asarray(allowed_tokens, bool)
         self.kinds = {h.task: h.kind for h in self.cfg.heads}
         self.task_ids = {h.task: i for i, h in enumerate(self.cfg.heads)}
+        self.head_names: dict[str, str] = {}  # a task added while serving -> the head it answers from (task_admin)
         self.traces = collections.Counter()  # compilations by function, counted as they trace
 
         self.state = self._empty_state()
@@ -636,7 +637,8 @@ class Engine:
             now = time.perf_counter()
             for row, (t, active) in enumerate(zip(done.picked, done.actives)):
                 if active is None:
-                    t._finish(HeadOutput(heads[t.request.task][row], (now - t.request.arrival) * 1e3))
+                    head = self.head_names.get(t.request.task, t.request.task)
+                    t._finish(HeadOutput(heads[head][row], (now - t.request.arrival) * 1e3))
                 else:
                     active.first_at = now
                     if not self._advance(active, int(first[row]), now):

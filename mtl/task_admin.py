@@ -12,8 +12,13 @@ its row is reused only once the requests already queued or running for it
 have finished. The other tasks' rows are never touched, so their answers do not
 change.
 
-Only generation tasks can be added today: the other kinds' heads are modules of
-their own in the model (a new one would change the compiled programs).
+Generation tasks fit any row. A classification task needs a row with a
+classifier of at least its labels: each spare row has one of
+``serve.max_classes`` labels (when that is positive), which an added task fills
+from its first column, the columns past its labels getting a bias of -1e30 (a
+probability of exactly 0). Regression and tagging tasks cannot be added: their
+heads are modules of their own in the model, and a new one would change the
+compiled programs.
 """
 
 from __future__ import annotations
@@ -47,11 +52,13 @@ class TaskError(ValueError):
 
 
 def with_room(cfg: C.Config) -> C.Config:
-    """``cfg`` whose model has ``serve.max_tasks`` task rows: the run's tasks, then spare generation rows."""
-    m, room = cfg.model, cfg.serve.max_tasks
+    """``cfg`` whose model has ``serve.max_tasks`` task rows: the run's tasks, then spare rows
+    (with a classifier of ``serve.max_classes`` labels each, when that is positive)."""
+    m, room, classes = cfg.model, cfg.serve.max_tasks, cfg.serve.max_classes
     if room <= len(m.heads):
         return cfg
-    spare = tuple(C.HeadConfig(SPARE.format(i), "generate") for i in range(room - len(m.heads)))
+    kind = "classify" if classes else "generate"
+    spare = tuple(C.HeadConfig(SPARE.format(i), kind, classes) for i in range(room - len(m.heads)))
     return dataclasses.replace(cfg, model=dataclasses.replace(m, heads=m.heads + spare))
 
 
@@ -74,6 +81,9 @@ def make_room(cfg: C.Config, params: nnx.State, mesh: jax.sharding.Mesh) -> tupl
     restored = dict(nnx.to_flat_state(params))
     leaves = []
     for path, target in nnx.to_flat_state(abstract):
+        if path not in restored:  # a spare row's classifier: empty until a task fills it
+            leaves.append((path, target.replace(jax.device_put(np.zeros(target.shape, target.dtype), target.sharding))))
+            continue
         value = restored[path][...]
         if value.shape != target.shape:
             axis = _task_axis(path)
@@ -113,8 +123,8 @@ class TaskRoom:
         self.server = server
         self.cfg = cfg
         self.run_dir = pathlib.Path(run_dir)
-        heads = with_room(cfg).model.heads
-        self.owners: list[str | None] = [None if h.task.startswith("free:") else h.task for h in heads]
+        self.heads = with_room(cfg).model.heads  # each row's head, as compiled
+        self.owners: list[str | None] = [None if h.task.startswith("free:") else h.task for h in self.heads]
         self.leaving: dict[str, int] = {}  # removed tasks whose requests may still run, and their rows
         self._lock = threading.Lock()
 
@@ -137,18 +147,22 @@ class TaskRoom:
             info = {t["name"]: t for t in meta.get("tasks", [])}.get(task)
             if task not in other.task_names or info is None:
                 raise TaskError(f"run {run!r} has no task {task!r}; it has {', '.join(other.task_names) or 'none'}")
-            if other.head(task).kind != "generate":
-                raise TaskError(f"task {task!r} is a {other.head(task).kind} task; only generation tasks can be added")
-            row = self._free_row()
+            head = other.head(task)
+            if head.kind not in ("generate", "classify"):
+                raise TaskError(f"task {task!r} is a {head.kind} task; only generation and classify tasks can be added")
+            row = self._free_row(head)
             params = self._restored(folder, step, other)
             self._check_backbone_weights(run, params)
             self._write_row(row, params, other.task_names.index(task))
+            if head.kind == "classify":
+                self._write_classifier(self.heads[row].task, params, task, head.num_classes)
+                engine.head_names[task] = self.heads[row].task
             self.owners[row] = task
             engine.task_ids[task] = row
-            engine.kinds[task] = "generate"
+            engine.kinds[task] = head.kind
             from mtl.server import TaskInfo  # the application layer's record of a task (no import cycle at load)
 
-            self.server.tasks[task] = TaskInfo(task, "generate", tuple(info["labels"]), info["max_new_tokens"])
+            self.server.tasks[task] = TaskInfo(task, head.kind, tuple(info["labels"]), info["max_new_tokens"])
             return {"task": task, "row": row, "run": str(run)}
 
     def remove(self, task: str) -> dict:
@@ -166,19 +180,32 @@ class TaskRoom:
             self.leaving[task] = row
             return {"task": task, "removed": True}
 
-    def _free_row(self) -> int:
+    def _free_row(self, head: C.HeadConfig) -> int:
+        """A free row that can hold a task with ``head``: any for generation, one with a large enough classifier."""
         engine = self.server.engine
         for task, row in list(self.leaving.items()):
             if not engine.has_requests_of(task):  # its last requests have finished: the row is free again
                 del self.leaving[task], engine.task_ids[task], engine.kinds[task]
+                engine.head_names.pop(task, None)
         busy = set(self.leaving.values())
-        for row, owner in enumerate(self.owners):
-            if owner is None and row not in busy:
-                return row
+        free = [row for row, owner in enumerate(self.owners) if owner is None and row not in busy]
+        fits = [r for r in free if head.kind == "generate" or self._classes(r) >= head.num_classes]
+        if fits:
+            return fits[0]
+        if free:
+            most = max(self._classes(r) for r in free)
+            raise TaskError(
+                f"no free row has a classifier for {head.num_classes} labels (the largest holds {most}); "
+                "serve with serve.max_classes at least that"
+            )
         raise TaskError(
             f"no room for another task: serve.max_tasks={len(self.owners)} rows are in use; "
             "DELETE a task or serve with a larger serve.max_tasks"
         )
+
+    def _classes(self, row: int) -> int:
+        head = self.heads[row]
+        return head.num_classes if head.kind == "classify" else 0
 
     def _check_backbone_shape(self, run: str, other: C.ModelConfig) -> None:
         mine = self.cfg.model
@@ -220,6 +247,21 @@ class TaskRoom:
                 value = np.array(variable[...])
                 index = (slice(None),) * axis
                 value[(*index, row)] = np.asarray(other[path][...])[(*index, source_row)]
+                variable = variable.replace(jax.device_put(value, variable[...].sharding))
+            leaves.append((path, variable))
+        engine.params = nnx.from_flat_state(leaves)
+
+    def _write_classifier(self, head: str, other: dict, task: str, classes: int) -> None:
+        """The task's classifier into the row's own, its first ``classes`` columns; the others never chosen."""
+        engine = self.server.engine
+        leaves = []
+        for path, variable in nnx.to_flat_state(engine.params):
+            names = tuple(str(p) for p in path)
+            if names[:2] == ("heads", head):
+                value = np.zeros(variable.shape, variable.dtype)
+                if names[2] == "b_c":
+                    value[:] = -1e30  # exp(-1e30 - max) is 0: the padding's probability is exactly zero
+                value[..., :classes] = np.asarray(other[("heads", task, names[2])][...])
                 variable = variable.replace(jax.device_put(value, variable[...].sharding))
             leaves.append((path, variable))
         engine.params = nnx.from_flat_state(leaves)

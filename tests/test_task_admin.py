@@ -22,7 +22,12 @@ from tests.test_http import call
 pytest.importorskip("aiohttp")
 
 CFG = tiny_model_config(max_len=64, adapter_rank=4, adapter_targets="q,v,down")
-OTHER_HEADS = (HeadConfig("rev", "generate"), HeadConfig("spell", "generate"), HeadConfig("rev2", "generate"))
+OTHER_HEADS = (
+    HeadConfig("rev", "generate"),
+    HeadConfig("spell", "generate"),
+    HeadConfig("rev2", "generate"),
+    HeadConfig("size", "classify", 3),
+)
 
 
 def run_of(folder, cfg, model):
@@ -31,17 +36,19 @@ def run_of(folder, cfg, model):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """Run A served with room for one more task; run B on A's backbone with its own tasks and adapters."""
+    """Run A served with room for two more tasks (classifiers of 4 labels); run B on A's backbone with its own
+    tasks, adapters and classifier."""
     tmp = tmp_path_factory.mktemp("runs")
     served = randomise_adapters(MultiTaskModel(CFG, rngs=nnx.Rngs(0)), seed=1)
     other_cfg = dataclasses.replace(CFG, heads=OTHER_HEADS)
     other = randomise_adapters(MultiTaskModel(other_cfg, rngs=nnx.Rngs(0)), seed=2, std=0.3)  # same backbone
     other.task_embed[...] = 0.3 * jax.random.normal(jax.random.key(3), other.task_embed.shape)
+    other.heads["size"].b_c[...] = jnp.array([0.5, -0.2, 0.1])
     runs = {"a": run_of(tmp / "a", CFG, served), "b": run_of(tmp / "b", other_cfg, other)}
     wide = dataclasses.replace(other_cfg, d_ff=128)
     runs["wide"] = run_of(tmp / "wide", wide, MultiTaskModel(wide, rngs=nnx.Rngs(0)))
     runs["retrained"] = run_of(tmp / "retrained", other_cfg, MultiTaskModel(other_cfg, rngs=nnx.Rngs(9)))
-    server = serving.Server.load(runs["a"], ["serve.max_tasks=4", "serve.max_batch=4"])
+    server = serving.Server.load(runs["a"], ["serve.max_tasks=5", "serve.max_classes=4", "serve.max_batch=4"])
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -55,7 +62,7 @@ def setup(tmp_path_factory):
 def infer(server, task, text="hello", n=6):
     status, body = call(server, "POST", "/v1/infer", {"id": text, "task": task, "input": text, "max_new_tokens": n})
     assert status == 200, body
-    return body.get("output", body.get("label"))
+    return {k: body[k] for k in ("output", "label", "scores") if k in body}  # what the model answers
 
 
 def greedy(model, task_id, prompt, n, allowed, eos):
@@ -82,14 +89,23 @@ def test_add_and_remove_tasks_over_http_while_serving(setup):
     tokenizer = tasks.ByteTokenizer()
     allowed = serving.allowed_tokens(tokenizer, CFG.vocab_size)
     expected = greedy(other, 0, tokenizer.prompt_ids("hello"), 6, allowed, tokenizer.eos_id)
-    assert infer(server, "rev") == tokenizer.decode([t for t in expected if t != tokenizer.eos_id])
+    assert infer(server, "rev")["output"] == tokenizer.decode([t for t in expected if t != tokenizer.eos_id])
     assert infer(server, "rev") != infer(server, "spell")  # its own adapter and task embedding
     assert {(task, t): infer(server, task, t) for task, t in before} == before  # the others unchanged
-    assert call(server, "GET", "/health")[1]["tasks"] == ["echo", "lang", "rev", "spell"]
+    # A classify task: its classifier in a spare row's, answering what run B's model does.
+    status, body = call(server, "POST", "/v1/tasks", {"run": runs["b"], "task": "size"})
+    assert status == 200 and body["row"] == 4, body
+    status, answer = call(server, "POST", "/v1/infer", {"id": 1, "task": "size", "input": "hello"})
+    prompt = jnp.array([tokenizer.prompt_ids("hello")])
+    hidden = other(prompt, jnp.array([3]))
+    want = np.asarray(jax.nn.softmax(other.classify_logits("size", hidden, jnp.array([prompt.shape[1]]))))[0]
+    assert answer["label"] == ["l0", "l1", "l2"][int(want.argmax())]
+    np.testing.assert_allclose([answer["scores"][f"l{i}"] for i in range(3)], want, atol=2e-6)
+    assert call(server, "GET", "/health")[1]["tasks"] == ["echo", "lang", "rev", "size", "spell"]
 
     refusals = {
         ("b", "spell"): "task 'spell' is served already",
-        ("b", "rev2"): "no room for another task: serve.max_tasks=4",
+        ("b", "rev2"): "no room for another task: serve.max_tasks=5",
         ("b", "nope"): "has no task 'nope'",
         ("wide", "rev2"): "has another backbone: model.d_ff=128",
     }
@@ -110,6 +126,6 @@ def test_add_and_remove_tasks_over_http_while_serving(setup):
     status, body = call(server, "POST", "/v1/tasks", {"run": runs["b"], "task": "rev2"})
     assert status == 200, body
     expected = greedy(other, 2, tokenizer.prompt_ids("hello"), 6, allowed, tokenizer.eos_id)
-    assert infer(server, "rev2") == tokenizer.decode([t for t in expected if t != tokenizer.eos_id])
+    assert infer(server, "rev2")["output"] == tokenizer.decode([t for t in expected if t != tokenizer.eos_id])
     assert {(task, t): infer(server, task, t) for task, t in before} == before
     assert server.engine.traces == traces  # no program compiled again
