@@ -225,7 +225,11 @@ def adapter_section(
             tasks = [f"t{i}" for i in range(distinct)]
             best[mix] = min(best[mix], time_decode_step(engines[name], repeats=1, tasks=tasks)[0])
     base = best["no adapters"]
-    print(f"\nadapters: rank {rank} on {targets}, 16 task rows, {max_batch} live slots, best of {repeats}")
+    m = engines["none"].cfg
+    print(
+        f"\nadapters: preset {preset} (D={m.d_model} F={m.d_ff} L={m.n_layers}), rank {rank} on {targets}, "
+        f"16 task rows, {max_batch} live slots, best of {repeats}"
+    )
     print(f"{'slots serve':<24}{'ms/step':>10}{'tok/s':>10}{'vs none':>10}")
     for mix, seconds in best.items():
         print(f"{mix:<24}{seconds * 1e3:>10.3f}{max_batch / seconds:>10.0f}{seconds / base:>9.2f}x")
