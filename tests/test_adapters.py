@@ -87,34 +87,35 @@ def test_config_errors_are_one_line(model, train, message):
     assert "\n" not in str(e.value)
 
 
-def test_trainable_adapters_freezes_the_backbone_and_keeps_no_optimizer_state_for_it():
+def test_trainable_adapters_freezes_the_backbone_and_shards_like_one_device():
+    """One step of train.trainable=adapters on a 2x2x2 mesh and on one device: only adapters, heads and task
+    embeddings move, Adam keeps moments for those alone, and the two meshes agree (f32; 1e-5 as in test_training)."""
     from mtl import training
     from mtl.config import tiny
     from sharding import make_mesh
 
     model_cfg = tiny_model_config(adapter_rank=4)
     train_cfg = dataclasses.replace(tiny().train, trainable="adapters", warmup_steps=0, steps=4)
-    mesh = make_mesh("data=1", jax.devices()[:1])
-    tokens = np.random.default_rng(0).integers(4, 200, (4, 10)).astype(np.int32)
-    batch = {
-        "tokens": tokens,
-        "targets": tokens,
-        "loss_mask": np.ones((4, 10), np.float32),
-        "task_id": np.zeros(4, np.int32),
-    }
-    with jax.set_mesh(mesh):
-        graphdef, state, shardings = training.create_train_state(model_cfg, train_cfg, mesh)
-        before = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(state["model"])}
-        step = training.compile_train_step(graphdef, shardings, mesh, batch, task="spell", kind="generate")
-        state, _ = step(state, training.put_batch(batch, mesh))
-    after = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(state["model"])}
+    tokens = np.random.default_rng(0).integers(4, 200, (8, 10)).astype(np.int32)
+    ids = np.array([0, 2] * 4, np.int32)  # two tasks' adapters in one batch
+    batch = {"tokens": tokens, "targets": tokens, "loss_mask": np.ones((8, 10), np.float32), "task_id": ids}
+    results = []
+    for mesh in (make_mesh("data=2,fsdp=2,tensor=2", jax.devices()), make_mesh("data=1", jax.devices()[:1])):
+        with jax.set_mesh(mesh):
+            graphdef, state, shardings = training.create_train_state(model_cfg, train_cfg, mesh)
+            before = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(state["model"])}
+            step = training.compile_train_step(graphdef, shardings, mesh, batch, task="spell", kind="generate")
+            state, _ = step(state, training.put_batch(batch, mesh))
+        results.append(({p: np.asarray(v[...]) for p, v in nnx.to_flat_state(state["model"])}, state["optimizer"]))
+    (after, optimizer), (one_device, _) = results
     changed = {p for p in before if not np.array_equal(before[p], after[p])}
     assert ("blocks", "mlp", "lora_b_down") in changed and ("task_embed",) in changed
     assert all(adapters.is_adapter_path(p) or p[0] in ("heads", "task_embed") for p in changed), changed
-    # Adam's two moments for what trains and nothing else.
     trained = sum(v.size for p, v in before.items() if adapters.Trainable()(p, None))
-    moments = sum(x.size for x in jax.tree.leaves(state["optimizer"]) if x.ndim > 0)
+    moments = sum(x.size for x in jax.tree.leaves(optimizer) if x.ndim > 0)
     assert moments == 2 * trained < count_params(before) / 2
+    for path in after:
+        np.testing.assert_allclose(after[path], one_device[path], rtol=1e-4, atol=1e-5)  # Adam amplifies f32 noise
 
 
 def test_a_warm_start_carries_the_adapters_of_the_tasks_it_shares(tmp_path):

@@ -163,11 +163,9 @@ def test_engine_greedy_matches_recomputation_alone_and_in_a_mixed_batch(adapter_
     assert alone.finish_reason == ("stop" if stopped else "length")
 
 
-@pytest.mark.parametrize("adapter_rank", [0, 4])
-def test_engine_on_a_sharded_mesh_matches_one_device(adapter_rank):
-    model = make_model(seed=3, adapter_rank=adapter_rank)
-    tasks = ("spell", "echo")  # with adapters, rows of two tasks' adapters
-    requests = [Request(task=tasks[i % 2], prompt=[1, 40 + i, 41, 3], max_new_tokens=6) for i in range(8)]
+def test_engine_on_a_sharded_mesh_matches_one_device():
+    model = make_model(seed=3)
+    requests = [Request(task="spell", prompt=[1, 40 + i, 41, 3], max_new_tokens=6) for i in range(8)]
     one = make_engine(model, max_batch=8).generate(requests)
     engine = make_engine(model, max_batch=8, mesh=make_mesh("data=2,fsdp=2,tensor=2"))
     sharded = engine.generate(requests)

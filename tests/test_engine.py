@@ -92,6 +92,7 @@ def test_a_freed_slot_is_refilled_on_the_next_step(engine):
     assert all(g.finish_reason == "length" for g in continuous)
 
 
+@both_engines
 def test_greedy_output_is_the_same_alone_and_among_other_tasks(engine):
     target = gen([40, 41, 42], 12)
     alone = engine.generate([target])[0].tokens
