@@ -135,6 +135,7 @@ class ServeConfig:
     scheduler: str = "fair"  # admission order after priority: fair (slot shares between tasks) or fifo
     max_tasks: int = 0  # task rows served, for POST /v1/tasks (mtl.task_admin); 0: the run's tasks, no room
     max_classes: int = 0  # labels a spare row's classifier holds (added classify tasks); 0: spare rows generate only
+    add_tasks: str = ""  # RUN:TASK,...: tasks of other runs added at start-up, as POST /v1/tasks adds them
 
 
 @dataclasses.dataclass(frozen=True)

@@ -156,14 +156,15 @@ class Server:
         log(f"restored step {step} from {folder} onto mesh {dict(mesh.shape)} in {time.perf_counter() - t0:.1f}s")
         tokenizer = tasks.load_tokenizer(folder.parent)  # the run's own (--init), else the byte tokenizer
         engine = make_engine(nnx.merge(graphdef, params), mesh, cfg.serve, tokenizer)
-        t0 = time.perf_counter()
-        engine.warmup()  # every shape compiled now, so no request waits for a compilation
-        log(f"compiled {len(engine.buckets) + 2} programs in {time.perf_counter() - t0:.1f}s")
         infos = {
             t["name"]: TaskInfo(t["name"], t["kind"], tuple(t["labels"]), t["max_new_tokens"]) for t in meta["tasks"]
         }
         server = cls(engine, infos, tokenizer)
         server.room = task_admin.TaskRoom(server, cfg, folder.parent)
+        task_admin.add_at_start(server.room, cfg.serve.add_tasks)
+        t0 = time.perf_counter()
+        engine.warmup()  # every shape compiled now, so no request waits for a compilation
+        log(f"compiled {len(engine.buckets) + 2} programs in {time.perf_counter() - t0:.1f}s")
         return server
 
     # Requests in, responses out.

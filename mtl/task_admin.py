@@ -267,6 +267,24 @@ class TaskRoom:
         engine.params = nnx.from_flat_state(leaves)
 
 
+def add_at_start(room: TaskRoom, specs: str) -> None:
+    """Adds ``serve.add_tasks`` (``RUN:TASK,...``) before serving starts.
+
+    Raises:
+      UsageError: a part is not RUN:TASK, or its task cannot be added (the reason, one line).
+    """
+    from mtl.config import UsageError
+
+    for spec in filter(None, (s.strip() for s in specs.split(","))):
+        run, _, task = spec.rpartition(":")
+        if not run or not task:
+            raise UsageError(f"serve.add_tasks part {spec!r} must be RUN:TASK")
+        try:
+            room.add(run, task)
+        except TaskError as e:
+            raise UsageError(f"serve.add_tasks {spec!r}: {e}") from None
+
+
 def add_routes(app, server) -> None:
     """``POST /v1/tasks`` and ``DELETE /v1/tasks/{name}`` on the aiohttp ``app`` (CONTRACT.md), on ``server.room``."""
     from aiohttp import web

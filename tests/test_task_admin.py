@@ -13,7 +13,8 @@ from flax import nnx
 
 import tasks
 from mtl import server as serving
-from mtl.config import HeadConfig, tiny
+from mtl import task_admin
+from mtl.config import HeadConfig, UsageError, tiny
 from mtl.engine import Request
 from mtl.model import MultiTaskModel
 from tests.helpers import randomise_adapters, tiny_model_config, write_run
@@ -27,6 +28,7 @@ OTHER_HEADS = (
     HeadConfig("spell", "generate"),
     HeadConfig("rev2", "generate"),
     HeadConfig("size", "classify", 3),
+    HeadConfig("rev3", "generate"),
 )
 
 
@@ -36,8 +38,8 @@ def run_of(folder, cfg, model):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """Run A served with room for two more tasks (classifiers of 4 labels); run B on A's backbone with its own
-    tasks, adapters and classifier."""
+    """Run A served with room for three more tasks (classifiers of 4 labels), B's rev2 added at start-up; run B on
+    A's backbone with its own tasks, adapters and classifier."""
     tmp = tmp_path_factory.mktemp("runs")
     served = randomise_adapters(MultiTaskModel(CFG, rngs=nnx.Rngs(0)), seed=1)
     other_cfg = dataclasses.replace(CFG, heads=OTHER_HEADS)
@@ -48,7 +50,14 @@ def setup(tmp_path_factory):
     wide = dataclasses.replace(other_cfg, d_ff=128)
     runs["wide"] = run_of(tmp / "wide", wide, MultiTaskModel(wide, rngs=nnx.Rngs(0)))
     runs["retrained"] = run_of(tmp / "retrained", other_cfg, MultiTaskModel(other_cfg, rngs=nnx.Rngs(9)))
-    server = serving.Server.load(runs["a"], ["serve.max_tasks=5", "serve.max_classes=4", "serve.max_batch=4"])
+    settings = ["serve.max_tasks=6", "serve.max_classes=4", "serve.max_batch=4", f"serve.add_tasks={runs['b']}:rev2"]
+    server = serving.Server.load(runs["a"], settings)
+    for spec, message in [
+        ("/nowhere:rev", "serve.add_tasks '/nowhere:rev': run '/nowhere' holds no"),
+        ("x", "RUN:TASK"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            task_admin.add_at_start(server.room, spec)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -83,31 +92,36 @@ def test_add_and_remove_tasks_over_http_while_serving(setup):
     texts = ["hello", "spam and eggs"]
     before = {(task, t): infer(server, task, t) for task in ("spell", "echo", "lang") for t in texts}
     traces = dict(server.engine.traces)
-
-    status, body = call(server, "POST", "/v1/tasks", {"run": runs["b"], "task": "rev"})
-    assert status == 200 and body["task"] == "rev", body
     tokenizer = tasks.ByteTokenizer()
     allowed = serving.allowed_tokens(tokenizer, CFG.vocab_size)
-    expected = greedy(other, 0, tokenizer.prompt_ids("hello"), 6, allowed, tokenizer.eos_id)
-    assert infer(server, "rev")["output"] == tokenizer.decode([t for t in expected if t != tokenizer.eos_id])
+
+    def generated(task_id):
+        """What run B's model generates greedily for task row ``task_id`` of B (EOS dropped)."""
+        expected = greedy(other, task_id, tokenizer.prompt_ids("hello"), 6, allowed, tokenizer.eos_id)
+        return tokenizer.decode([t for t in expected if t != tokenizer.eos_id])
+
+    assert infer(server, "rev2")["output"] == generated(2)  # added at start-up
+    status, body = call(server, "POST", "/v1/tasks", {"run": runs["b"], "task": "rev"})
+    assert status == 200 and body["task"] == "rev", body
+    assert infer(server, "rev")["output"] == generated(0)
     assert infer(server, "rev") != infer(server, "spell")  # its own adapter and task embedding
     assert {(task, t): infer(server, task, t) for task, t in before} == before  # the others unchanged
     # A classify task: its classifier in a spare row's, answering what run B's model does.
     status, body = call(server, "POST", "/v1/tasks", {"run": runs["b"], "task": "size"})
-    assert status == 200 and body["row"] == 4, body
+    assert status == 200 and body["row"] == 5, body
     status, answer = call(server, "POST", "/v1/infer", {"id": 1, "task": "size", "input": "hello"})
     prompt = jnp.array([tokenizer.prompt_ids("hello")])
     hidden = other(prompt, jnp.array([3]))
     want = np.asarray(jax.nn.softmax(other.classify_logits("size", hidden, jnp.array([prompt.shape[1]]))))[0]
     assert answer["label"] == ["l0", "l1", "l2"][int(want.argmax())]
     np.testing.assert_allclose([answer["scores"][f"l{i}"] for i in range(3)], want, atol=2e-6)
-    assert call(server, "GET", "/health")[1]["tasks"] == ["echo", "lang", "rev", "size", "spell"]
+    assert call(server, "GET", "/health")[1]["tasks"] == ["echo", "lang", "rev", "rev2", "size", "spell"]
 
     refusals = {
         ("b", "spell"): "task 'spell' is served already",
-        ("b", "rev2"): "no room for another task: serve.max_tasks=5",
+        ("b", "rev3"): "no room for another task: serve.max_tasks=6",
         ("b", "nope"): "has no task 'nope'",
-        ("wide", "rev2"): "has another backbone: model.d_ff=128",
+        ("wide", "rev3"): "has another backbone: model.d_ff=128",
     }
     for (run, task), message in refusals.items():
         status, body = call(server, "POST", "/v1/tasks", {"run": runs[run], "task": task})
@@ -121,11 +135,10 @@ def test_add_and_remove_tasks_over_http_while_serving(setup):
     assert len(running.wait(60).tokens) == 40
     status, body = call(server, "POST", "/v1/infer", {"id": 1, "task": "rev", "input": "x"})
     assert status == 400 and "unknown task 'rev'" in body["error"]
-    status, body = call(server, "POST", "/v1/tasks", {"run": runs["retrained"], "task": "rev2"})
+    status, body = call(server, "POST", "/v1/tasks", {"run": runs["retrained"], "task": "rev3"})
     assert status == 400 and "has other backbone weights" in body["error"], body
-    status, body = call(server, "POST", "/v1/tasks", {"run": runs["b"], "task": "rev2"})
-    assert status == 200, body
-    expected = greedy(other, 2, tokenizer.prompt_ids("hello"), 6, allowed, tokenizer.eos_id)
-    assert infer(server, "rev2")["output"] == tokenizer.decode([t for t in expected if t != tokenizer.eos_id])
+    status, body = call(server, "POST", "/v1/tasks", {"run": runs["b"], "task": "rev3"})
+    assert status == 200 and body["row"] == 4, body  # rev's row, free again
+    assert infer(server, "rev3")["output"] == generated(4)
     assert {(task, t): infer(server, task, t) for task, t in before} == before
     assert server.engine.traces == traces  # no program compiled again
