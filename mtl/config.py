@@ -26,6 +26,10 @@ HEAD_KINDS = ("generate", "classify", "regress", "tag")
 # rest; "matmuls" keeps the matmul outputs and recomputes the cheap
 # element-wise work between them (norms, rotary, softmax, SwiGLU).
 REMAT_POLICIES = ("none", "layer", "matmuls")
+# Attention over whole sequences (training, prefill): "auto" picks cuDNN's fused flash attention on a GPU where it
+# applies (bfloat16/float16) and mtl's own elsewhere; "mtl" is mtl's own (custom backward, fastest on XLA:CPU);
+# "xla" and "cudnn" are jax.nn.dot_product_attention's implementations. Decoding always reads the KV cache.
+ATTENTION_KINDS = ("auto", "mtl", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +87,7 @@ class ModelConfig:
     adapter_rank: int = 0
     adapter_targets: str = "q,k,v,o,gate,up,down"  # a comma list of q, k, v, o, gate, up, down
     adapter_alpha: float = 16.0
+    attention: str = "auto"  # the sequence attention's implementation; see ATTENTION_KINDS
 
     def head(self, task: str) -> HeadConfig:
         for head in self.heads:
@@ -121,6 +126,11 @@ class TrainConfig:
     keep_checkpoints: int = 3
     init: str = ""  # --init SOURCE: the pretrained model or run the weights start from ("": random)
     trainable: str = "all"  # or "adapters": the backbone frozen; adapters, heads and task embeddings train
+    # Packing: a step's examples laid end to end in rows of pack_width tokens, each example its own segment
+    # (attention, positions and heads per segment): the same examples, losses and updates as unpacked rows,
+    # without computing their padding (docs/training_bench.md). False: one example a row, padded.
+    pack: bool = True
+    pack_width: int = 0  # tokens a packed row; 0: max(128, model.max_len)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,6 +374,10 @@ def validate(config: Config) -> None:
         raise ValueError(
             f"model.rope_scaling={m.rope_scaling!r} must be empty, linear:FACTOR or llama3:FACTOR,LOW,HIGH,ORIGINAL_LEN"
         )
+    if m.attention not in ATTENTION_KINDS:
+        raise ValueError(f"model.attention={m.attention!r} must be one of {', '.join(ATTENTION_KINDS)}")
+    if t.pack_width and t.pack_width < m.max_len:
+        raise ValueError(f"train.pack_width={t.pack_width} must be 0 or at least model.max_len={m.max_len}")
     if m.remat not in REMAT_POLICIES:
         raise ValueError(f"model.remat={m.remat!r} must be one of {', '.join(REMAT_POLICIES)}")
     if t.batch_size % t.grad_accum:

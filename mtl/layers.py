@@ -156,20 +156,56 @@ def _from_query_rows(x: jax.Array, t: int) -> jax.Array:
     return rearrange(x, "B K (T G) H -> B T (K G) H", T=t)
 
 
-def _attention_forward(query, key, value, window, scale):
+def _attention_forward(query, key, value, window, segment_ids, scale):
     t = query.shape[1]
     rows_q = _query_rows(query, key.shape[2])  # [B, K, M, H], M = T*G
     key_t, value_t = (rearrange(a, "B S K H -> B K S H") for a in (key, value))
     logits = jnp.einsum("BKMH,BKSH->BKMS", rows_q, key_t, preferred_element_type=jnp.float32) * scale
-    distance = (jnp.arange(rows_q.shape[2]) // (rows_q.shape[2] // t))[:, None] - jnp.arange(key.shape[1])  # [M, S]
-    causal = distance >= 0 if window is None else (distance >= 0) & (distance < window)
-    probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1).astype(value.dtype)  # [B, K, M, S]
+    row_position = jnp.arange(rows_q.shape[2]) // (rows_q.shape[2] // t)  # [M]: the query position of each row
+    seen = attention_mask(row_position, jnp.arange(key.shape[1]), window, segment_ids, segment_ids)  # [(B,) M, S]
+    if seen.ndim == 3:
+        seen = seen[:, None]  # [B, 1, M, S]
+    probs = jax.nn.softmax(jnp.where(seen, logits, -jnp.inf), axis=-1).astype(value.dtype)  # [B, K, M, S]
     rows_out = jnp.einsum("BKMS,BKSH->BKMH", probs, value_t)
     return _from_query_rows(rows_out, t), (rows_q, key_t, value_t, probs, rows_out)
 
 
+def attention_mask(
+    query_positions: jax.Array,
+    key_positions: jax.Array,
+    window: jax.Array | int | None = None,
+    query_segments: jax.Array | None = None,
+    key_segments: jax.Array | None = None,
+) -> jax.Array:
+    """Which keys each query sees: causal, within ``window``, and in its own segment.
+
+    Args:
+      query_positions: [M] indices in the row of the queries (any repeated rows of a kv head's query heads).
+      key_positions: [S] indices in the row of the keys.
+      window: a local layer's sliding window (keys up to and including the query's own); None: all.
+      query_segments, key_segments: [B, T] and [B, S] segment ids of a packed row (its examples
+        1, 2, ..., padding 0); None: one sequence a row. The query side is given per position and
+        repeated here to the M query rows.
+
+    Returns:
+      bool [M, S], or [B, M, S] with segments. Within a segment, index distances are position
+      distances, so the window needs no segment-relative positions.
+    """
+    distance = query_positions[:, None] - key_positions[None, :]  # [M, S]
+    seen = distance >= 0 if window is None else (distance >= 0) & (distance < window)
+    if query_segments is None:
+        return seen
+    rows = query_segments[:, query_positions]  # [B, M]: each query row's segment
+    return seen & (rows[:, :, None] == key_segments[:, None, :])  # [B, M, S]
+
+
 def causal_attention(
-    query: jax.Array, key: jax.Array, value: jax.Array, window: jax.Array | int | None = None, scale: float = 0.0
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    window: jax.Array | int | None = None,
+    scale: float = 0.0,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Causal grouped-query attention: [B, T, N, H] queries over [B, T, K, H] keys and values.
 
@@ -185,13 +221,65 @@ def causal_attention(
       window: a local layer's sliding window: a query sees the ``window`` keys
         up to and including its own position (a banded mask); None: all of them.
       scale: the logits' scale; 0: ``H ** -0.5``.
+      segment_ids: [B, T] int, a packed row's example of each token (1, 2, ...;
+        padding 0): a query sees only keys of its own segment. None: one
+        sequence a row.
     """
-    return _causal_attention(query, key, value, window, scale or query.shape[-1] ** -0.5)
+    return _causal_attention(query, key, value, window, segment_ids, scale or query.shape[-1] ** -0.5)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _causal_attention(query, key, value, window, scale):
-    return _attention_forward(query, key, value, window, scale)[0]
+def fused_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    window: jax.Array | int | None = None,
+    scale: float = 0.0,
+    segment_ids: jax.Array | None = None,
+    kind: str | None = None,
+) -> jax.Array:
+    """What :func:`causal_attention` computes, through ``jax.nn.dot_product_attention``.
+
+    ``kind='cudnn'`` is cuDNN's fused flash attention on a GPU
+    (bfloat16 or float16 only); ``'xla'`` (or None) is XLA's own, which runs
+    anywhere and is what tests compare on the CPU. A plain causal mask is
+    passed as ``is_causal`` and a constant window as ``local_window_size``,
+    which cuDNN computes without a mask tensor; segments (and a window that
+    is a traced per-layer value) go in as a boolean [B, 1, T, S] mask, which
+    cuDNN reads as a bias.
+    """
+    t, s = query.shape[1], key.shape[1]
+    scale = scale or query.shape[-1] ** -0.5
+    static_window = window is None or isinstance(window, int)
+    mask = None
+    if segment_ids is not None or not static_window:
+        mask = attention_mask(jnp.arange(t), jnp.arange(s), None if static_window else window, segment_ids, segment_ids)
+        mask = mask[:, None] if mask.ndim == 3 else mask[None, None]  # [B or 1, 1, T, S]
+    local = (window - 1, 0) if static_window and window is not None else None
+    return jax.nn.dot_product_attention(
+        query, key, value, mask=mask, scale=scale, is_causal=True, local_window_size=local, implementation=kind
+    )
+
+
+def attention_kind(setting: str, dtype, head_dim: int, platform: str | None = None) -> str:
+    """The attention a model runs, ``ModelConfig.attention`` resolved on this platform.
+
+    ``auto`` is cuDNN's flash attention on a GPU where it applies (bfloat16 or
+    float16, head size a multiple of 8 up to 128), else mtl's own
+    :func:`causal_attention`, which measures fastest on XLA:CPU
+    (docs/training_bench.md). TPUs keep mtl's own as well: a splash-attention
+    kernel is not wired in yet.
+    """
+    if setting != "auto":
+        return setting
+    platform = platform or jax.default_backend()
+    if platform in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0:
+        return "cudnn" if head_dim <= 128 else "mtl"
+    return "mtl"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _causal_attention(query, key, value, window, segment_ids, scale):
+    return _attention_forward(query, key, value, window, segment_ids, scale)[0]
 
 
 def _attention_backward(scale, saved, d_out):
@@ -208,7 +296,7 @@ def _attention_backward(scale, saved, d_out):
     d_key = jnp.einsum("BKHM,BKMS->BKHS", rearrange(rows_q, "B K M H -> B K H M"), d_logits)
     d_query = jnp.einsum("BKMS,BKSH->BKMH", d_logits, key_t)
     d_key, d_value = (rearrange(a, "B K H S -> B S K H") for a in (d_key, d_value))
-    return _from_query_rows(d_query, t), d_key, d_value, None  # the window is not differentiated
+    return _from_query_rows(d_query, t), d_key, d_value, None, None  # window and segments are not differentiated
 
 
 _causal_attention.defvjp(_attention_forward, _attention_backward)
@@ -312,6 +400,7 @@ class Attention(nnx.Module):
         qkv_out = {"q": (n * h, "heads"), "k": (k * h, "kv_heads"), "v": (k * h, "kv_heads")}
         shapes = {name: (d, o, "embed", axis) for name, (o, axis) in qkv_out.items()}
         adapters.attach(self, cfg, rngs, {**shapes, "o": (n * h, d, "heads", "embed")})
+        self.kind = attention_kind(cfg.attention, cfg.dtype, h)  # resolved once, on the platform that builds it
 
     def layer_settings(self, layer: jax.Array | int | None) -> tuple[jax.Array, jax.Array | int | None]:
         """This layer's rotary frequencies [H/2] and sliding window (None: global), by its index in the stack.
@@ -340,6 +429,7 @@ class Attention(nnx.Module):
         cache: KVCache | None = None,
         layer: jax.Array | int | None = None,
         task_ids: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Attends causally over the sequence, or, decoding, over a cache.
 
@@ -352,6 +442,8 @@ class Attention(nnx.Module):
           layer: this layer's index in the stack; needed only where local and
             global layers are interleaved.
           task_ids: [B] each row's task; needed only with adapters (``mtl.adapters``).
+          segment_ids: [B, T] a packed row's example of each token (training;
+            see ``tasks.packing``): attention stays within each segment.
 
         Returns:
           The [B, T, D] output and a KVCache: of ``x``'s T tokens without a
@@ -377,7 +469,10 @@ class Attention(nnx.Module):
         value = constrain(value, act_btkh)
 
         if cache is None:
-            out = causal_attention(query, key, value, window, self.scale)
+            if self.kind == "mtl":
+                out = causal_attention(query, key, value, window, self.scale, segment_ids)
+            else:
+                out = fused_attention(query, key, value, window, self.scale, segment_ids, self.kind)
             cache = KVCache.of_sequence(key, value)
         else:
             cache = cache.write(key, value, positions[:, 0])
@@ -460,9 +555,12 @@ class Block(nnx.Module):
         cache: KVCache | None = None,
         layer: jax.Array | int | None = None,
         task_ids: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """[B, T, D] -> [B, T, D], and this layer's KVCache (see ``Attention.__call__``)."""
-        attended, cache = self.attention(self.attention_norm(x), positions, cache, layer, task_ids)
+        attended, cache = self.attention(
+            self.attention_norm(x), positions, cache, layer, task_ids, segment_ids=segment_ids
+        )
         if hasattr(self, "post_attention_norm"):
             attended = self.post_attention_norm(attended)
         x = constrain(x + attended, act_btd)

@@ -94,7 +94,13 @@ class MultiTaskModel(nnx.Module):
     def task_index(self, task: str) -> int:
         return self.cfg.task_names.index(task)
 
-    def __call__(self, tokens: jax.Array, task_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        task_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
         """Runs the backbone over whole sequences: one scan over the stacked layers.
 
         Serving runs the same Blocks one by one, keeping their KV caches (see
@@ -103,7 +109,10 @@ class MultiTaskModel(nnx.Module):
         Args:
           tokens: [B, T] token ids.
           task_ids: [B] index of each row's task in ``cfg.heads``.
-          positions: [B, T] absolute positions; default ``0..T-1``.
+          positions: [B, T] absolute positions; default ``0..T-1``. A packed
+            row's restart at 0 with each example, so each gets the task embedding.
+          segment_ids: [B, T] a packed row's example of each token
+            (``tasks.packing``): attention stays within each example.
 
         Returns:
           The final-normed hidden states [B, T, D].
@@ -118,7 +127,8 @@ class MultiTaskModel(nnx.Module):
 
         def layer(x, layer_params_and_index):
             layer_params, index = layer_params_and_index
-            x, _ = nnx.merge(graphdef, layer_params)(x, positions, None, index, task_ids)  # keys and values not kept
+            block = nnx.merge(graphdef, layer_params)
+            x, _ = block(x, positions, None, index, task_ids, segment_ids=segment_ids)  # keys and values not kept
             return x, None
 
         if cfg.remat != "none":
@@ -184,8 +194,13 @@ class MultiTaskModel(nnx.Module):
 
 
 def last_position(hidden: jax.Array, lengths: jax.Array) -> jax.Array:
-    """The hidden state of each row's last real token: [B, T, D] -> [B, D]."""
-    return jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    """The hidden state of each row's last real token: [B, T, D] -> [B, D].
+
+    ``lengths`` may also be [B, E], the end (last index + 1) of each of a packed
+    row's E examples (``tasks.packing``): then [B, T, D] -> [B, E, D].
+    """
+    ends = (lengths - 1).reshape(lengths.shape[0], -1, 1)  # [B, E, 1]
+    return jnp.take_along_axis(hidden, ends, axis=1).reshape(*lengths.shape, hidden.shape[-1])
 
 
 def count_params(tree) -> int:

@@ -32,6 +32,7 @@ from flax import nnx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+import sharding
 import tasks
 from mtl import adapters, distributed, evaluator, hf_import, perf, training
 from mtl import config as C
@@ -355,10 +356,9 @@ def _run(plan: Plan, out: pathlib.Path, console: Console, stop: StopSignals) -> 
     sizes = {d.name: len(d.splits["train"]) for d in plan.data}
     rates = tasks.mixture_rates(cfg.train.mixture, sizes)
     # Each process draws the global batch's indices (cheap, and the same everywhere) but reads
-    # only its own rows of it; the batch's width comes from every row's length, so all agree on it.
+    # only its own rows of it; the batch's shape comes from every example's length, so all agree on it.
     sampler = tasks.MixtureSampler(sizes, rates, cfg.train.batch_size, cfg.train.seed)
-    rows = process_rows(cfg.train.batch_size, mesh)  # this process's rows of every global batch
-    lengths = {d.name: np.count_nonzero(d.splits["train"].arrays["tokens"], axis=1) for d in plan.data}  # [N]
+    batches = TrainBatches(cfg, plan.data, mesh)
     console.log(f"mesh {dict(mesh.shape)}; mixture {', '.join(f'{k} {v:.2f}' for k, v in rates.items())}")
     params = count_params(state["model"])
     console.log(f"model: {params / 1e6:.2f}M parameters")
@@ -374,7 +374,7 @@ def _run(plan: Plan, out: pathlib.Path, console: Console, stop: StopSignals) -> 
         peak = perf.mesh_peak(mesh, cfg.model.dtype)
     console.log(f"matmul peak {peak / 1e9:.0f} GFLOP/s ({cfg.model.dtype}, the whole mesh)")
     window = _Window(peak)
-    compiled: set[tuple[str, int]] = set()
+    compiled: set[tuple[str, int, int]] = set()
     meta_base = {"config": C.to_dict(cfg), "tasks": [d.meta() for d in plan.data]}
     last_metrics: dict = {}
     saved = start  # the newest step with a checkpoint
@@ -397,17 +397,14 @@ def _run(plan: Plan, out: pathlib.Path, console: Console, stop: StopSignals) -> 
             for step in range(start, cfg.train.steps):
                 name, indices = sampler.batch_at(step)  # [B], the global batch
                 d = by_name[name]
-                batch = trim(d.splits["train"].batch(indices[rows]), longest=int(lengths[name][indices].max()))
+                batch, rows, real_tokens = batches(name, indices)
                 if name not in step_fns:
                     progress.log(f"compiling the train step for {name}")
                     step_fns[name] = training.compile_train_step(
                         graphdef,
                         shardings,
                         mesh,
-                        {
-                            k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape[1:]), v.dtype)
-                            for k, v in batch.items()
-                        },
+                        {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype) for k, v in batch.items()},
                         task=name,
                         kind=d.kind,
                         weight=weights.get(name, 1.0),
@@ -415,14 +412,14 @@ def _run(plan: Plan, out: pathlib.Path, console: Console, stop: StopSignals) -> 
                         grad_accum=cfg.train.grad_accum,
                     )
                 width = batch["tokens"].shape[1]
-                window.tokens += int(lengths[name][indices].sum())
-                window.flops += perf.train_flops_per_token(cfg.model, width) * cfg.train.batch_size * width
-                new_shape = (name, width) not in compiled
+                window.tokens += real_tokens
+                window.flops += perf.train_flops_per_token(cfg.model, width) * rows * width
+                new_shape = (name, rows, width) not in compiled
                 if new_shape:  # it compiles: finish the queued steps first, so only the compile is excluded
-                    compiled.add((name, width))
+                    compiled.add((name, rows, width))
                     jax.block_until_ready(state)
                 t0 = time.perf_counter()
-                state, metrics = step_fns[name](state, training.put_batch(batch, mesh, cfg.train.batch_size))
+                state, metrics = step_fns[name](state, training.put_batch(batch, mesh, rows))
                 if new_shape:  # keep the compilation (and this one step) out of the throughput
                     jax.block_until_ready(metrics)
                     window.excluded += time.perf_counter() - t0
@@ -548,6 +545,39 @@ def _carried_adapter(new: jax.Array, old: nnx.Variable | None, names: Sequence[s
         return new
     mine, theirs = (jnp.asarray(r) for r in zip(*rows))
     return jax.device_put(new.at[:, mine].set(old[...][:, theirs]), new.sharding)
+
+
+class TrainBatches:
+    """This process's share of each step's global batch, packed (``train.pack``) or one example a row.
+
+    Packed, the B examples the sampler drew fill R rows of ``pack_width``
+    (``tasks.packing``; R rounded up to the devices splitting the batch and to
+    ``grad_accum``); unpacked, B rows trimmed to the longest, rounded up to 32
+    (:func:`trim`). Either way every process plans the same global batch from
+    the drawn indices and loads only its own rows of it.
+    """
+
+    def __init__(self, cfg: C.Config, data: Sequence[TaskData], mesh: jax.sharding.Mesh):
+        self.pack = cfg.train.pack
+        self.width = cfg.train.pack_width or max(128, cfg.model.max_len)
+        batch_devices = math.prod(mesh.shape.get(axis, 1) for axis in sharding.RULES["batch"])
+        self.multiple = math.lcm(batch_devices, cfg.train.grad_accum)
+        self.batch_size = cfg.train.batch_size
+        self.mesh = mesh
+        self.splits = {d.name: d.splits["train"] for d in data}
+        self.lengths = {name: tasks.packing.example_lengths(split) for name, split in self.splits.items()}  # [N]
+        self.rows = process_rows(cfg.train.batch_size, mesh)  # this process's rows of every unpacked batch
+
+    def __call__(self, name: str, indices: np.ndarray) -> tuple[dict[str, np.ndarray], int, int]:
+        """(this process's rows of the batch of ``indices``, the global batch's rows, its real tokens)."""
+        split, lengths = self.splits[name], self.lengths[name][indices]  # [B]
+        if not self.pack:
+            batch = trim(split.batch(indices[self.rows]), longest=int(lengths.max()))
+            return batch, self.batch_size, int(lengths.sum())
+        layout = tasks.packing.plan(lengths, self.width)
+        rows = tasks.packing.rows_needed(layout, self.multiple)
+        here = process_rows(rows, self.mesh)
+        return tasks.packing.packed_batch(split, indices, lengths, layout, rows, here), rows, int(lengths.sum())
 
 
 def trim(batch: dict[str, np.ndarray], multiple: int = 32, longest: int | None = None) -> dict[str, np.ndarray]:

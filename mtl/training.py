@@ -108,9 +108,24 @@ def _train_state_fn(model_cfg: ModelConfig, train_cfg: TrainConfig):
 # The loop averages each metric over the steps of a log interval.
 
 
+# A packed batch (``tasks.packing``) adds ``positions`` and ``segment_ids`` for the backbone, and holds the
+# one-value-an-example arrays of classify and regress as [R, E] slots, with ``examples`` marking the full ones;
+# the per-token arrays keep their meaning. The losses read both layouts alike.
+
+
+def backbone(model: MultiTaskModel, batch: Batch) -> jax.Array:
+    """The batch's final hidden states [B, T, D]; a packed batch's examples each attend within themselves."""
+    return model(batch["tokens"], batch["task_id"], batch.get("positions"), batch.get("segment_ids"))
+
+
+def _examples(batch: Batch, values: jax.Array) -> jax.Array:
+    """1.0 where per-example ``values`` hold an example: all of an unpacked batch, a packed one's full slots."""
+    return batch["examples"] if "examples" in batch else jnp.ones(values.shape, jnp.float32)
+
+
 def generate_loss(model: MultiTaskModel, task: str, batch: Batch, total=None) -> tuple[jax.Array, dict]:
     total = TOTALS["generate"](batch) if total is None else total
-    hidden = model(batch["tokens"], batch["task_id"])
+    hidden = backbone(model, batch)
     logits = model.lm_logits(hidden)  # [B, T, V], split over the vocabulary under tensor parallelism
     mask = batch["loss_mask"]
     nll, top = vocab_parallel.cross_entropy(logits, batch["targets"])  # [B, T]: no [B, T, V] gather
@@ -120,26 +135,28 @@ def generate_loss(model: MultiTaskModel, task: str, batch: Batch, total=None) ->
 
 def classify_loss(model: MultiTaskModel, task: str, batch: Batch, total=None) -> tuple[jax.Array, dict]:
     total = TOTALS["classify"](batch) if total is None else total
-    hidden = model(batch["tokens"], batch["task_id"])
-    logits = model.classify_logits(task, hidden, batch["lengths"])  # [B, C]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).sum() / total
-    accuracy = (logits.argmax(-1) == batch["label"]).sum() / total
+    hidden = backbone(model, batch)
+    logits = model.classify_logits(task, hidden, batch["lengths"])  # [B, C]; packed [R, E, C]
+    examples = _examples(batch, batch["label"])
+    loss = (optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]) * examples).sum() / total
+    accuracy = ((logits.argmax(-1) == batch["label"]) * examples).sum() / total
     return loss, {"loss": loss, "accuracy": accuracy}
 
 
 def regress_loss(model: MultiTaskModel, task: str, batch: Batch, total=None) -> tuple[jax.Array, dict]:
     total = TOTALS["regress"](batch) if total is None else total
-    hidden = model(batch["tokens"], batch["task_id"])
+    hidden = backbone(model, batch)
     head = model.heads[task]
-    predicted = head.standardised(last_position(hidden, batch["lengths"]))  # [B]
-    loss = jnp.sum(jnp.square(predicted - (batch["value"] - head.mean) / head.std)) / total  # in standard units
-    mse = jnp.sum(jnp.square(head.mean + head.std * predicted - batch["value"])) / total
+    predicted = head.standardised(last_position(hidden, batch["lengths"]))  # [B]; packed [R, E]
+    examples = _examples(batch, batch["value"])
+    loss = jnp.sum(examples * jnp.square(predicted - (batch["value"] - head.mean) / head.std)) / total  # std units
+    mse = jnp.sum(examples * jnp.square(head.mean + head.std * predicted - batch["value"])) / total
     return loss, {"loss": loss, "mse": mse}
 
 
 def tag_loss(model: MultiTaskModel, task: str, batch: Batch, total=None) -> tuple[jax.Array, dict]:
     total = TOTALS["tag"](batch) if total is None else total
-    hidden = model(batch["tokens"], batch["task_id"])
+    hidden = backbone(model, batch)
     logits = model.tag_logits(task, hidden)  # [B, T, C]
     tags = batch["tags"]  # [B, T]: a tag id at each word's last byte, -1 elsewhere
     mask = (tags >= 0).astype(jnp.float32)
@@ -159,8 +176,8 @@ LOSSES: dict[str, Callable[..., tuple[jax.Array, dict]]] = {
 # What each kind's loss averages over, counted in a whole batch (at least 1).
 TOTALS: dict[str, Callable[[Batch], jax.Array]] = {
     "generate": lambda batch: jnp.maximum(batch["loss_mask"].sum(), 1.0),
-    "classify": lambda batch: jnp.float32(batch["label"].shape[0]),
-    "regress": lambda batch: jnp.float32(batch["value"].shape[0]),
+    "classify": lambda batch: _examples(batch, batch["label"]).sum(),
+    "regress": lambda batch: _examples(batch, batch["value"]).sum(),
     "tag": lambda batch: jnp.maximum((batch["tags"] >= 0).sum().astype(jnp.float32), 1.0),
 }
 

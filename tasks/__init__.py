@@ -7,6 +7,7 @@ Importing the package registers the built-in tasks: ``g2p`` (generate), ``langid
 from tasks import (
     builtin,  # noqa: F401  (registers the built-in tasks)
     metrics,
+    packing,
 )
 from tasks.data import EncodedSplit, encode_split, labels_of, prompt_ids, tags_at_word_ends, word_ends
 from tasks.registry import KINDS, Task, get, names, register, resolve
@@ -30,6 +31,7 @@ __all__ = [
     "metrics",
     "mixture_rates",
     "names",
+    "packing",
     "prompt_ids",
     "tags_at_word_ends",
     "word_ends",

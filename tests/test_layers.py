@@ -82,3 +82,52 @@ def test_kv_cache_write_and_padding():
         np.testing.assert_array_equal(cache.value[b, :, p], value[b, p])
     np.testing.assert_array_equal(cache.key[0, :, :, :6], jnp.moveaxis(key[0, :6], 0, -1))
     np.testing.assert_array_equal(cache.key[0, :, :, 6:], 0)
+
+
+SEGMENTS = np.array([[1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 0], [1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2]], np.int32)  # [B, T]
+
+
+def plain_attention(query, key, value, window, segment_ids):
+    """Every query head over its kv head's keys, with a mask written out position by position."""
+    seen = np.zeros((B, T, T), bool)  # [B, T, S]
+    for b in range(B):
+        for t in range(T):
+            for s in range(t + 1):
+                in_window = window is None or t - s < int(window)
+                seen[b, t, s] = in_window and (segment_ids is None or segment_ids[b, t] == segment_ids[b, s])
+    groups = query.shape[2] // key.shape[2]
+    key, value = (jnp.repeat(a, groups, axis=2) for a in (key, value))  # [B, S, N, H]
+    logits = jnp.einsum("BTNH,BSNH->BNTS", query, key) * query.shape[-1] ** -0.5
+    probs = jax.nn.softmax(jnp.where(seen[:, None], logits, -jnp.inf), axis=-1)
+    return jnp.einsum("BNTS,BSNH->BTNH", probs, value)
+
+
+@pytest.mark.parametrize("kind", ["mtl", "xla"])
+@pytest.mark.parametrize("window", [None, 3, "traced"])
+def test_attention_within_segments_and_window_matches_plain_attention(kind, window):
+    """Packed rows: each path (mtl's own, jax.nn.dot_product_attention's XLA one) against the plain mask."""
+    query, key, value = inputs((B, T, N, H), (B, T, K, H), (B, T, K, H))
+    w = jnp.int32(3) if window == "traced" else window  # a per-layer window picked inside a scan is traced
+    if kind == "mtl":
+        fast = lambda q, k, v: layers.causal_attention(q, k, v, w, 0.0, jnp.asarray(SEGMENTS))  # noqa: E731
+    else:
+        fast = lambda q, k, v: layers.fused_attention(q, k, v, w, 0.0, jnp.asarray(SEGMENTS), "xla")  # noqa: E731
+    reference = lambda q, k, v: plain_attention(q, k, v, 3 if window else None, SEGMENTS)  # noqa: E731
+    assert_same_value_and_grads(fast, reference, (query, key, value))
+
+
+def test_fused_attention_without_segments_matches_causal_attention():
+    query, key, value = inputs((B, T, N, H), (B, T, K, H), (B, T, K, H))
+    np.testing.assert_allclose(
+        layers.fused_attention(query, key, value, None, 0.0, None, "xla"),
+        layers.causal_attention(query, key, value),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_attention_kind_picks_cudnn_only_on_a_gpu_in_half_precision():
+    assert layers.attention_kind("auto", "bfloat16", 64, platform="gpu") == "cudnn"
+    assert layers.attention_kind("auto", "float32", 64, platform="gpu") == "mtl"  # cuDNN's flash: 16-bit only
+    assert layers.attention_kind("auto", "bfloat16", 64, platform="cpu") == "mtl"
+    assert layers.attention_kind("xla", "float32", 64, platform="cpu") == "xla"
