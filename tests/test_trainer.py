@@ -4,6 +4,8 @@ The training loop itself runs end to end in tests/test_cli.py (killed and
 resumed), tests/test_multiprocess.py and tests/test_notebook.py.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -59,6 +61,33 @@ def test_trim_cuts_padding_to_the_longest_row_rounded_up():
     # One process's rows: the global batch's longest row decides, so every process cuts alike.
     assert trainer.trim(batch, longest=70)["tokens"].shape == (2, 96)
     assert trainer.trim(batch, longest=500)["tokens"].shape == (2, 128)  # never wider than the split
+
+
+def test_train_batches_pack_the_drawn_examples_into_fewer_rows_split_between_devices():
+    import datasets
+
+    from sharding import make_mesh
+    from tasks import ByteTokenizer, encode_split
+
+    words = [w * k for w in ("ab", "cde", "f") for k in range(1, 9)]  # 24 examples of 1 to 24 bytes
+    data = datasets.Dataset.from_dict({"input": words, "target": words})
+    split = encode_split("generate", data, ByteTokenizer(), 64)
+    task = trainer.TaskData("spell", "generate", "", (), {"train": split}, 0)
+    indices = np.arange(24)[::-1]
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")  # 4 devices split the batch
+    packed_cfg = trainer.configure("tiny", batch_size=24)
+    batches = {
+        pack: trainer.TrainBatches(
+            dataclasses.replace(packed_cfg, train=dataclasses.replace(packed_cfg.train, pack=pack)), [task], mesh
+        )
+        for pack in (True, False)
+    }
+    packed, rows, real = batches[True]("spell", indices)
+    unpacked, b, real_unpacked = batches[False]("spell", indices)
+    assert real == real_unpacked == (packed["segment_ids"] > 0).sum() == (unpacked["tokens"] > 0).sum()
+    assert packed["loss_mask"].sum() == unpacked["loss_mask"].sum()
+    assert b == 24 and rows % 4 == 0 and rows < 24 and packed["tokens"].shape == (rows, 128)
+    assert packed["segment_ids"].max() > 1  # rows hold several examples
 
 
 def test_default_out_names_the_tasks_and_the_seed():
