@@ -49,10 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-mesh", action="store_true", help="skip the 2x2x2 run on 8 virtual devices")
     p.add_argument("--no-checkpoint", action="store_true", help="skip the save-in-flight measurement")
     p.add_argument("--no-allocator", action="store_true", help="skip the run without allocator tuning")
+    p.add_argument("--no-packing", action="store_true", help="skip the demo mixture, packed against unpacked")
+    p.add_argument("--mixture-steps", type=int, default=16, help="demo-mixture steps in one timed window (packing)")
     p.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     # Internal: the child processes' configuration.
     p.add_argument("--child-mesh", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-default-allocator", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-torch", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -209,6 +212,86 @@ def measure_save(runner: Runner, windows: int, steps: int) -> dict:
     }
 
 
+# --- the demo mixture, packed and unpacked -----------------------------------------
+
+
+def mixture_runners(preset: str, steps: int) -> list[Runner]:
+    """train.py's own steps on the demo mixture (g2p, langid): one example a row, then packed.
+
+    Both runners train the same ``steps`` consecutive steps the mixture sampler
+    draws, over and over; ``step()`` builds the next step's batch on the host
+    (trimmed or packed, as train.py does), places it and runs the step, so a
+    window of ``steps`` steps is one pass. Every shape is compiled before timing.
+    """
+    import jax
+
+    import sharding
+    import tasks
+    from mtl import trainer, training
+
+    plan = trainer.prepare(trainer.configure(preset, tasks="g2p,langid"), log=lambda _: None)
+    cfg, mesh = plan.config, sharding.make_mesh("", jax.devices()[:1])
+    sizes = {d.name: len(d.splits["train"]) for d in plan.data}
+    sampler = tasks.MixtureSampler(sizes, tasks.mixture_rates(cfg.train.mixture, sizes), cfg.train.batch_size, 0)
+    draws = [sampler.batch_at(step) for step in range(steps)]
+    kinds = {d.name: d.kind for d in plan.data}
+    runners = []
+    for pack in (False, True):
+        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pack=pack))
+        batches = trainer.TrainBatches(run_cfg, plan.data, mesh)
+        graphdef, state, shardings = training.create_train_state(run_cfg.model, run_cfg.train, mesh)
+        holder = {"state": state, "next": 0}
+        step_fns = {}
+
+        def step(batches=batches, holder=holder, step_fns=step_fns, graphdef=graphdef, shardings=shardings):
+            name, indices = draws[holder["next"] % steps]
+            holder["next"] += 1
+            batch, rows, _ = batches(name, indices)
+            with jax.set_mesh(mesh):
+                if name not in step_fns:
+                    step_fns[name] = training.compile_train_step(
+                        graphdef, shardings, mesh, batch, task=name, kind=kinds[name]
+                    )
+                holder["state"], holder["metrics"] = step_fns[name](holder["state"], training.put_batch(batch, mesh))
+
+        def sync(holder=holder):
+            jax.block_until_ready(holder["state"])
+
+        real = computed = flops = 0
+        shapes = set()
+        for name, indices in draws:
+            batch, rows, tokens = batches(name, indices)
+            width = batch["tokens"].shape[1]
+            real, computed = real + tokens, computed + rows * width
+            flops += perf.train_flops_per_token(run_cfg.model, width) * rows * width
+            shapes.add((name, rows, width))
+        t0 = time.perf_counter()
+        time_windows(step, 1, steps, sync)  # compiles every shape of the pass
+        compile_s = time.perf_counter() - t0
+        info = {
+            "pack": pack,
+            "steps": steps,
+            "batch": cfg.train.batch_size,
+            "real_tokens": real,
+            "computed_tokens": computed,
+            "flops": flops,
+            "shapes": len(shapes),
+            "first_pass_s": compile_s,
+            "holder": holder,
+        }
+        runners.append(Runner(step, sync, info))
+    return runners
+
+
+def summarise_mixture(info: dict, times: list[float]) -> dict:
+    result = {k: v for k, v in info.items() if k != "holder"}
+    pass_s = median(times) * info["steps"]
+    result.update(step_s=median(times), real_tokens_per_s=info["real_tokens"] / pass_s)
+    result["padding"] = 1 - info["real_tokens"] / info["computed_tokens"]
+    result["model_flops_per_s"] = info["flops"] / pass_s
+    return result
+
+
 # --- PyTorch / transformers ----------------------------------------------------
 
 
@@ -309,8 +392,23 @@ def run_child(args, extra: list[str], env: dict[str, str]) -> dict | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def torch_child(args, preset: str, batch: int) -> dict | None:
+    """The GPT-2 baseline in a process of its own: no JAX beside it, glibc's default allocator settings."""
+    command = [sys.executable, os.path.abspath(__file__), "--child-torch", preset, "--seq-len", str(args.seq_len)]
+    command += ["--steps", str(args.steps), "--windows", str(args.windows), "--batch", str(batch)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        print(f"torch baseline failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def child_main(args) -> int:
     """One small-preset measurement, printed as a JSON line for the parent."""
+    if args.child_torch:
+        runner = torch_runner(args.child_torch, args.batch, args.seq_len)
+        print(json.dumps(summarise(runner.info, time_windows(runner.step, args.windows, args.steps, runner.sync))))
+        return 0
     if not args.child_default_allocator:
         perf.tune_host_allocator()
     model_cfg, train_cfg = model_config("small")
@@ -325,7 +423,7 @@ def child_main(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.child_mesh is not None or args.child_default_allocator:
+    if args.child_mesh is not None or args.child_default_allocator or args.child_torch:
         return child_main(args)
     tuned = perf.tune_host_allocator()  # before JAX starts its threads; see docs/training_bench.md
 
@@ -343,15 +441,14 @@ def main(argv=None) -> int:
         model_cfg, train_cfg = model_config(preset)
         batch = args.batch or train_cfg.batch_size
         runners = [jax_runner(preset, batch, args.seq_len)]
-        if not args.no_torch:
-            try:
-                runners.append(torch_runner(preset, batch, args.seq_len))
-            except ImportError as e:
-                print(f"transformers comparison skipped ({e}); pip install -e '.[bench]'")
-        times = interleaved(runners, args.windows, args.steps)
-        result = summarise(runners[0].info, times[0])
-        if len(runners) > 1:
-            result["torch"] = summarise(runners[1].info, times[1])
+        # The baseline runs in a child of its own between two halves of ours, so neither shares a
+        # process (or this one's allocator tuning) with the other and load drift splits evenly.
+        times = time_windows(runners[0].step, (args.windows + 1) // 2, args.steps, runners[0].sync)
+        torch_result = None if args.no_torch else torch_child(args, preset, batch)
+        times += time_windows(runners[0].step, args.windows // 2, args.steps, runners[0].sync)
+        result = summarise(runners[0].info, times)
+        if torch_result is not None:
+            result["torch"] = torch_result
         if not args.no_checkpoint:
             result["checkpoint"] = measure_save(runners[0], args.windows, args.steps)
         rows.append(result)
@@ -364,11 +461,11 @@ def main(argv=None) -> int:
     measured = ", ".join(f"{peak / 1e9:.1f} GFLOP/s {dtype}" for dtype, peak in sorted(peaks.items()))
     print(f"matmul peak (2048^2, best of 10, at the start and the end of the run): {measured}")
     print(
-        f"\nsequence length {args.seq_len}; median of {args.windows} windows of {args.steps} steps, "
-        "ours and torch taking turns\n"
+        f"\nsequence length {args.seq_len}; median of {args.windows} windows of {args.steps} steps; "
+        "torch in a child process of its own, between two halves of ours\n"
     )
     header = f"{'preset':<8}{'batch':>6}{'params':>9}{'step ms':>9}{'tokens/s':>10}{'GFLOP/step':>11}"
-    print(header + f"{'MFU':>7}{'MFU cons.':>10}{'torch tok/s':>12}{'ours/torch':>11}")
+    print(header + f"{'MFU':>7}{'MFU cons.':>10}{'torch tok/s':>12}{'per token':>10}{'per FLOP':>9}")
     for r in rows:
         peak = peaks[r["dtype"]]
         r["mfu"] = r["flops_per_step"] / r["step_s"] / peak
@@ -382,7 +479,9 @@ def main(argv=None) -> int:
             t = r["torch"]
             t["mfu"] = t["flops_per_step"] / t["step_s"] / peaks["float32"]
             r["torch_ratio"] = r["tokens_per_s"] / t["tokens_per_s"]
-            line += f"{t['tokens_per_s']:>12.0f}{r['torch_ratio']:>10.2f}x"
+            # Model FLOPs a second, each model's own count (GPT-2's attention is wider: it does more a token).
+            r["torch_ratio_per_flop"] = (r["flops_per_step"] / r["step_s"]) / (t["flops_per_step"] / t["step_s"])
+            line += f"{t['tokens_per_s']:>12.0f}{r['torch_ratio']:>9.2f}x{r['torch_ratio_per_flop']:>8.2f}x"
         print(line)
     for r in rows:
         if "torch" in r:
@@ -390,7 +489,8 @@ def main(argv=None) -> int:
             print(
                 f"torch {r['preset']}: {t['framework']}, {t['attention']} attention, {t['threads']} threads, "
                 f"n_inner {t['n_inner']}, {t['params'] / 1e6:.2f}M params, step {t['step_s'] * 1e3:.1f} ms, "
-                f"MFU {t['mfu']:.1%} (its own FLOPs)"
+                f"{t['flops_per_step'] / 1e9:.2f} GFLOP/step ({t['flops_per_step'] / r['flops_per_step']:.3f}x ours), "
+                f"MFU {t['mfu']:.1%} (its own FLOPs); in a child process, default allocator"
             )
     for r in rows:
         if "checkpoint" in r:
@@ -402,6 +502,24 @@ def main(argv=None) -> int:
                 f"a save alone takes {c['save_alone_s'] * 1e3:.0f} ms"
             )
     report["presets"] = rows
+
+    if not args.no_packing and "small" in presets:
+        runners = mixture_runners("small", args.mixture_steps)
+        times = interleaved(runners, args.windows, args.mixture_steps)
+        unpacked, packed = (summarise_mixture(r.info, t) for r, t in zip(runners, times))
+        del runners
+        packed["ratio_real_tokens_per_s"] = packed["real_tokens_per_s"] / unpacked["real_tokens_per_s"]
+        report["mixture"] = {"unpacked": unpacked, "packed": packed}
+        print(
+            f"\ndemo mixture (small, g2p and langid as train.py draws them, {args.mixture_steps} steps of "
+            f"{unpacked['batch']} examples, median of {args.windows} passes, the two taking turns):"
+        )
+        for name, m in (("unpacked", unpacked), ("packed", packed)):
+            print(
+                f"  {name:<9} {m['real_tokens_per_s']:>8.0f} real tokens/s  {m['step_s'] * 1e3:>6.1f} ms/step  "
+                f"padding {m['padding']:.0%}  {m['model_flops_per_s'] / 1e9:.1f} GFLOP/s  {m['shapes']} shapes"
+            )
+        print(f"  packed/unpacked real tokens/s: {packed['ratio_real_tokens_per_s']:.2f}x")
 
     small = next((r for r in rows if r["preset"] == "small"), None)
     if not args.no_mesh:
