@@ -215,8 +215,12 @@ def measure_save(runner: Runner, windows: int, steps: int) -> dict:
 # --- the demo mixture, packed and unpacked -----------------------------------------
 
 
+MIXTURE_CASES = (("unpacked", False, "mtl"), ("packed", True, "mtl"), ("packed, xla attention", True, "xla"))
+
+
 def mixture_runners(preset: str, steps: int) -> list[Runner]:
-    """train.py's own steps on the demo mixture (g2p, langid): one example a row, then packed.
+    """train.py's own steps on the demo mixture (g2p, langid): one example a row, packed, and packed with
+    ``jax.nn.dot_product_attention``'s XLA attention in place of mtl's own (``MIXTURE_CASES``).
 
     Both runners train the same ``steps`` consecutive steps the mixture sampler
     draws, over and over; ``step()`` builds the next step's batch on the host
@@ -236,8 +240,12 @@ def mixture_runners(preset: str, steps: int) -> list[Runner]:
     draws = [sampler.batch_at(step) for step in range(steps)]
     kinds = {d.name: d.kind for d in plan.data}
     runners = []
-    for pack in (False, True):
-        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pack=pack))
+    for case, pack, attention in MIXTURE_CASES:
+        run_cfg = dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(cfg.model, attention=attention),
+            train=dataclasses.replace(cfg.train, pack=pack),
+        )
         batches = trainer.TrainBatches(run_cfg, plan.data, mesh)
         graphdef, state, shardings = training.create_train_state(run_cfg.model, run_cfg.train, mesh)
         holder = {"state": state, "next": 0}
@@ -269,7 +277,9 @@ def mixture_runners(preset: str, steps: int) -> list[Runner]:
         time_windows(step, 1, steps, sync)  # compiles every shape of the pass
         compile_s = time.perf_counter() - t0
         info = {
+            "case": case,
             "pack": pack,
+            "attention": attention,
             "steps": steps,
             "batch": cfg.train.batch_size,
             "real_tokens": real,
@@ -506,20 +516,23 @@ def main(argv=None) -> int:
     if not args.no_packing and "small" in presets:
         runners = mixture_runners("small", args.mixture_steps)
         times = interleaved(runners, args.windows, args.mixture_steps)
-        unpacked, packed = (summarise_mixture(r.info, t) for r, t in zip(runners, times))
+        cases = {r.info["case"]: summarise_mixture(r.info, t) for r, t in zip(runners, times)}
         del runners
+        unpacked, packed = cases["unpacked"], cases["packed"]
         packed["ratio_real_tokens_per_s"] = packed["real_tokens_per_s"] / unpacked["real_tokens_per_s"]
-        report["mixture"] = {"unpacked": unpacked, "packed": packed}
+        report["mixture"] = cases
         print(
             f"\ndemo mixture (small, g2p and langid as train.py draws them, {args.mixture_steps} steps of "
             f"{unpacked['batch']} examples, median of {args.windows} passes, the two taking turns):"
         )
-        for name, m in (("unpacked", unpacked), ("packed", packed)):
+        for name, m in cases.items():
             print(
-                f"  {name:<9} {m['real_tokens_per_s']:>8.0f} real tokens/s  {m['step_s'] * 1e3:>6.1f} ms/step  "
+                f"  {name:<22} {m['real_tokens_per_s']:>8.0f} real tokens/s  {m['step_s'] * 1e3:>6.1f} ms/step  "
                 f"padding {m['padding']:.0%}  {m['model_flops_per_s'] / 1e9:.1f} GFLOP/s  {m['shapes']} shapes"
             )
         print(f"  packed/unpacked real tokens/s: {packed['ratio_real_tokens_per_s']:.2f}x")
+        xla = cases["packed, xla attention"]
+        print(f"  packed, mtl's attention / XLA's: {packed['real_tokens_per_s'] / xla['real_tokens_per_s']:.2f}x")
 
     small = next((r for r in rows if r["preset"] == "small"), None)
     if not args.no_mesh:
