@@ -306,7 +306,7 @@ def prefill_rows(
     sampling: Sampling,
     max_new: jax.Array,
     allowed: jax.Array,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     cache_len: int,
     stops: jax.Array | None = None,
 ) -> tuple[DecodeState, jax.Array, dict[str, jax.Array]]:
@@ -317,6 +317,7 @@ def prefill_rows(
       lengths, task_ids: [P].
       sampling: per-row settings, each [P].
       max_new: [P] each row's token budget (at least 1).
+      eos_id: the id, or ids, that end a generation.
       stops: [P, STOP_SEQUENCES, STOP_TOKENS] (:func:`stop_array`); None: no stop sequences.
 
     Returns:
@@ -336,12 +337,17 @@ def prefill_rows(
         positions=lengths,
         task_ids=task_ids,
         sampling=sampling,
-        done=(first == eos_id) | (max_new <= 1) | _stopped(stops, recent),
+        done=_is_eos(first, eos_id) | (max_new <= 1) | _stopped(stops, recent),
         remaining=max_new - 1,
         stops=stops,
         recent=recent,
     )
     return rows, first, heads
+
+
+def _is_eos(tokens: jax.Array, eos_id: int | Sequence[int]) -> jax.Array:
+    """Whether each token ends its generation: one of the (few, static) EOS ids; a model may have several."""
+    return jnp.isin(tokens, jnp.asarray(eos_id, jnp.int32))
 
 
 def insert(state: DecodeState, rows: DecodeState, slots: jax.Array) -> DecodeState:
@@ -383,7 +389,11 @@ def decode_forward(
 
 
 def decode_step(
-    model: MultiTaskModel, weights: DecodeWeights, state: DecodeState, allowed: jax.Array, eos_id: int
+    model: MultiTaskModel,
+    weights: DecodeWeights,
+    state: DecodeState,
+    allowed: jax.Array,
+    eos_id: int | Sequence[int],
 ) -> tuple[DecodeState, jax.Array]:
     """Feeds every slot's last token and samples the next: one new token a slot.
 
@@ -397,7 +407,7 @@ def decode_step(
     new = sample(logits, state.sampling, state.positions, allowed)  # all generation tasks share the LM head
     live = ~state.done
     recent = jnp.concatenate([state.recent[:, 1:], new[:, None]], axis=1)
-    done = state.done | (live & ((new == eos_id) | (state.remaining <= 1) | _stopped(state.stops, recent)))
+    done = state.done | (live & (_is_eos(new, eos_id) | (state.remaining <= 1) | _stopped(state.stops, recent)))
     state = DecodeState(
         cache=cache,
         tokens=jnp.where(live, new, state.tokens),
@@ -420,7 +430,7 @@ def decode_steps(
     stop_after: jax.Array,
     max_steps: int,
     allowed: jax.Array,
-    eos_id: int,
+    eos_id: int | Sequence[int],
 ) -> tuple[DecodeState, jax.Array, jax.Array]:
     """Runs up to ``steps`` (at most ``max_steps``) decode steps in one program, ending early once
     ``stop_after`` slots live at its start are done, or every slot is.

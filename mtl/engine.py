@@ -210,7 +210,9 @@ class Engine:
       mesh: the serving mesh.
       max_batch: decode slots (generation requests decoded together).
       allowed_tokens: [V] bool, the tokens generation may produce.
-      eos_id, pad_id: the tokenizer's end and padding ids.
+      eos_id: the tokenizer's end id, or every id that ends a generation
+        (a model's generation config may list several); any of them stops a slot.
+      pad_id: the tokenizer's padding id.
       prefill_batch: prompts prefilled together (default ``min(max_batch, 8)``).
       max_queue: requests that may wait; :meth:`submit` raises QueueFull beyond.
       batching: ``"continuous"`` (default) or ``"static"``.
@@ -238,7 +240,7 @@ class Engine:
         *,
         max_batch: int,
         allowed_tokens: np.ndarray,
-        eos_id: int,
+        eos_id: int | Sequence[int],
         pad_id: int,
         prefill_batch: int | None = None,
         max_queue: int = 1024,
@@ -260,7 +262,7 @@ class Engine:
         self.max_queue = max_queue
         self.batching = batching
         self.steps_per_call = steps_per_call
-        self.eos_id = eos_id
+        self.eos_ids = tuple(int(i) for i in np.atleast_1d(eos_id))
         self.pad_id = pad_id
         self.buckets = length_buckets(self.cfg.max_len)
         self.graphdef, params = nnx.split(model)
@@ -286,7 +288,7 @@ class Engine:
             self._step_fn, donate_argnums=2, out_shardings=(state_shardings, host, host), compiler_options=options
         )
         # Whether a slot can end before its budget on device: then a chunk ends early for waiting requests.
-        self._eos_allowed = bool(np.asarray(allowed_tokens)[eos_id])
+        self._eos_allowed = bool(np.asarray(allowed_tokens)[list(self.eos_ids)].any())
 
         self.slots: list[_Active | None] = [None] * max_batch  # who holds each slot for the next chunk
         self._in_flight: collections.deque[_Prefilled | _Decoded] = collections.deque()  # in dispatch order
@@ -303,7 +305,7 @@ class Engine:
         model = nnx.merge(self.graphdef, params)
         s = self.cfg.max_len
         return decode.prefill_rows(
-            model, weights, tokens, lengths, task_ids, sampling, max_new, self.allowed, self.eos_id, s, stops
+            model, weights, tokens, lengths, task_ids, sampling, max_new, self.allowed, self.eos_ids, s, stops
         )
 
     def _insert_fn(self, state, rows, slots):
@@ -314,7 +316,7 @@ class Engine:
         self.traces["step"] += 1
         model = nnx.merge(self.graphdef, params)
         return decode.decode_steps(
-            model, weights, state, steps, stop_after, self.steps_per_call, self.allowed, self.eos_id
+            model, weights, state, steps, stop_after, self.steps_per_call, self.allowed, self.eos_ids
         )
 
     @property
@@ -677,7 +679,7 @@ class Engine:
         if active.ticket.done():  # ended (or was cancelled) before this token was read
             return True
         reason = None
-        if token == self.eos_id:
+        if token in self.eos_ids:
             reason = "stop"
         else:
             active.tokens.append(token)

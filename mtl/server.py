@@ -73,7 +73,7 @@ def make_engine(model: MultiTaskModel, mesh, settings: C.ServeConfig, tokenizer)
         mesh,
         max_batch=settings.max_batch,
         allowed_tokens=allowed_tokens(tokenizer, model.cfg.vocab_size),
-        eos_id=tokenizer.eos_id,
+        eos_id=tokenizer.eos_ids,
         pad_id=tokenizer.pad_id,
         prefill_batch=settings.prefill_batch or None,
         max_queue=settings.max_queue,

@@ -335,6 +335,23 @@ def test_chunks_of_steps_change_no_output():
     assert outputs[8][1] == (run[:cut], "stop")
 
 
+def test_any_of_several_eos_ids_ends_a_generation_on_device():
+    # A model's generation config may list several EOS ids (Llama 3: <|end_of_text|>, <|eot_id|>). Whichever
+    # comes first ends the request, on the host and on the device (the slot is done there, not left running).
+    model = MultiTaskModel(CFG, rngs=nnx.Rngs(1))
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    free = Engine(model, mesh, max_batch=4, prefill_batch=2, allowed_tokens=NO_EOS, eos_id=EOS, pad_id=0)
+    run = free.generate([gen([70, 71], 20, temperature=1.0, seed=4)])[0].tokens
+    news = [i for i in range(1, 20) if run[i] not in run[:i]]  # first appearances
+    first, second = news[1], news[2]
+    engine = Engine(
+        model, mesh, max_batch=4, prefill_batch=2, allowed_tokens=NO_EOS, eos_id=(run[second], run[first]), pad_id=0
+    )
+    out = engine.generate([gen([70, 71], 20, temperature=1.0, seed=4)])[0]
+    assert (out.tokens, out.finish_reason) == (run[:first], "stop")
+    assert engine.stats["steps"] == first  # its chunk ended on device at that token, the budget (20) far from spent
+
+
 def test_steps_per_call_must_be_positive():
     model = MultiTaskModel(CFG, rngs=nnx.Rngs(1))
     mesh = make_mesh("data=1", jax.devices()[:1])
