@@ -28,8 +28,8 @@ import numpy as np
 from flax import nnx
 
 import tasks
+from mtl import chat, task_admin
 from mtl import config as C
-from mtl import task_admin
 from mtl.checkpoint import Checkpoints, candidates, restore_newest
 from mtl.config import UsageError
 from mtl.engine import DeadlineExceeded, Engine, Generation, QueueFull, Request
@@ -114,6 +114,7 @@ class Server:
         self.tasks = tasks_info
         self.tokenizer = tokenizer
         self.room = None  # the task rows POST/DELETE /v1/tasks change (mtl.task_admin), set by load
+        self.chat = chat.ChatTemplate.from_tokenizer(tokenizer)  # None: no chat template, no chat completions
 
     @classmethod
     def load(cls, ckpt: str, overrides: Sequence[str] = (), log=lambda *_: None) -> Server:
@@ -614,7 +615,56 @@ def make_app(server: Server):
         return await streamed(request, parsed, lambda i, text: openai_api.chunk(cid, model, i, text, None), end, last)
 
     async def chat_completions(request):
-        return error(request, 400, "this checkpoint carries no chat template; use /v1/completions")
+        if server.chat is None:
+            message = "this checkpoint carries no chat template (its tokenizer has none); use /v1/completions"
+            return error(request, 400, message)
+        try:
+            body = await read_json(request)
+            raw = openai_api.chat_request(body, kinds())
+            prompt = server.chat.prompt_ids(chat.messages_of(body["messages"]))
+            # Checked as any request; the rendered messages then replace the task's prompt template.
+            parsed = server.parse({**raw, "id": 0, "input": ""})
+        except openai_api.OpenAIError as e:
+            return web.json_response(e.body(), status=e.status)
+        except (ValueError, BadRequest) as e:
+            return error(request, 400, openai_api.openai_message(str(e)))
+        limit = server.engine.max_prompt_len()
+        if len(prompt) > limit:
+            return error(request, 400, f"the messages are {len(prompt)} tokens in the chat template; at most {limit}")
+        parsed = dataclasses.replace(parsed, request=dataclasses.replace(parsed.request, prompt=prompt))
+        cid, model = openai_api.new_id("chatcmpl"), body["model"]
+        if body.get("stream"):
+            return await chat_stream(request, body, parsed, cid)
+        try:
+            answer_ = await answer(parsed)
+        except QueueFull as e:
+            return error(request, 429, str(e), {"Retry-After": "1"})
+        if "error" in answer_:
+            return error(request, _status(answer_), answer_["error"])
+        return web.json_response(openai_api.chat_completion(cid, model, answer_, len(prompt)), dumps=to_json)
+
+    async def chat_stream(request, body: dict, parsed: Parsed, cid: str):
+        """``stream: true`` on /v1/chat/completions: the role, then content deltas, then the finish reason."""
+        model, tokens = body["model"], [0]
+        usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
+        started = []
+
+        def piece(_, text):
+            delta = {"content": text} if started else {"role": "assistant", "content": text}
+            started.append(True)
+            return openai_api.chat_chunk(cid, model, delta)
+
+        def end(_, answer, text):
+            if "error" in answer:
+                return [openai_api.error_body(answer["error"], "server_error")]
+            tokens[0], rest = answer["tokens"], text.finish(answer["output"])
+            return [openai_api.chat_chunk(cid, model, {"content": rest} if rest else {}, answer["finish_reason"])]
+
+        def last():
+            final = [openai_api.chat_usage_chunk(cid, model, len(parsed.request.prompt), tokens[0])] if usage else []
+            return [*final, "[DONE]"]
+
+        return await streamed(request, [parsed], piece, end, last)
 
     async def prometheus(_request):
         return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
