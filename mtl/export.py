@@ -9,7 +9,26 @@ BOS, so the export adds it to BOS's embedding row (the output head is written
 untied, so BOS's logit is unchanged). mtl's own embedding scale sqrt(D) is
 folded into the table for the families that have none. Weights are the
 transposes of what :mod:`mtl.hf_import` reads (the same ``sources`` table).
-Classification, regression and tag heads are not exported yet.
+
+A task with its own head is exported to the class ``transformers`` has for it,
+the task folded into BOS the same way:
+
+- **tag** -> ``{Family}ForTokenClassification`` (not Gemma 3, which has
+  none): its ``score`` (weight and bias) is mtl's tag head, so the logits at
+  every position are mtl's; mtl reads a word's tag at its last sub-word token.
+- **classify** -> ``{Family}ForSequenceClassification``. transformers pools
+  the rightmost token that is not ``pad_token_id``, mtl the prompt's last
+  token: the same position on right-padded batches, because mtl's prompts end
+  in the template's separator, not in the pad id (a template ending in the pad
+  token would break it). transformers' ``score`` has no bias and mtl's
+  classifier has one, so the bias is written in ``config.json`` as
+  ``mtl_score_bias``: ``logits + mtl_score_bias`` are mtl's logits (and
+  ``softmax`` of them mtl's ``scores``); they equal as loaded only where the
+  bias is zero.
+- **regress** -> the same class with ``num_labels=1`` and
+  ``problem_type="regression"``: the weight carries mtl's standard deviation,
+  and ``mtl_score_bias`` the rest (mean + std * bias), so ``logits[:, 0] +
+  mtl_score_bias[0]`` is mtl's ``value``.
 
 A run with adapters (``model.adapter_rank``) exports the backbone without
 them, plus the task's adapter in the PEFT format in ``DIR/adapter``
@@ -53,15 +72,30 @@ def family(cfg: ModelConfig) -> str:
     return "qwen2" if cfg.qkv_bias else "llama"
 
 
+CLASS_PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3": "Gemma3Text"}
+HEAD_CLASSES = {"classify": "ForSequenceClassification", "regress": "ForSequenceClassification"}
+HEAD_CLASSES["tag"] = "ForTokenClassification"
+
+
+def architecture(cfg: ModelConfig, kind: str = "generate") -> str:
+    """The transformers class a task of ``kind`` is exported to.
+
+    Raises:
+      UsageError: transformers has no such class for the family (Gemma 3 tagging).
+    """
+    fam = family(cfg)
+    if kind == "generate":
+        return {"gemma3": "Gemma3ForCausalLM"}.get(fam, CLASS_PREFIX[fam] + "ForCausalLM")
+    if fam == "gemma3" and kind == "tag":
+        raise UsageError("transformers has no Gemma 3 token classification class; a tag task cannot be exported")
+    return CLASS_PREFIX[fam] + HEAD_CLASSES[kind]
+
+
 def hf_config(cfg: ModelConfig, ids: dict[str, object]) -> dict:
     """``config.json`` of the exported model (untied output head; ``ids``: bos/eos/pad token ids)."""
     kind = family(cfg)
     out = {
-        "architectures": [
-            {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(
-                kind, "Gemma3ForCausalLM"
-            )
-        ],
+        "architectures": [architecture(cfg)],
         "model_type": {"gemma3": "gemma3_text"}.get(kind, kind),
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
@@ -113,7 +147,7 @@ def export(
         with adapters, write it in the PEFT format to ``out/adapter``.
 
     Raises:
-      UsageError: no checkpoint, an unknown or non-generation task, or options no family carries.
+      UsageError: no checkpoint, an unknown task, or options (or a head) no family carries.
     """
     try:
         folder, step = find(run)
@@ -123,10 +157,14 @@ def export(
     checkpoints = Checkpoints(folder, read_only=True)
     meta = checkpoints.read_meta(step)
     cfg = C.from_dict(meta["config"]).model
+    heads = {h.task: h for h in cfg.heads}
     generate = [h.task for h in cfg.heads if h.kind == "generate"]
     task = task or (generate[0] if generate else None)
-    if task not in generate:
-        raise UsageError(f"--task {task!r} is not a generation task of this run; choose one of {', '.join(generate)}")
+    if task not in heads:
+        raise UsageError(f"--task {task!r} is not a task of this run; choose one of {', '.join(heads)}")
+    head = heads[task]
+    hf = hf_config(cfg, {})
+    hf["architectures"] = [architecture(cfg, head.kind)]
     mesh = make_mesh("data=1", jax.devices()[:1])
     graphdef, params, _ = abstract_state(lambda: MultiTaskModel(cfg, rngs=nnx.Rngs(0)), mesh)
     checkpoints.restore(step, params)
@@ -139,7 +177,12 @@ def export(
             raise UsageError(f"--merge-adapter {task}: run {run} has no adapters (model.adapter_rank is 0)")
         adapters.merge(model.blocks, cfg, j)
     tensors = _tensors(model, cfg, task, int(ids.get("bos", 1)))
-    hf = hf_config(cfg, {k: v for k, v in ids.items() if k in ("bos", "eos", "pad")})
+    hf.update({f"{k}_token_id": v for k, v in ids.items() if k in ("bos", "eos", "pad")})
+    if head.kind != "generate":
+        del tensors["lm_head.weight"]
+        labels = next((t["labels"] for t in meta.get("tasks", []) if t["name"] == task), [])
+        tensors, extra = _head_tensors(model, head, labels, tensors["model.embed_tokens.weight"].dtype, tensors)
+        hf.update(extra)
 
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,6 +234,28 @@ def _tensors(model: MultiTaskModel, cfg: ModelConfig, task: str, bos: int) -> di
     return out
 
 
+def _head_tensors(model: MultiTaskModel, head, labels, dtype, tensors: dict) -> tuple[dict, dict]:
+    """The ``score`` tensors and config fields of a classify, regress or tag head (module docstring)."""
+    module = model.heads[head.task]
+    if head.kind == "regress":
+        w = np.asarray(module.w_d[...], np.float32) * head.value_std
+        bias = [float(head.value_mean + head.value_std * float(module.b[...]))]
+        score = {"score.weight": w[None, :]}  # [1, D]
+        extra = {"num_labels": 1, "problem_type": "regression", "mtl_score_bias": bias}
+    else:
+        w, b = np.asarray(module.w_dc[...], np.float32), np.asarray(module.b_c[...], np.float32)
+        score = {"score.weight": w.T}  # [C, D]
+        names = [str(label) for label in labels] or [f"LABEL_{i}" for i in range(w.shape[1])]
+        extra = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+        if head.kind == "tag":
+            score["score.bias"] = b  # transformers' token classifier has a bias
+            extra["classifier_dropout"] = 0.0
+        else:
+            extra.update(problem_type="single_label_classification", mtl_score_bias=[float(v) for v in b])
+    score = {k: np.ascontiguousarray(v).astype(dtype) for k, v in score.items()}
+    return {**tensors, **score}, extra
+
+
 def _hf_shape(source: hf_import.Source) -> tuple[int, ...]:
     """The transformers tensor's shape: linear weights [out, in] with heads merged, biases [out]."""
     split = source.split
@@ -205,7 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mtl.export", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="the run folder (its newest checkpoint) or a step folder")
     p.add_argument("--out", required=True, help="the Hugging Face folder to write")
-    p.add_argument("--task", help="the generation task the export answers for (default: the run's first)")
+    p.add_argument(
+        "--task", help="the task the export answers for (default: the run's first generation task); any kind"
+    )
     p.add_argument(
         "--merge-adapter",
         metavar="TASK",

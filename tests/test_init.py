@@ -33,13 +33,29 @@ def task_files(folder):
     return f"echo={gen}", f"size={cls}"
 
 
-def restored_logits(run, tokens, task_id=0):
+def head_task_files(folder):
+    """A tag task and a regression task, for the export of heads."""
+    pairs = [" ".join(hf_fixtures.WORDS[i : i + 3]) for i in range(len(hf_fixtures.WORDS) - 3)]
+    tag = folder / "caps.jsonl"
+    tag.write_text(
+        "".join(json.dumps({"input": p, "tags": ["A" if "a" in w else "O" for w in p.split()]}) + "\n" for p in pairs)
+    )
+    value = folder / "chars.jsonl"
+    value.write_text("".join(json.dumps({"input": p, "value": 3.0 + len(p)}) + "\n" for p in pairs))
+    return f"caps={tag}", f"chars={value}"
+
+
+def restored_model(run):
     cfg = C.from_dict(json.loads((run / "config.json").read_text()))
     mesh = make_mesh("data=1", jax.devices()[:1])
     graphdef, params, _ = abstract_state(lambda: MultiTaskModel(cfg.model, rngs=nnx.Rngs(0)), mesh)
     checkpoints = Checkpoints(run / "checkpoints", read_only=True)
     checkpoints.restore(checkpoints.latest_step(), params)
-    model = nnx.merge(graphdef, params)
+    return nnx.merge(graphdef, params)
+
+
+def restored_logits(run, tokens, task_id=0):
+    model = restored_model(run)
     return np.asarray(model.lm_logits(model(jnp.asarray(tokens), jnp.full(len(tokens), task_id, jnp.int32))))
 
 
@@ -64,7 +80,9 @@ def test_steps_0_checkpoint_is_the_pretrained_model_and_warm_starts(tmp_path):
 
     warm = tmp_path / "warm"
     fast = [*settings, "train.warmup_steps=0", "train.learning_rate=0.05"]  # a task embedding far from zero
-    cfg = trainer.configure("tiny", tasks=[size, echo], steps=4, init=str(run), overrides=fast)
+    caps, chars = head_task_files(tmp_path)
+    every = dict(mixture="uniform", seed=17)  # each task trains once in 4 steps (its head and bias move)
+    cfg = trainer.configure("tiny", tasks=[size, echo, caps, chars], steps=4, init=str(run), overrides=fast, **every)
     assert dataclasses_equal(cfg.model, C.from_dict(json.loads((run / "config.json").read_text())).model)
     trainer.run(trainer.prepare(cfg, **QUIET), warm)
     assert Checkpoints(warm / "checkpoints", read_only=True).latest_step() == 4
@@ -82,6 +100,50 @@ def test_steps_0_checkpoint_is_the_pretrained_model_and_warm_starts(tmp_path):
     assert np.abs(mtl_echo - restored_logits(warm, tokens, task_id=0)).max() > 1e-3  # the task embedding matters
     np.testing.assert_allclose(got, mtl_echo, atol=1e-4, rtol=1e-4)
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "export")("the cat").input_ids[-1] != served.bos_id
+    exported_heads_match(warm, served, tmp_path)
+
+
+def exported_heads_match(run, tokenizer, tmp_path):
+    """classify, tag and regress heads exported to transformers' classes give mtl's answers on a right-padded batch."""
+    from mtl.export import main as export_main
+
+    model = restored_model(run)
+    prompts = [tokenizer.prompt_ids(text) for text in ("the cat sat", "hello", "dogs ran past quickly , and")]
+    lengths = np.array([len(p) for p in prompts])
+    tokens = np.full((len(prompts), lengths.max()), tokenizer.pad_id)
+    for row, p in enumerate(prompts):
+        tokens[row, : len(p)] = p
+    real = np.arange(tokens.shape[1])[None] < lengths[:, None]
+    for task, index in (("size", 0), ("caps", 2), ("chars", 3)):
+        out = tmp_path / f"export-{task}"
+        assert export_main(["--ckpt", str(run), "--out", str(out), "--task", task]) == 0
+        config = json.loads((out / "config.json").read_text())
+        hidden = model(jnp.asarray(tokens), jnp.full(len(tokens), index, jnp.int32))
+        theirs = (
+            transformers.AutoModelForSequenceClassification
+            if task != "caps"
+            else transformers.AutoModelForTokenClassification
+        )
+        loaded = theirs.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = loaded(
+                input_ids=torch.tensor(tokens), attention_mask=torch.tensor(real.astype(np.int64))
+            ).logits.numpy()
+        if task == "size":
+            assert config["architectures"] == ["Qwen3ForSequenceClassification"]
+            assert set(config["id2label"].values()) == {"long", "short"}
+            bias = np.array(config["mtl_score_bias"])
+            assert np.abs(bias).max() > 1e-3  # trained away from zero: it must be added, as documented
+            expected = np.asarray(model.classify_logits(task, hidden, jnp.asarray(lengths)))
+            np.testing.assert_allclose(got + bias, expected, atol=1e-4, rtol=1e-4)
+        elif task == "caps":
+            assert config["architectures"] == ["Qwen3ForTokenClassification"]
+            expected = np.asarray(model.tag_logits(task, hidden))
+            np.testing.assert_allclose(got[real], expected[real], atol=1e-4, rtol=1e-4)
+        else:
+            assert (config["problem_type"], config["num_labels"]) == ("regression", 1)
+            expected = np.asarray(model.head_outputs(hidden, jnp.asarray(lengths))[task])
+            np.testing.assert_allclose(got[:, 0] + config["mtl_score_bias"][0], expected, atol=1e-3, rtol=1e-4)
 
 
 def dataclasses_equal(a, b):
