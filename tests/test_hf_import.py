@@ -163,3 +163,50 @@ def test_export_round_trip_with_the_task_folded_in(folder, tmp_path):
     want = np.asarray(model.lm_logits(model(jnp.asarray(tokens), jnp.zeros(len(tokens), jnp.int32))))
     got = reference_logits(str(tmp_path), tokens, np.ones_like(tokens))
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_151936_token_vocabulary_decodes_and_scores_as_transformers(tmp_path):
+    """Qwen's real vocabulary (V = 151,936) at a tiny width, the vocabulary split over tensor=2: the training
+    loss (vocabulary-parallel cross-entropy, gather look-up) and a prefill plus decode step equal transformers'."""
+    from mtl import decode
+    from mtl.training import generate_loss
+
+    vocab = 151_936
+    folder = hf_fixtures.tiny_model("qwen2", str(tmp_path / "qwen2"), vocab_size=vocab)
+    cfg = dataclasses.replace(hf_import.read_config(folder), heads=HEADS)
+    assert cfg.vocab_size == vocab
+    mesh = make_mesh("data=1,tensor=2", jax.devices()[:2])
+    graphdef, state = hf_import.load(folder, cfg, mesh)
+    assert not state["embed_vd"][...].sharding.is_fully_replicated  # the table is split over the vocabulary
+    model = nnx.merge(graphdef, state)
+    tokens, mask = padded_batch(vocab, seed=2)
+    assert tokens.max() > 100_000  # ids far past a small vocabulary's
+    expected = reference_logits(folder, tokens, mask)  # [B, T, V]
+
+    targets, loss_mask = np.roll(tokens, -1, axis=1), np.roll(mask, -1, axis=1) & mask
+    logp = torch.log_softmax(torch.tensor(expected), -1).numpy()
+    expected_loss = -np.take_along_axis(logp, targets[..., None], -1)[..., 0][loss_mask].mean()
+    batch = {
+        "tokens": jnp.asarray(tokens),
+        "targets": jnp.asarray(targets),
+        "loss_mask": jnp.asarray(loss_mask, jnp.float32),
+        "task_id": jnp.zeros(len(tokens), jnp.int32),
+    }
+    with jax.set_mesh(mesh):
+        loss, _ = jax.jit(lambda m, b: generate_loss(m, "echo", b, loss_mask.sum()))(model, batch)
+    np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-5)
+
+    task_ids = jnp.zeros(len(tokens), jnp.int32)
+    prompt = 3  # the shortest row's length: every row's prefill is real tokens
+    with jax.set_mesh(mesh):
+        weights = jax.jit(decode.decode_weights)(model)
+        prefill = jax.jit(decode.prefill, static_argnums=5)
+        _, cache, logits = prefill(model, weights, jnp.asarray(tokens[:, :prompt]), jnp.full(3, prompt), task_ids, 16)
+        positions = jnp.full((len(tokens), 1), prompt, jnp.int32)
+        step = jax.jit(lambda m, w, t, p, c: decode.forward(m, w, t, task_ids, p, c))
+        hidden, _ = step(model, weights, jnp.asarray(tokens[:, prompt : prompt + 1]), positions, cache)
+        stepped = model.lm_logits(hidden, weights.w_dv)[:, 0]
+    rows = np.array(LENGTHS) > prompt  # rows whose next token is real
+    np.testing.assert_allclose(np.asarray(logits), expected[:, prompt - 1], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(stepped)[rows], expected[rows, prompt], atol=1e-4, rtol=1e-4)
+    assert (np.asarray(stepped).argmax(-1)[rows] == expected[rows, prompt].argmax(-1)).all()
