@@ -429,7 +429,7 @@ def make_app(server: Server):
     from mtl import openai_api
     from mtl.server_metrics import ServerMetrics
 
-    metrics = ServerMetrics(server.engine, set(server.tasks))
+    metrics = ServerMetrics(server.engine, server.tasks.keys())  # a live view: tasks come and go
     kinds = lambda: {name: info.kind for name, info in server.tasks.items()}  # noqa: E731 (tasks come and go)
     started = int(time.time())
 

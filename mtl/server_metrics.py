@@ -10,6 +10,8 @@ Each server has its own registry, so several in one process
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # Seconds: from a few milliseconds (a prefill on a small model) to a minute.
@@ -20,7 +22,7 @@ TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 class ServerMetrics:
     """Counters and histograms of one server; :meth:`observe` each answer, :meth:`render` to scrape."""
 
-    def __init__(self, engine, tasks: set[str]):
+    def __init__(self, engine, tasks: Collection[str]):
         self.tasks = tasks
         self.registry = CollectorRegistry()
         r = self.registry

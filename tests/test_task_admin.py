@@ -140,5 +140,6 @@ def test_add_and_remove_tasks_over_http_while_serving(setup):
     status, body = call(server, "POST", "/v1/tasks", {"run": runs["b"], "task": "rev3"})
     assert status == 200 and body["row"] == 4, body  # rev's row, free again
     assert infer(server, "rev3")["output"] == generated(4)
+    assert 'task="rev3"' in call(server, "GET", "/metrics")[1]  # an added task has its own metrics
     assert {(task, t): infer(server, task, t) for task, t in before} == before
     assert server.engine.traces == traces  # no program compiled again
