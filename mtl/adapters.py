@@ -27,11 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtl.config import ADAPTER_TARGETS as TARGETS
 from mtl.config import ModelConfig
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-ATTENTION_TARGETS = ("q", "k", "v", "o")
-MLP_TARGETS = ("gate", "up", "down")
 _KEY_BASE = 0x10A0_0000  # far above any count a stream reaches
 
 
