@@ -97,8 +97,9 @@ class ChatTemplate:
         self.origin = origin
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> ChatTemplate | None:
-        """The template a run's tokenizer carries (``HFTokenizer.kept``); None without one (the byte tokenizer).
+    def from_tokenizer(cls, tokenizer) -> ChatTemplate | Unavailable | None:
+        """The template a run's tokenizer carries (``HFTokenizer.kept``); None without one (the byte tokenizer),
+        :class:`Unavailable` where jinja2 is not installed.
 
         Raises:
           UsageError: a template that is there but does not compile.
@@ -108,6 +109,10 @@ class ChatTemplate:
         if found is None:
             return None
         source, origin = found
+        try:
+            import jinja2  # noqa: F401
+        except ImportError:  # served all the same; only chat requests are refused, saying why
+            return Unavailable(f"the chat template in {origin} needs jinja2: pip install 'mtl[serve]'")
         return cls(source, tokenizer, special_tokens(files, tokenizer), origin)
 
     def render(self, messages: list[dict]) -> str:
@@ -130,6 +135,16 @@ class ChatTemplate:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The token ids of the rendered prompt; the template writes BOS and every marker itself."""
         return self.tokenizer.encode(self.render(messages))
+
+
+class Unavailable:
+    """A template that cannot be rendered here (jinja2 missing): every chat request gets ``reason`` as its 400."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        raise ChatError(self.reason)
 
 
 def _namespace_class(jinja2):
