@@ -79,3 +79,6 @@ def test_notebook_runs_with_the_tiny_preset(tmp_path, monkeypatch):
     served = [t for t in tables if "hyph-1" in t]
     assert served, "the serving cell shows no table of answers"
     assert "unknown task 'poetry'" in served[0], "a bad request should be answered with its error"
+    pretrained = [t for t in tables if "pre-lang-1" in t]
+    assert pretrained and "pre-g2p-1" in pretrained[0], "the pretrained section serves both tasks in one batch"
+    assert (out.parent / "run-pretrained" / "tokenizer.json").is_file(), "--init keeps the model's tokenizer"
