@@ -60,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="steps in one timed window")
     p.add_argument("--windows", type=int, default=3, help="timed windows; the median is reported")
     p.add_argument("--folder", help="an existing Hugging Face folder to use instead of building one")
+    p.add_argument("--no-train", action="store_true", help="measure the import only (seconds, not minutes)")
     p.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     p.add_argument("--child", choices=("import", "mtl", "torch"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -84,6 +85,17 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def rss_parts() -> dict[str, int]:
+    """Resident bytes by kind: RssAnon (the process's own memory) and RssFile (mapped files' pages, the safetensors)."""
+    parts = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                name, kb, _ = line.split()
+                parts[name.rstrip(":")] = int(kb) * 1024
+    return parts
+
+
 def child_import(folder: str) -> dict:
     import dataclasses
 
@@ -97,11 +109,14 @@ def child_import(folder: str) -> dict:
     mesh = make_mesh("data=1", jax.devices()[:1])
     jax.block_until_ready(jax.numpy.zeros(8) + 1)  # the runtime up before the baseline
     peak, stop = [rss_bytes()], threading.Event()
-    baseline = peak[0]
+    baseline, base_parts = peak[0], rss_parts()
+    peak_parts = dict(base_parts)
 
     def sample():
         while not stop.is_set():
             peak[0] = max(peak[0], rss_bytes())
+            for name, value in rss_parts().items():
+                peak_parts[name] = max(peak_parts[name], value)
             time.sleep(0.002)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -115,7 +130,8 @@ def child_import(folder: str) -> dict:
     sampler.join()
     peak[0] = max(peak[0], rss_bytes())
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
-    return {"import_s": seconds, "baseline_rss": baseline, "peak_rss": peak[0], "params": params}
+    above = {name: peak_parts[name] - base_parts[name] for name in base_parts}  # each kind's own peak
+    return {"import_s": seconds, "baseline_rss": baseline, "peak_rss": peak[0], "params": params, "peak_above": above}
 
 
 def make_batch(batch: int, seq_len: int, vocab: int) -> dict:
@@ -226,6 +242,21 @@ def run_child(kind: str, folder: str, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def report_training(args, ours: dict, theirs: dict) -> None:
+    tokens = args.batch * args.seq_len
+    print(f"training, batch {args.batch} x {args.seq_len} tokens, median of {args.windows} windows of {args.steps}:")
+    mtl_tok_s = tokens / ours["step_s"]
+    print(
+        f"  mtl      {ours['step_s'] * 1e3:8.0f} ms/step  {mtl_tok_s:8.0f} tok/s  (compile {ours['compile_s']:.0f} s)"
+    )
+    print(
+        f"  pytorch  {theirs['step_s'] * 1e3:8.0f} ms/step  {tokens / theirs['step_s']:8.0f} tok/s  "
+        f"({theirs['framework']}, {theirs['attention']}, {theirs['threads']} threads)"
+    )
+    print(f"  mtl / pytorch tokens/s: {theirs['step_s'] / ours['step_s']:.2f}x")
+    print(f"  load average now: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
@@ -246,20 +277,15 @@ def main(argv=None) -> int:
             f"import: {imported['params'] / 1e6:.1f}M parameters, {size / 2**20:.0f} MiB of safetensors, "
             f"{imported['import_s']:.2f} s; peak RSS above baseline {above / 2**20:.0f} MiB = {above / size:.2f}x"
         )
-        ours = run_child("mtl", folder, args)
-        theirs = run_child("torch", folder, args)
-    tokens = args.batch * args.seq_len
-    print(f"training, batch {args.batch} x {args.seq_len} tokens, median of {args.windows} windows of {args.steps}:")
-    mtl_tok_s = tokens / ours["step_s"]
-    print(
-        f"  mtl      {ours['step_s'] * 1e3:8.0f} ms/step  {mtl_tok_s:8.0f} tok/s  (compile {ours['compile_s']:.0f} s)"
-    )
-    print(
-        f"  pytorch  {theirs['step_s'] * 1e3:8.0f} ms/step  {tokens / theirs['step_s']:8.0f} tok/s  "
-        f"({theirs['framework']}, {theirs['attention']}, {theirs['threads']} threads)"
-    )
-    print(f"  mtl / pytorch tokens/s: {theirs['step_s'] / ours['step_s']:.2f}x")
-    print(f"  load average now: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+        parts = ", ".join(f"{k} {v / size:.2f}x" for k, v in imported["peak_above"].items())
+        print(f"  of which, each at its own peak: {parts} (RssFile: the safetensors pages mapped while read)")
+        if args.no_train:
+            ours = theirs = None
+        else:
+            ours = run_child("mtl", folder, args)
+            theirs = run_child("torch", folder, args)
+    if ours is not None:
+        report_training(args, ours, theirs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
