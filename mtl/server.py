@@ -724,7 +724,8 @@ async def start_http(server: Server, host: str, port: int):
 async def serve_forever(server: Server, host: str, port: int, log=lambda *_: None) -> None:
     """Serves HTTP on ``host:port`` until cancelled (Ctrl-C)."""
     runner, bound = await start_http(server, host, port)
-    log(f"serving on http://{host}:{bound} (POST /v1/infer, /v1/completions; GET /v1/models, /health, /metrics)")
+    posts = "/v1/infer, /v1/completions" + (", /v1/chat/completions" if server.chat is not None else "")
+    log(f"serving on http://{host}:{bound} (POST {posts}; GET /v1/models, /health, /metrics)")
     try:
         await asyncio.Event().wait()
     finally:
