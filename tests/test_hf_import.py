@@ -1,6 +1,7 @@
 """Tests for mtl.hf_import: tiny Llama, Qwen2, Qwen3 and Gemma 3 models made by transformers, imported with parity."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -42,6 +43,7 @@ def reference_logits(folder, tokens, mask):
     return out.logits.numpy()
 
 
+@functools.lru_cache(maxsize=8)  # the one-device logits serve two tests of each family: imported and compiled once
 def mtl_logits(folder, mesh_spec="data=1", **overrides):
     cfg = dataclasses.replace(hf_import.read_config(folder), heads=HEADS, **overrides)
     size = int(np.prod([int(part.split("=")[1]) for part in mesh_spec.split(",")]))
