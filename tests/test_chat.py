@@ -10,7 +10,7 @@ import jax
 import pytest
 from flax import nnx
 
-from mtl import chat
+from mtl import chat, http_app
 from mtl import server as serving
 from mtl.config import UsageError
 from mtl.engine import Request
@@ -113,7 +113,7 @@ def server(tmp_path_factory):
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    runner, port = asyncio.run_coroutine_threadsafe(serving.start_http(the_server, "127.0.0.1", 0), loop).result(60)
+    runner, port = asyncio.run_coroutine_threadsafe(http_app.start_http(the_server, "127.0.0.1", 0), loop).result(60)
     the_server.port = port
     yield the_server
     asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(60)

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 import tasks
+from mtl import http_app
 from mtl import server as serving
 from mtl.engine import Engine
 from mtl.model import MultiTaskModel
@@ -45,7 +46,7 @@ def server():
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    runner, port = asyncio.run_coroutine_threadsafe(serving.start_http(the_server, "127.0.0.1", 0), loop).result(60)
+    runner, port = asyncio.run_coroutine_threadsafe(http_app.start_http(the_server, "127.0.0.1", 0), loop).result(60)
     the_server.port = port
     yield the_server
     asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(60)

@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 import tasks
+from mtl import http_app, task_admin
 from mtl import server as serving
-from mtl import task_admin
 from mtl.config import HeadConfig, UsageError, tiny
 from mtl.engine import Request
 from mtl.model import MultiTaskModel
@@ -61,7 +61,7 @@ def setup(tmp_path_factory):
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    runner, server.port = asyncio.run_coroutine_threadsafe(serving.start_http(server, "127.0.0.1", 0), loop).result(60)
+    runner, server.port = asyncio.run_coroutine_threadsafe(http_app.start_http(server, "127.0.0.1", 0), loop).result(60)
     yield server, runs, other
     asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(60)
     loop.call_soon_threadsafe(loop.stop)

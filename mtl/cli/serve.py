@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from mtl.config import UsageError
-from mtl.server import Server, read_requests, serve_forever, to_json
+from mtl.http_app import serve_forever
+from mtl.server import Server, read_requests, to_json
 
 
 def build_parser() -> argparse.ArgumentParser:
