@@ -102,8 +102,7 @@ def plain_attention(query, key, value, window, segment_ids):
     return jnp.einsum("BNTS,BSNH->BTNH", probs, value)
 
 
-@pytest.mark.parametrize("kind", ["mtl", "xla"])
-@pytest.mark.parametrize("window", [None, 3, "traced"])
+@pytest.mark.parametrize("kind, window", [("mtl", None), ("mtl", "traced"), ("xla", 3), ("xla", "traced")])
 def test_attention_within_segments_and_window_matches_plain_attention(kind, window):
     """Packed rows: each path (mtl's own, jax.nn.dot_product_attention's XLA one) against the plain mask."""
     query, key, value = inputs((B, T, N, H), (B, T, K, H), (B, T, K, H))
