@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import sharding
 import tasks
@@ -42,6 +41,7 @@ from mtl.config import UsageError
 from mtl.model import MultiTaskModel, count_params
 from mtl.partition import abstract_state, create_sharded
 from mtl.run_folder import BestCheckpoint, RunFolder
+from mtl.train_progress import Window, losses_text, make_progress
 from sharding import make_mesh
 from sharding.mesh import process_rows
 
@@ -373,7 +373,7 @@ def _run(plan: Plan, out: pathlib.Path, console: Console, stop: StopSignals) -> 
     with console.status("measuring the matmul peak (for MFU)"):
         peak = perf.mesh_peak(mesh, cfg.model.dtype)
     console.log(f"matmul peak {peak / 1e9:.0f} GFLOP/s ({cfg.model.dtype}, the whole mesh)")
-    window = _Window(peak)
+    window = Window(peak)
     compiled: set[tuple[str, int, int]] = set()
     meta_base = {"config": C.to_dict(cfg), "tasks": [d.meta() for d in plan.data]}
     last_metrics: dict = {}
@@ -388,7 +388,7 @@ def _run(plan: Plan, out: pathlib.Path, console: Console, stop: StopSignals) -> 
 
     if cfg.train.steps == 0 and not start:  # --steps 0: the initial (imported) model is the run's checkpoint
         save(0)
-    progress = _progress(console, cfg.train.steps, start)
+    progress = make_progress(console, cfg.train.steps, start)
     try:
         with progress, jax.set_mesh(mesh):
             if start and evaluate_again:
@@ -429,7 +429,7 @@ def _run(plan: Plan, out: pathlib.Path, console: Console, stop: StopSignals) -> 
                     for record in window.flush(done):
                         folder.log(record)
                         last_metrics[record["task"]] = record
-                    progress.update(completed=done, losses=_losses_text(last_metrics))
+                    progress.update(completed=done, losses=losses_text(last_metrics))
                     if window.diverged is not None:
                         raise Diverged(_diverged_text(window.diverged, saved, folder))
                 else:
@@ -467,7 +467,7 @@ def _run(plan: Plan, out: pathlib.Path, console: Console, stop: StopSignals) -> 
     return test
 
 
-def _check_finite(window: _Window, state, done: int, saved: int, folder: RunFolder) -> None:
+def _check_finite(window: Window, state, done: int, saved: int, folder: RunFolder) -> None:
     """Raises Diverged if a step so far skipped a non-finite update, or the state holds a non-finite value."""
     window.check()  # fetches the steps' ``skipped`` flags: the save syncs with the device anyway
     if window.diverged is None and not bool(training.all_finite(state)):
@@ -594,149 +594,6 @@ def trim(batch: dict[str, np.ndarray], multiple: int = 32, longest: int | None =
         longest = int((tokens != 0).sum(axis=1).max())  # PAD is 0 and only pads
     width = min(tokens.shape[1], -(-longest // multiple) * multiple)
     return {k: v[:, :width] if v.ndim == 2 else v for k, v in batch.items()}
-
-
-class _Window:
-    """Per-task metrics between two log lines; device values are fetched only at flush.
-
-    ``tokens`` counts real (non-padding) tokens, ``flops`` the model FLOPs of
-    the padded batches the devices computed; ``excluded`` holds seconds spent
-    compiling, which are not training throughput. ``diverged`` is set, at a
-    fetch, to ``(step, task, what)`` of the first step whose update was skipped
-    as non-finite.
-    """
-
-    def __init__(self, peak_flops: float):
-        self.peak_flops = peak_flops
-        self.diverged: tuple[int, str, str] | None = None
-        self.reset()
-
-    def reset(self):
-        self.sums: dict[str, list] = {}
-        self.steps: dict[str, list[int]] = {}
-        self.checked = 0  # steps of ``sums`` whose flags have been read
-        self.tokens = 0
-        self.flops = 0.0
-        self.excluded = 0.0
-        self.t0 = time.perf_counter()
-
-    def add(self, task: str, metrics, step: int = 0) -> None:
-        self.sums.setdefault(task, []).append(metrics)
-        self.steps.setdefault(task, []).append(step)
-
-    def check(self) -> None:
-        """Fetches only the ``skipped`` flags of the steps so far (before a checkpoint is saved)."""
-        flags = jax.device_get({t: [m.get("skipped", 0.0) for m in items] for t, items in self.sums.items()})
-        self._note(flags)
-
-    def _note(self, flags: dict[str, list]) -> None:
-        bad = [(s, t) for t, fs in flags.items() for s, f in zip(self.steps[t], fs) if float(f) > 0]
-        if bad and self.diverged is None:
-            step, task = min(bad)
-            self.diverged = (step, task, "the loss or gradient norm")
-
-    def flush(self, step: int) -> list[dict]:
-        fetched = jax.device_get(self.sums)  # the one host sync of a log interval
-        self._note({t: [m.get("skipped", 0.0) for m in items] for t, items in fetched.items()})
-        seconds = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
-        records = []
-        for task, items in sorted(fetched.items()):
-            record = {"step": step, "task": task, "steps": len(items)}
-            for key in items[0]:
-                if key == "skipped":
-                    continue
-                value = float(np.mean([m[key] for m in items]))
-                record[key] = round(value, 6) if math.isfinite(value) else None  # metrics.jsonl is strict JSON
-            if skipped := int(sum(float(m.get("skipped", 0.0)) for m in items)):
-                record["skipped_steps"] = skipped
-            record["tokens_per_s"] = round(self.tokens / seconds, 1)
-            record["mfu"] = round(self.flops / seconds / self.peak_flops, 4)
-            records.append(record)
-        self.reset()
-        return records
-
-
-def _losses_text(last: dict) -> str:
-    losses = "  ".join(
-        f"{t} {r['loss']:.3f}" if r.get("loss") is not None else f"{t} non-finite" for t, r in sorted(last.items())
-    )
-    return losses + (f"  {next(iter(last.values()))['tokens_per_s'] / 1e3:.1f}k tok/s" if last else "")
-
-
-def _progress(console: Console, total: int, start: int) -> _Bar | _Lines:
-    """A progress bar on a terminal; elsewhere (a pipe, a file, a notebook) a plain line every few seconds."""
-    if console.is_terminal and not console.is_jupyter:
-        return _Bar(console, total, start)
-    return _Lines(console, total, start)
-
-
-class _Bar:
-    """rich's progress bar, with the losses and throughput beside it."""
-
-    def __init__(self, console: Console, total: int, start: int):
-        self.progress = Progress(
-            TextColumn("train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[losses]}"),
-            console=console,
-            disable=console.quiet,  # processes other than 0 show no bar
-        )
-        self.progress.add_task("train", total=total, completed=start, losses="")
-        self.console = self.progress.console
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
-
-    def log(self, message: str) -> None:
-        self.console.log(message)
-
-    def update(self, completed: int, losses: str | None = None) -> None:
-        if losses is None:
-            self.progress.update(0, completed=completed)
-        else:
-            self.progress.update(0, completed=completed, losses=losses)
-
-
-class _Lines:
-    """One plain line every ``every`` seconds: step, per-task loss, tokens/s and the time left."""
-
-    def __init__(self, console: Console, total: int, start: int, every: float = 5.0):
-        self.console, self.total, self.every = console, total, every
-        self.start, self.t_start = start, time.perf_counter()
-        self.last_print = self.t_start
-        self.losses = ""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-    def log(self, message: str) -> None:
-        self.console.log(message)
-
-    def update(self, completed: int, losses: str | None = None) -> None:
-        if losses is not None:
-            self.losses = losses
-        now = time.perf_counter()
-        if now - self.last_print < self.every and completed != self.total:
-            return
-        self.last_print = now
-        rate = (completed - self.start) / max(now - self.t_start, 1e-9)
-        left = (self.total - completed) / rate if rate > 0 else float("nan")
-        left_text = time.strftime("%H:%M:%S", time.gmtime(left)) if math.isfinite(left) else "?"
-        self.console.print(
-            f"train step {completed}/{self.total}  {self.losses}  {left_text} left",
-            highlight=False,
-            soft_wrap=True,
-            markup=False,
-        )
 
 
 # ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from mtl import trainer
+from mtl import train_progress, trainer
 from mtl.cli.train import build_parser, config_from_args
 from mtl.config import UsageError
 
@@ -112,8 +112,8 @@ def test_progress_without_a_terminal_is_a_plain_line_every_few_seconds():
 
     text = io.StringIO()
     console = Console(file=text, force_terminal=False, width=40)
-    progress = trainer._progress(console, total=100, start=0)
-    assert isinstance(progress, trainer._Lines)
+    progress = train_progress.make_progress(console, total=100, start=0)
+    assert isinstance(progress, train_progress.Lines)
     progress.every = 0.0
     with progress:
         progress.update(10, losses="g2p 2.500  langid 1.250  12.3k tok/s")
@@ -124,6 +124,6 @@ def test_progress_without_a_terminal_is_a_plain_line_every_few_seconds():
         "left"
     )
     assert lines[1].startswith("train step 11/100  g2p 2.500")
-    quiet = trainer._progress(Console(file=io.StringIO(), force_terminal=False), 100, 0)
+    quiet = train_progress.make_progress(Console(file=io.StringIO(), force_terminal=False), 100, 0)
     quiet.update(1)  # within the interval: nothing
     assert quiet.console.file.getvalue() == ""

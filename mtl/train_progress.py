@@ -1,0 +1,160 @@
+"""What a training run shows while it runs: per-task metrics between log lines, and the progress display.
+
+:class:`Window` gathers each step's metrics on the device and fetches them once
+a log interval (tokens/s and MFU with compilation time left out, non-finite
+steps noted); :func:`make_progress` is rich's bar on a terminal, a plain line
+every few seconds elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class Window:
+    """Per-task metrics between two log lines; device values are fetched only at flush.
+
+    ``tokens`` counts real (non-padding) tokens, ``flops`` the model FLOPs of
+    the padded batches the devices computed; ``excluded`` holds seconds spent
+    compiling, which are not training throughput. ``diverged`` is set, at a
+    fetch, to ``(step, task, what)`` of the first step whose update was skipped
+    as non-finite.
+    """
+
+    def __init__(self, peak_flops: float):
+        self.peak_flops = peak_flops
+        self.diverged: tuple[int, str, str] | None = None
+        self.reset()
+
+    def reset(self):
+        self.sums: dict[str, list] = {}
+        self.steps: dict[str, list[int]] = {}
+        self.checked = 0  # steps of ``sums`` whose flags have been read
+        self.tokens = 0
+        self.flops = 0.0
+        self.excluded = 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, task: str, metrics, step: int = 0) -> None:
+        self.sums.setdefault(task, []).append(metrics)
+        self.steps.setdefault(task, []).append(step)
+
+    def check(self) -> None:
+        """Fetches only the ``skipped`` flags of the steps so far (before a checkpoint is saved)."""
+        flags = jax.device_get({t: [m.get("skipped", 0.0) for m in items] for t, items in self.sums.items()})
+        self._note(flags)
+
+    def _note(self, flags: dict[str, list]) -> None:
+        bad = [(s, t) for t, fs in flags.items() for s, f in zip(self.steps[t], fs) if float(f) > 0]
+        if bad and self.diverged is None:
+            step, task = min(bad)
+            self.diverged = (step, task, "the loss or gradient norm")
+
+    def flush(self, step: int) -> list[dict]:
+        fetched = jax.device_get(self.sums)  # the one host sync of a log interval
+        self._note({t: [m.get("skipped", 0.0) for m in items] for t, items in fetched.items()})
+        seconds = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
+        records = []
+        for task, items in sorted(fetched.items()):
+            record = {"step": step, "task": task, "steps": len(items)}
+            for key in items[0]:
+                if key == "skipped":
+                    continue
+                value = float(np.mean([m[key] for m in items]))
+                record[key] = round(value, 6) if math.isfinite(value) else None  # metrics.jsonl is strict JSON
+            if skipped := int(sum(float(m.get("skipped", 0.0)) for m in items)):
+                record["skipped_steps"] = skipped
+            record["tokens_per_s"] = round(self.tokens / seconds, 1)
+            record["mfu"] = round(self.flops / seconds / self.peak_flops, 4)
+            records.append(record)
+        self.reset()
+        return records
+
+
+def losses_text(last: dict) -> str:
+    losses = "  ".join(
+        f"{t} {r['loss']:.3f}" if r.get("loss") is not None else f"{t} non-finite" for t, r in sorted(last.items())
+    )
+    return losses + (f"  {next(iter(last.values()))['tokens_per_s'] / 1e3:.1f}k tok/s" if last else "")
+
+
+def make_progress(console: Console, total: int, start: int) -> Bar | Lines:
+    """A progress bar on a terminal; elsewhere (a pipe, a file, a notebook) a plain line every few seconds."""
+    if console.is_terminal and not console.is_jupyter:
+        return Bar(console, total, start)
+    return Lines(console, total, start)
+
+
+class Bar:
+    """rich's progress bar, with the losses and throughput beside it."""
+
+    def __init__(self, console: Console, total: int, start: int):
+        self.progress = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[losses]}"),
+            console=console,
+            disable=console.quiet,  # processes other than 0 show no bar
+        )
+        self.progress.add_task("train", total=total, completed=start, losses="")
+        self.console = self.progress.console
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def log(self, message: str) -> None:
+        self.console.log(message)
+
+    def update(self, completed: int, losses: str | None = None) -> None:
+        if losses is None:
+            self.progress.update(0, completed=completed)
+        else:
+            self.progress.update(0, completed=completed, losses=losses)
+
+
+class Lines:
+    """One plain line every ``every`` seconds: step, per-task loss, tokens/s and the time left."""
+
+    def __init__(self, console: Console, total: int, start: int, every: float = 5.0):
+        self.console, self.total, self.every = console, total, every
+        self.start, self.t_start = start, time.perf_counter()
+        self.last_print = self.t_start
+        self.losses = ""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def log(self, message: str) -> None:
+        self.console.log(message)
+
+    def update(self, completed: int, losses: str | None = None) -> None:
+        if losses is not None:
+            self.losses = losses
+        now = time.perf_counter()
+        if now - self.last_print < self.every and completed != self.total:
+            return
+        self.last_print = now
+        rate = (completed - self.start) / max(now - self.t_start, 1e-9)
+        left = (self.total - completed) / rate if rate > 0 else float("nan")
+        left_text = time.strftime("%H:%M:%S", time.gmtime(left)) if math.isfinite(left) else "?"
+        self.console.print(
+            f"train step {completed}/{self.total}  {self.losses}  {left_text} left",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
