@@ -1,6 +1,9 @@
 """Small builders shared by the tests."""
 
+import asyncio
+import contextlib
 import dataclasses
+import threading
 
 from mtl.config import HeadConfig, ModelConfig, tiny
 
@@ -52,3 +55,20 @@ def write_run(folder, config, model, step: int = 1):
     checkpoints.save(step, nnx.state(model), optimizer, meta)
     checkpoints.close()
     return folder
+
+
+@contextlib.contextmanager
+def served_over_http(server):
+    """Serves ``server`` (an ``mtl.server.Server``) on a free localhost port during the block; sets ``server.port``."""
+    from mtl import http_app
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    runner, server.port = asyncio.run_coroutine_threadsafe(http_app.start_http(server, "127.0.0.1", 0), loop).result(60)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

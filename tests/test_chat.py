@@ -1,16 +1,14 @@
 """Chat templates (mtl.chat) against transformers' apply_chat_template, and POST /v1/chat/completions
 with the openai client on localhost, on a tiny tokenizer trained here that carries a template."""
 
-import asyncio
 import json
 import os
-import threading
 
 import jax
 import pytest
 from flax import nnx
 
-from mtl import chat, http_app
+from mtl import chat
 from mtl import server as serving
 from mtl.config import UsageError
 from mtl.engine import Request
@@ -18,7 +16,7 @@ from mtl.model import MultiTaskModel
 from sharding import make_mesh
 from tasks.hf_tokenizer import HFTokenizer
 from tests import hf_fixtures
-from tests.helpers import tiny_model_config
+from tests.helpers import served_over_http, tiny_model_config
 
 pytest.importorskip("jinja2")
 
@@ -110,15 +108,8 @@ def server(tmp_path_factory):
         "lang": serving.TaskInfo("lang", "classify", ("de", "en", "es", "fr", "it"), 0),
     }
     the_server = serving.Server(engine, infos, tokenizer)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    runner, port = asyncio.run_coroutine_threadsafe(http_app.start_http(the_server, "127.0.0.1", 0), loop).result(60)
-    the_server.port = port
-    yield the_server
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(60)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with served_over_http(the_server):
+        yield the_server
 
 
 def client_of(server):

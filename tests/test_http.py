@@ -1,12 +1,10 @@
 """HTTP mode on localhost with a real client: concurrent requests share batches,
 bad requests get 400 with an error object, and a client that disconnects frees its slot."""
 
-import asyncio
 import concurrent.futures
 import http.client
 import json
 import socket
-import threading
 import time
 
 import jax
@@ -15,12 +13,11 @@ import pytest
 from flax import nnx
 
 import tasks
-from mtl import http_app
 from mtl import server as serving
 from mtl.engine import Engine
 from mtl.model import MultiTaskModel
 from sharding import make_mesh
-from tests.helpers import tiny_model_config
+from tests.helpers import served_over_http, tiny_model_config
 
 pytest.importorskip("aiohttp")
 
@@ -43,15 +40,8 @@ def server():
     )
     engine.warmup()
     the_server = serving.Server(engine, TASKS, tasks.ByteTokenizer())
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    runner, port = asyncio.run_coroutine_threadsafe(http_app.start_http(the_server, "127.0.0.1", 0), loop).result(60)
-    the_server.port = port
-    yield the_server
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(60)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with served_over_http(the_server):
+        yield the_server
 
 
 def call(server, method, path, body=None):

@@ -1,9 +1,7 @@
 """Tasks added and removed over HTTP while serving (mtl.task_admin): rows written, nothing recompiled,
 the other tasks' answers unchanged, running requests finished, incompatible runs refused in one line."""
 
-import asyncio
 import dataclasses
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +10,12 @@ import pytest
 from flax import nnx
 
 import tasks
-from mtl import http_app, task_admin
 from mtl import server as serving
+from mtl import task_admin
 from mtl.config import HeadConfig, UsageError, tiny
 from mtl.engine import Request
 from mtl.model import MultiTaskModel
-from tests.helpers import randomise_adapters, tiny_model_config, write_run
+from tests.helpers import randomise_adapters, served_over_http, tiny_model_config, write_run
 from tests.test_http import call
 
 pytest.importorskip("aiohttp")
@@ -58,14 +56,8 @@ def setup(tmp_path_factory):
     ]:
         with pytest.raises(UsageError, match=message):
             task_admin.add_at_start(server.room, spec)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    runner, server.port = asyncio.run_coroutine_threadsafe(http_app.start_http(server, "127.0.0.1", 0), loop).result(60)
-    yield server, runs, other
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(60)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with served_over_http(server):
+        yield server, runs, other
 
 
 def infer(server, task, text="hello", n=6):
