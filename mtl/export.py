@@ -31,7 +31,7 @@ the task folded into BOS the same way:
   mtl_score_bias[0]`` is mtl's ``value``.
 
 A run with adapters (``model.adapter_rank``) exports the backbone without
-them, plus the task's adapter in the PEFT format in ``DIR/adapter``
+them, plus a generation task's adapter in the PEFT format in ``DIR/adapter``
 (``adapter_config.json``, ``adapter_model.safetensors``): ``peft``'s
 ``PeftModel.from_pretrained(model, DIR/adapter)`` on the exported model then
 computes what mtl serves for the task. ``--merge-adapter TASK`` instead folds
@@ -163,6 +163,12 @@ def export(
     if task not in heads:
         raise UsageError(f"--task {task!r} is not a task of this run; choose one of {', '.join(heads)}")
     head = heads[task]
+    if adapters.targets(cfg) and not merge_adapter and head.kind != "generate":
+        # peft's LoRA for a classification model also saves its score head, which this export does not write.
+        raise UsageError(
+            f"--task {task}: the PEFT format is written for generation tasks' adapters; "
+            f"--merge-adapter {task} exports this {head.kind} task with its adapter folded in"
+        )
     hf = hf_config(cfg, {})
     hf["architectures"] = [architecture(cfg, head.kind)]
     mesh = make_mesh("data=1", jax.devices()[:1])

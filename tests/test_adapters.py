@@ -168,6 +168,10 @@ def test_export_writes_peft_adapters_that_peft_loads_with_mtls_logits(tmp_path):
     with_adapter = peft.PeftModel.from_pretrained(base, str(tmp_path / "hf" / "adapter")).eval()
     np.testing.assert_allclose(logits(with_adapter), want, atol=1e-4, rtol=1e-4)
 
+    # A classify task's adapter is not written for PEFT (its score head would be missing): one line, nothing written.
+    assert export_main(["--ckpt", str(run), "--out", str(tmp_path / "lang"), "--task", "lang"]) == 2
+    assert not (tmp_path / "lang").exists()
+
     assert export_main(["--ckpt", str(run), "--out", str(tmp_path / "merged"), "--merge-adapter", "echo"]) == 0
     assert not (tmp_path / "merged" / "adapter").exists()
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
