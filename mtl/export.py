@@ -13,9 +13,13 @@ transposes of what :mod:`mtl.hf_import` reads (the same ``sources`` table).
 A task with its own head is exported to the class ``transformers`` has for it,
 the task folded into BOS the same way:
 
-- **tag** -> ``{Family}ForTokenClassification`` (not Gemma 3, which has
-  none): its ``score`` (weight and bias) is mtl's tag head, so the logits at
-  every position are mtl's; mtl reads a word's tag at its last sub-word token.
+- **tag** -> ``{Family}ForTokenClassification``: its ``score`` (weight and
+  bias) is mtl's tag head, so the logits at every position are mtl's; mtl
+  reads a word's tag at its last sub-word token. Gemma 3 has no such class:
+  its tag task exports as ``Gemma3TextModel`` (the backbone, ``AutoModel``)
+  with the head beside it in ``mtl_head.safetensors`` (``score.weight`` [C, D],
+  ``score.bias`` [C]), named by ``config.json``'s ``mtl_head``: the logits are
+  ``last_hidden_state @ score.weight.T + score.bias``.
 - **classify** -> ``{Family}ForSequenceClassification``. transformers pools
   the rightmost token that is not ``pad_token_id``, mtl the prompt's last
   token: the same position on right-padded batches, because mtl's prompts end
@@ -60,6 +64,7 @@ from mtl.model import MultiTaskModel
 from mtl.partition import abstract_state
 from sharding import make_mesh
 
+HEAD_FILE = "mtl_head.safetensors"  # a head with no transformers class (Gemma 3 tagging), beside the backbone
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -80,14 +85,14 @@ HEAD_CLASSES["tag"] = "ForTokenClassification"
 def architecture(cfg: ModelConfig, kind: str = "generate") -> str:
     """The transformers class a task of ``kind`` is exported to.
 
-    Raises:
-      UsageError: transformers has no such class for the family (Gemma 3 tagging).
+    Gemma 3 has no token classification class: its tag task is the backbone
+    alone, with the head in a file beside it (module docstring).
     """
     fam = family(cfg)
     if kind == "generate":
         return {"gemma3": "Gemma3ForCausalLM"}.get(fam, CLASS_PREFIX[fam] + "ForCausalLM")
     if fam == "gemma3" and kind == "tag":
-        raise UsageError("transformers has no Gemma 3 token classification class; a tag task cannot be exported")
+        return "Gemma3TextModel"
     return CLASS_PREFIX[fam] + HEAD_CLASSES[kind]
 
 
@@ -189,12 +194,18 @@ def export(
         labels = next((t["labels"] for t in meta.get("tasks", []) if t["name"] == task), [])
         tensors, extra = _head_tensors(model, head, labels, tensors["model.embed_tokens.weight"].dtype, tensors)
         hf.update(extra)
+    beside = {}  # a head transformers has no class for, in a file of its own
+    if hf["architectures"] == ["Gemma3TextModel"]:
+        beside = {name: tensors.pop(name) for name in ("score.weight", "score.bias")}
+        hf["mtl_head"] = {"file": HEAD_FILE, "kind": head.kind, "reads": "last_hidden_state"}
 
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.numpy import save_file
 
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if beside:
+        save_file(beside, str(out / HEAD_FILE), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": ids.get("bos"), "eos_token_id": ids.get("eos_ids"), "pad_token_id": ids.get("pad")})

@@ -212,3 +212,35 @@ def test_a_151936_token_vocabulary_decodes_and_scores_as_transformers(tmp_path):
     np.testing.assert_allclose(np.asarray(logits), expected[:, prompt - 1], atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(stepped)[rows], expected[rows, prompt], atol=1e-4, rtol=1e-4)
     assert (np.asarray(stepped).argmax(-1)[rows] == expected[rows, prompt].argmax(-1)).all()
+
+
+def test_a_gemma3_tag_task_exports_the_backbone_with_its_head_beside_it(tmp_path):
+    """transformers has no Gemma 3 token classifier: AutoModel's hidden states times mtl_head.safetensors are mtl's."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from safetensors.numpy import load_file
+
+    from mtl.config import tiny
+    from mtl.export import main as export_main
+    from mtl.model import MultiTaskModel
+    from tests.helpers import write_run
+
+    folder = hf_fixtures.tiny_model("gemma3", str(tmp_path / "hf"))
+    cfg = dataclasses.replace(hf_import.read_config(folder), heads=(HeadConfig("pos", "tag", 5),), dtype="float32")
+    model = MultiTaskModel(cfg, rngs=nnx.Rngs(3))
+    model.task_embed[...] = 0.1 * jax.random.normal(jax.random.key(4), model.task_embed.shape)
+    run = write_run(tmp_path / "run", dataclasses.replace(tiny(), model=cfg), model)
+    assert export_main(["--ckpt", str(run), "--out", str(tmp_path / "out"), "--task", "pos"]) == 0
+
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["Gemma3TextModel"] and config["mtl_head"]["kind"] == "tag"
+    head = load_file(str(tmp_path / "out" / config["mtl_head"]["file"]))
+    backbone = transformers.AutoModel.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    tokens = np.random.default_rng(0).integers(4, cfg.vocab_size, (2, 9))
+    tokens[:, 0] = 1  # BOS, where the export folds the task in (the byte tokenizer's id: the run has no tokenizer)
+    with torch.no_grad():
+        hidden = backbone(input_ids=torch.tensor(tokens)).last_hidden_state.numpy()
+    got = hidden @ head["score.weight"].T + head["score.bias"]
+    want = np.asarray(model.tag_logits("pos", model(jnp.asarray(tokens), jnp.zeros(2, jnp.int32))))
+    assert np.abs(want).max() > 1e-2
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
