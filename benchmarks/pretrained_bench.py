@@ -146,24 +146,15 @@ def make_batch(batch: int, seq_len: int, vocab: int) -> dict:
     }
 
 
-def windows(step, sync, n: int, steps: int) -> list[float]:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync()
-        times.append((time.perf_counter() - t0) / steps)
-    return times
-
-
 def child_mtl(folder: str, args) -> dict:
     import dataclasses
 
     import jax
+    from timing import time_windows
+    from train_bench import compiled_step  # this folder's: the same step
 
     from mtl import config as C
-    from mtl import hf_import, perf, training
+    from mtl import hf_import, perf
     from mtl.config import HeadConfig
     from sharding import make_mesh
 
@@ -173,25 +164,9 @@ def child_mtl(folder: str, args) -> dict:
     train_cfg = C.preset("small").train
     mesh = make_mesh("data=1", jax.devices()[:1])
     host = make_batch(args.batch, args.seq_len, cfg.vocab_size)
-    graphdef, state, shardings = training.create_train_state(cfg, train_cfg, mesh)
-    holder = {"state": state}
-    with jax.set_mesh(mesh):
-        step_fn = training.compile_train_step(graphdef, shardings, mesh, host, task="lm", kind="generate")
-        batch = training.put_batch(host, mesh)
-
-    def step():
-        with jax.set_mesh(mesh):
-            holder["state"], holder["metrics"] = step_fn(holder["state"], batch)
-
-    def sync():
-        jax.block_until_ready(holder["state"])
-
-    t0 = time.perf_counter()
-    step()
-    sync()
-    compile_s = time.perf_counter() - t0
-    windows(step, sync, 1, 1)  # warm-up after the compile
-    times = windows(step, sync, args.windows, args.steps)
+    step, sync, _, compile_s = compiled_step(cfg, train_cfg, mesh, host, task="lm")
+    time_windows(step, 1, 1, sync)  # warm-up after the compile
+    times = time_windows(step, args.windows, args.steps, sync)
     flops = perf.train_flops_per_token(cfg, args.seq_len) * args.batch * args.seq_len
     return {"compile_s": compile_s, "step_s": sorted(times)[len(times) // 2], "times": times, "flops_per_step": flops}
 
@@ -199,6 +174,7 @@ def child_mtl(folder: str, args) -> dict:
 def child_torch(folder: str, args) -> dict:
     import torch
     import transformers
+    from timing import time_windows  # no JAX in the PyTorch process
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -220,8 +196,8 @@ def child_torch(folder: str, args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
         optimizer.step()
 
-    windows(step, lambda: None, 1, 2)  # warm-up
-    times = windows(step, lambda: None, args.windows, args.steps)
+    time_windows(step, 1, 2, lambda: None)  # warm-up
+    times = time_windows(step, args.windows, args.steps, lambda: None)
     return {
         "step_s": sorted(times)[len(times) // 2],
         "times": times,

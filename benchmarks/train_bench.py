@@ -33,6 +33,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from timing import time_windows  # noqa: E402  (this folder's)
+
 from mtl import perf  # noqa: E402
 
 MESH_2X2X2 = "data=2,fsdp=2,tensor=2"
@@ -86,18 +88,6 @@ def make_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
     }
 
 
-def time_windows(step, windows: int, steps: int, sync) -> list[float]:
-    """Seconds a step in each of ``windows`` windows of ``steps`` steps; ``sync`` waits once a window."""
-    times = []
-    for _ in range(windows):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync()
-        times.append((time.perf_counter() - t0) / steps)
-    return times
-
-
 def interleaved(runners: list[Runner], windows: int, steps: int) -> list[list[float]]:
     """Each runner's window times, the runners taking turns window by window.
 
@@ -125,21 +115,20 @@ class Runner:
     info: dict
 
 
-def jax_runner(preset: str, batch: int, seq_len: int, mesh_spec: str = "") -> Runner:
-    """The preset's generation train step, compiled and warmed up on a one-device (or ``mesh_spec``) mesh."""
+def compiled_step(model_cfg, train_cfg, mesh, host_batch: dict, task: str = "g2p"):
+    """A generation train step on ``mesh``, compiled and run once: (step, sync, holder, compile seconds).
+
+    ``step()`` runs it on ``host_batch`` (put on the mesh once), ``sync()`` waits
+    for it, ``holder["state"]`` is the train state it updates.
+    """
     import jax
 
-    import sharding
     from mtl import training
-    from mtl.model import count_params
 
-    model_cfg, train_cfg = model_config(preset)
-    mesh = sharding.make_mesh(mesh_spec) if mesh_spec else sharding.make_mesh("", jax.devices()[:1])
-    host_batch = make_batch(batch, seq_len, model_cfg.vocab_size)
     graphdef, state, shardings = training.create_train_state(model_cfg, train_cfg, mesh)
     holder = {"state": state}
     with jax.set_mesh(mesh):
-        step_fn = training.compile_train_step(graphdef, shardings, mesh, host_batch, task="g2p", kind="generate")
+        step_fn = training.compile_train_step(graphdef, shardings, mesh, host_batch, task=task, kind="generate")
         device_batch = training.put_batch(host_batch, mesh)
 
     def step():
@@ -152,7 +141,21 @@ def jax_runner(preset: str, batch: int, seq_len: int, mesh_spec: str = "") -> Ru
     t0 = time.perf_counter()
     step()
     sync()
-    compile_s = time.perf_counter() - t0
+    return step, sync, holder, time.perf_counter() - t0
+
+
+def jax_runner(preset: str, batch: int, seq_len: int, mesh_spec: str = "") -> Runner:
+    """The preset's generation train step, compiled and warmed up on a one-device (or ``mesh_spec``) mesh."""
+    import jax
+
+    import sharding
+    from mtl.model import count_params
+
+    model_cfg, train_cfg = model_config(preset)
+    mesh = sharding.make_mesh(mesh_spec) if mesh_spec else sharding.make_mesh("", jax.devices()[:1])
+    step, sync, holder, compile_s = compiled_step(
+        model_cfg, train_cfg, mesh, make_batch(batch, seq_len, model_cfg.vocab_size)
+    )
     time_windows(step, 1, 2, sync)  # warm caches and the allocator after the compile
     tokens = batch * seq_len
     info = {
@@ -162,7 +165,7 @@ def jax_runner(preset: str, batch: int, seq_len: int, mesh_spec: str = "") -> Ru
         "devices": mesh.devices.size,
         "batch": batch,
         "seq_len": seq_len,
-        "params": count_params(state["model"]),
+        "params": count_params(holder["state"]["model"]),
         "compile_s": compile_s,
         "flops_per_step": perf.train_flops_per_token(model_cfg, seq_len) * tokens,
         "flops_per_step_conservative": perf.train_flops_per_token(model_cfg, seq_len, conservative=True) * tokens,
