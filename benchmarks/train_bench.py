@@ -406,7 +406,7 @@ def run_child(args, extra: list[str], env: dict[str, str]) -> dict | None:
 
 
 def torch_child(args, preset: str, batch: int) -> dict | None:
-    """The GPT-2 baseline in a process of its own: no JAX beside it, glibc's default allocator settings."""
+    """The GPT-2 baseline in a process of its own: the default allocator; JAX is imported here but never started."""
     command = [sys.executable, os.path.abspath(__file__), "--child-torch", preset, "--seq-len", str(args.seq_len)]
     command += ["--steps", str(args.steps), "--windows", str(args.windows), "--batch", str(batch)]
     done = subprocess.run(command, capture_output=True, text=True)
