@@ -1,4 +1,4 @@
-"""HTTP mode: CONTRACT.md's routes in front of a :class:`~mtl.server.Server`'s engine (aiohttp).
+"""HTTP mode: docs/contract.md's routes in front of a :class:`~mtl.server.Server`'s engine (aiohttp).
 
 ``POST /v1/infer`` and ``GET /health`` answer mtl's own objects, the OpenAI
 routes OpenAI's (:mod:`mtl.openai_api`), ``GET /metrics`` Prometheus text
@@ -26,7 +26,7 @@ OPENAI_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions")
 
 
 def make_app(server: Server):
-    """The aiohttp application: CONTRACT.md's routes.
+    """The aiohttp application: docs/contract.md's routes.
 
     ``POST /v1/infer`` and ``GET /health`` answer mtl's own objects;
     ``GET /v1/models`` and ``POST /v1/completions`` answer OpenAI's

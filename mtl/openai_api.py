@@ -23,7 +23,7 @@ UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": None, "echo": False, "suffix": 
 PENALTIES = ("presence_penalty", "frequency_penalty")
 # Fields that change nothing mtl computes, accepted as OpenAI's clients send them.
 IGNORED = ("user", "stream_options")
-# mtl's own fields beside OpenAI's (CONTRACT.md), passed through as they are (vLLM accepts ``priority`` so too).
+# mtl's own fields beside OpenAI's (docs/contract.md), passed through as they are (vLLM accepts ``priority`` so too).
 EXTRA = ("priority", "deadline_ms")
 FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream")
 CHAT_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed")
@@ -69,7 +69,7 @@ def models(task_kinds: dict[str, str], created: int) -> dict:
 
 
 def completion_requests(body: Any, task_kinds: dict[str, str]) -> list[dict]:
-    """The mtl request objects (CONTRACT.md's) that an OpenAI completions body asks for, one a prompt.
+    """The mtl request objects (docs/contract.md's) that an OpenAI completions body asks for, one a prompt.
 
     Raises:
       OpenAIError: the body is not an object, names no generation task, or asks for what mtl cannot do.
@@ -144,7 +144,7 @@ def new_id(prefix: str = "cmpl") -> str:
 
 
 def completion(cid: str, model: str, answers: list[dict], prompt_tokens: int) -> dict:
-    """The completions response for mtl's answers (CONTRACT.md's generate responses), one choice each."""
+    """The completions response for mtl's answers (docs/contract.md's generate responses), one choice each."""
     choices = [
         {"index": i, "text": a["output"], "finish_reason": a["finish_reason"], "logprobs": None}
         for i, a in enumerate(answers)

@@ -1,6 +1,6 @@
 """Per-task curves of a run as a PNG, without TensorBoard: ``python -m mtl.plot RUN_DIR``.
 
-Reads ``RUN_DIR/metrics.jsonl`` (CONTRACT.md: training lines carry ``step``,
+Reads ``RUN_DIR/metrics.jsonl`` (docs/contract.md: training lines carry ``step``,
 ``task``, ``loss``, ``tokens_per_s``; evaluation lines carry ``split`` and the
 task's metrics by name) and draws one row per task: its training loss on the
 left, its validation metrics on the right (test metrics, measured once at the

@@ -1,6 +1,6 @@
 """Serving mixed-task requests from a checkpoint: request parsing and validation, responses.
 
-The request and response objects are CONTRACT.md's. A :class:`Server` holds a
+The request and response objects are docs/contract.md's. A :class:`Server` holds a
 model restored onto a serving mesh, its tasks, and the continuous-batching
 engine (:mod:`mtl.engine`) that runs them; batch mode (:meth:`Server.respond`)
 and HTTP mode (:func:`mtl.http_app.make_app`) feed the same engine. From Python::

@@ -286,7 +286,7 @@ def add_at_start(room: TaskRoom, specs: str) -> None:
 
 
 def add_routes(app, server) -> None:
-    """``POST /v1/tasks`` and ``DELETE /v1/tasks/{name}`` on the aiohttp ``app`` (CONTRACT.md), on ``server.room``."""
+    """``POST /v1/tasks`` and ``DELETE /v1/tasks/{name}`` on the aiohttp ``app`` (docs/contract.md), on ``server.room``."""
     from aiohttp import web
 
     def room() -> TaskRoom:

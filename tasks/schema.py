@@ -8,7 +8,7 @@ import hashlib
 
 KINDS = ("generate", "classify", "regress", "tag")
 
-# The columns each kind's data carries, exactly as CONTRACT.md lists them.
+# The columns each kind's data carries, exactly as docs/contract.md lists them.
 COLUMNS = {
     "generate": ("input", "target"),
     "classify": ("input", "label"),

@@ -61,7 +61,7 @@ REFERENCE = {"generate": "target", "classify": "label", "regress": "value", "tag
 
 
 def split(kind, inputs, references, labels=None, task_id=0):
-    """An encoded split of ``inputs`` with ``references`` in the kind's column (CONTRACT.md's task files)."""
+    """An encoded split of ``inputs`` with ``references`` in the kind's column (docs/contract.md's task files)."""
     dataset = datasets.Dataset.from_dict({"input": inputs, REFERENCE[kind]: references})
     return tasks.encode_split(kind, dataset, TOKENIZER, CFG.max_len, labels, task_id)
 

@@ -1,4 +1,4 @@
-"""``serve.py`` / ``mtl-serve``: serve mixed-task requests from a checkpoint (CONTRACT.md).
+"""``serve.py`` / ``mtl-serve``: serve mixed-task requests from a checkpoint (docs/contract.md).
 
 Batch mode reads one JSON request a line and writes one JSON response a line,
 in request order; HTTP mode (``--http HOST:PORT``) answers ``POST /v1/infer``

@@ -1,4 +1,4 @@
-"""``train.py``: train one multi-task model on a device mesh (``python train.py --help``; CONTRACT.md).
+"""``train.py``: train one multi-task model on a device mesh (``python train.py --help``; docs/contract.md).
 
 Parses its arguments once, builds the run's config, and calls
 :mod:`mtl.trainer`; a user mistake becomes one line ``train.py: error: ...``
