@@ -5,9 +5,12 @@ An optional ``split`` column fixes each row's split; without it the split is a
 stable hash of ``input``. A ``split`` column with no ``validation`` row has its
 validation split cut from the train rows by that hash (as for a hub dataset
 lacking one), so the best checkpoint can still be chosen. Every problem a user can cause is one sentence that
-names the file.
+names the file and, for a bad value, its line (``.jsonl``, ``.csv``) or row (``.parquet``). Values are checked by
+``tasks.values``; a leading UTF-8 byte-order mark is accepted.
 """
 
+import csv
+import io
 import json
 import logging
 import math
@@ -17,6 +20,7 @@ from typing import Any, Callable
 import datasets
 
 from tasks.schema import COLUMNS, KINDS, SPLITS, split_of
+from tasks.values import check_classes, regress_target
 
 # File extension -> the Hugging Face ``datasets`` builder that reads it.
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -67,15 +71,19 @@ def load_task_file(path: str) -> tuple[str, Callable[[], datasets.DatasetDict]]:
       ValueError: the file is missing, empty, unreadable, of an unknown type,
         or its columns or values do not fit a kind.
     """
-    table = _read(path)
+    table, lines = _read(path)
     kind = detect_kind(path, list(table))
     n = len(table["input"])
-    columns = {name: [_clean(path, kind, name, row, v) for row, v in enumerate(table[name])] for name in COLUMNS[kind]}
+
+    def place(row: int) -> str:
+        return f"on line {lines[row]}" if lines else f"in row {row + 1}"
+
+    columns = {name: [_clean(path, name, place(row), v) for row, v in enumerate(table[name])] for name in COLUMNS[kind]}
     if kind == "tag":
-        _check_tag_counts(path, columns["input"], columns["tags"])
+        _check_tag_counts(path, columns["input"], columns["tags"], place)
 
     if "split" in table:
-        splits = [_split_value(path, row, v) for row, v in enumerate(table["split"])]
+        splits = [_split_value(path, place(row), v) for row, v in enumerate(table["split"])]
         if "validation" not in splits:
             # As for a hub dataset without one: the validation split (which picks the best
             # checkpoint) is cut from the train rows by the same hash as a file without splits.
@@ -88,6 +96,8 @@ def load_task_file(path: str) -> tuple[str, Callable[[], datasets.DatasetDict]]:
     rows_of = {split: [i for i in range(n) if splits[i] == split] for split in SPLITS}
     if not rows_of["train"]:
         raise ValueError(f"Task file {path!r} has no rows in its train split; at least one is needed to train.")
+    if kind == "classify":
+        check_classes(columns["label"], f"Task file {path!r}")
     result = datasets.DatasetDict(
         {
             split: datasets.Dataset.from_dict(
@@ -100,8 +110,13 @@ def load_task_file(path: str) -> tuple[str, Callable[[], datasets.DatasetDict]]:
     return kind, lambda: result
 
 
-def _read(path: str) -> dict[str, list[Any]]:
-    """Reads a file with Hugging Face ``datasets`` into columns of values."""
+def _read(path: str) -> tuple[dict[str, list[Any]], list[int] | None]:
+    """Reads a file with Hugging Face ``datasets`` into columns of values.
+
+    Returns:
+      ``(columns, lines)``: ``lines[i]`` is the 1-based line of the file where
+      row ``i`` starts (``None`` for ``.parquet``, whose rows have no lines).
+    """
     ext = os.path.splitext(path)[1].lower()
     if ext not in BUILDERS:
         raise ValueError(
@@ -111,10 +126,12 @@ def _read(path: str) -> dict[str, list[Any]]:
         raise ValueError(f"Task file {path!r} does not exist.")
     if os.path.getsize(path) == 0:
         raise ValueError(f"Task file {path!r} is empty.")
+    lines = None
     if ext in (".jsonl", ".json", ".csv"):
         text = _utf8_text(path)
         if ext == ".jsonl":
             return _read_json_lines(path, text)
+        lines = _csv_lines(text) if ext == ".csv" else None
     logger = datasets.utils.logging.get_logger("datasets")
     level = logger.level
     logger.setLevel(logging.CRITICAL)  # its parsers log each failure as ERROR lines before raising it
@@ -128,14 +145,25 @@ def _read(path: str) -> dict[str, list[Any]]:
         logger.setLevel(level)
     if dataset.num_rows == 0:
         raise ValueError(f"Task file {path!r} has no rows.")
-    return dataset.to_dict()
+    return dataset.to_dict(), lines if lines is not None and len(lines) == dataset.num_rows else None
+
+
+def _csv_lines(text: str) -> list[int]:
+    """The line each CSV record starts on, after the header (blank lines, which pandas skips, skipped)."""
+    reader = csv.reader(io.StringIO(text))
+    starts, line = [], 1
+    for number, record in enumerate(reader):
+        if record and number > 0:
+            starts.append(line)
+        line = reader.line_num + 1
+    return starts
 
 
 def _utf8_text(path: str) -> str:
-    """The file's text, or a ValueError naming the file and the line of the first byte that is not UTF-8."""
+    """The file's text less a leading byte-order mark, or a ValueError naming the line of its first non-UTF-8 byte."""
     data = open(path, "rb").read()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise ValueError(
@@ -144,9 +172,9 @@ def _utf8_text(path: str) -> str:
         ) from None
 
 
-def _read_json_lines(path: str, text: str) -> dict[str, list[Any]]:
+def _read_json_lines(path: str, text: str) -> tuple[dict[str, list[Any]], list[int]]:
     """One JSON object a line, parsed here so an error names its line (blank lines are skipped)."""
-    rows = []
+    rows, lines = [], []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -161,10 +189,11 @@ def _read_json_lines(path: str, text: str) -> dict[str, list[Any]]:
                 f"Task file {path!r} has a {type(row).__name__} on line {number}; a JSON object is accepted."
             )
         rows.append(row)
+        lines.append(number)
     if not rows:
         raise ValueError(f"Task file {path!r} has no rows.")
     names = list(dict.fromkeys(name for row in rows for name in row))
-    return {name: [row.get(name) for row in rows] for name in names}
+    return {name: [row.get(name) for row in rows] for name in names}, lines
 
 
 def _root_reason(error: BaseException) -> str:
@@ -175,17 +204,12 @@ def _root_reason(error: BaseException) -> str:
     return (lines[0] if lines else type(error).__name__).rstrip(".")
 
 
-def _clean(path: str, kind: str, column: str, row: int, value: Any) -> Any:
-    """Checks one cell and converts it to the type its kind's column holds."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        raise ValueError(f"Task file {path!r} has an empty {column!r} in row {row + 1}.")
+def _clean(path: str, column: str, place: str, value: Any) -> Any:
+    """Checks one cell (``place``: ``"on line 3"``, ``"in row 3"``) and converts it to its column's type."""
     if column == "value":
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"Task file {path!r} has value {value!r} in row {row + 1}; a number is accepted."
-            ) from None
+        return regress_target(value, f"Task file {path!r}", place)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise ValueError(f"Task file {path!r} has an empty {column!r} {place}.")
     if column == "tags":
         # CSV cannot hold a list, so a whitespace-separated string is accepted too.
         if isinstance(value, str):
@@ -193,35 +217,35 @@ def _clean(path: str, kind: str, column: str, row: int, value: Any) -> Any:
         if isinstance(value, (list, tuple)):
             return [str(tag) for tag in value]
         raise ValueError(
-            f"Task file {path!r} has tags {value!r} in row {row + 1}; "
+            f"Task file {path!r} has tags {value!r} {place}; "
             f"a list or a whitespace-separated string is accepted."
         )
     # input, target, label are text; numeric labels (0/1 in a CSV) become text.
     if isinstance(value, (list, dict)):
-        raise ValueError(f"Task file {path!r} has {column} {value!r} in row {row + 1}; text is accepted.")
+        raise ValueError(f"Task file {path!r} has {column} {value!r} {place}; text is accepted.")
     text = str(value)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate escape in JSON ("\ud800")
         raise ValueError(
-            f"Task file {path!r} has a lone surrogate in its {column} in row {row + 1}; text must be valid Unicode."
+            f"Task file {path!r} has a lone surrogate in its {column} {place}; text must be valid Unicode."
         ) from None
     return text
 
 
-def _check_tag_counts(path: str, inputs: list[str], tags: list[list[str]]) -> None:
+def _check_tag_counts(path: str, inputs: list[str], tags: list[list[str]], place: Callable[[int], str]) -> None:
     for row, (text, row_tags) in enumerate(zip(inputs, tags)):
         if len(text.split()) != len(row_tags):
             raise ValueError(
                 f"Task file {path!r} has {len(row_tags)} tags for {len(text.split())} "
-                f"tokens in row {row + 1}; one tag per whitespace-separated token is accepted."
+                f"tokens {place(row)}; one tag per whitespace-separated token is accepted."
             )
 
 
-def _split_value(path: str, row: int, value: Any) -> str:
+def _split_value(path: str, place: str, value: Any) -> str:
     if value not in SPLITS:
         raise ValueError(
-            f"Task file {path!r} has split {value!r} in row {row + 1}; accepted splits are {', '.join(SPLITS)}."
+            f"Task file {path!r} has split {value!r} {place}; accepted splits are {', '.join(SPLITS)}."
         )
     return value
 
@@ -299,7 +323,9 @@ def load_hub_task(spec: str) -> tuple[str, Callable[[], datasets.DatasetDict]]:
             if split == "train" and split_of(cells["input"]) in missing:
                 target = split_of(cells["input"])
             for c in COLUMNS[kind]:
-                rows[target][c].append(_clean(spec, kind, c, i, cells[c]))
+                rows[target][c].append(_clean(spec, c, f"in row {i + 1} of its {split} split", cells[c]))
+    if kind == "classify":
+        check_classes([label for split in SPLITS for label in rows[split]["label"]], f"Hub task {spec!r}")
     result = datasets.DatasetDict({s: datasets.Dataset.from_dict(rows[s], features=FEATURES[kind]) for s in SPLITS})
     if result["train"].num_rows == 0:
         raise ValueError(f"Hub task {spec!r} has no labelled rows in its train split.")

@@ -3,6 +3,7 @@
 import collections
 import csv
 import json
+import pathlib
 import re
 
 import datasets
@@ -216,13 +217,13 @@ def _bad_file_cases(tmp_path):
             _write(tmp_path / "two.jsonl", [{"input": "a", "target": "b", "label": "c"}]),
             r"more than one kind \(generate, classify\)",
         ),
-        (_write(tmp_path / "split.jsonl", [{"input": "a", "target": "b", "split": "dev"}]), "split 'dev' in row 1"),
+        (_write(tmp_path / "split.jsonl", [{"input": "a", "target": "b", "split": "dev"}]), "split 'dev' on line 1"),
         (
             _write(tmp_path / "null.jsonl", [{"input": "a", "target": "b"}, {"input": None, "target": "c"}]),
-            "empty 'input' in row 2",
+            "empty 'input' on line 2",
         ),
-        (_write(tmp_path / "tags.jsonl", [{"input": "a b c", "tags": ["X"]}]), "1 tags for 3 tokens in row 1"),
-        (_write(tmp_path / "value.csv", [{"input": "a", "value": "high"}]), "value 'high' in row 1"),
+        (_write(tmp_path / "tags.jsonl", [{"input": "a b c", "tags": ["X"]}]), "1 tags for 3 tokens on line 1"),
+        (_write(tmp_path / "value.csv", [{"input": "a", "value": "high"}]), "value 'high' on line 2"),
     ]
 
 
@@ -288,3 +289,49 @@ def test_package_docstring_names_every_builtin_task():
 
     missing = [name for name in package.names() if f"``{name}``" not in package.__doc__]
     assert not missing, f"tasks/__init__.py's docstring does not name {missing}"
+
+
+# --- checked values: the file and the line of a bad one (issue 26) ---
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e38])
+def test_a_regress_value_float32_cannot_hold_stops_with_its_file_and_line(tmp_path, bad):
+    rows = [{"input": f"t{i}", "value": float(i)} for i in range(6)]
+    rows[4]["value"] = bad
+    jsonl = tmp_path / "v.jsonl"  # a blank line moves row 4 to line 6
+    lines = [json.dumps(r) + "\n" for r in rows]
+    jsonl.write_text("".join(lines[:2]) + "\n" + "".join(lines[2:]))
+    csv_path = tmp_path / "v.csv"  # a quoted input over two lines moves row 4 to line 7
+    records = [f'"{r["input"]}{chr(10) if i == 1 else ""}",{r["value"]!r}\n' for i, r in enumerate(rows)]
+    csv_path.write_text("input,value\n" + "".join(records))
+    parquet = _write(tmp_path / "v.parquet", rows)
+    for path, place in ((str(jsonl), "on line 6"), (str(csv_path), "on line 7"), (parquet, "in row 5")):
+        with pytest.raises(ValueError) as info:
+            tasks.resolve([f"v={path}"])
+        text = str(info.value)
+        assert text.startswith(f"Task file {path!r} has ") and re.search(rf"value\b.*{place}[,;]", text), text
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "csv", "parquet"])
+def test_a_classify_file_of_one_label_is_refused_in_one_line(tmp_path, ext):
+    path = _write(tmp_path / f"one.{ext}", [{"input": f"t{i}", "label": "pos"} for i in range(20)])
+    with pytest.raises(ValueError, match=rf"^Task file {re.escape(repr(path))} has only the label 'pos'; [^\n]*\.$"):
+        tasks.resolve([f"one={path}"])
+
+
+def test_a_hub_classify_dataset_of_one_label_is_refused(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    pq.write_table(pa.table({"sentence": [f"w{i}" for i in range(10)], "mood": ["up"] * 10}), folder / "train.parquet")
+    with pytest.raises(ValueError, match="only the label 'up'"):
+        tasks.resolve([f"m=hf:{folder}?input=sentence&label=mood"])
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "csv"])
+def test_a_leading_utf8_byte_order_mark_is_accepted(tmp_path, ext):
+    plain = pathlib.Path(_write(tmp_path / f"plain.{ext}", ROWS["classify"]))
+    marked = tmp_path / f"marked.{ext}"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    (a, b) = tasks.resolve([f"a={plain}", f"b={marked}"])
+    assert a.kind == b.kind == "classify"
+    assert {s: a.load()[s].to_dict() for s in SPLITS} == {s: b.load()[s].to_dict() for s in SPLITS}

@@ -114,7 +114,9 @@ def test_user_files_of_every_kind_train_and_serve(tmp_path):
         (b'{"input": "a", "target": "b"}\n{"input": "\xff", "target": "c"}\n', ".jsonl", "byte 0xff on line 2"),
         ('{"input": "a", "target": "b"}\n\n{"input": "c", "target": \n', ".jsonl", "invalid JSON on line 3, column 26"),
         ("input,label\na,\xe9t\xe9\n".encode("latin-1"), ".csv", "not UTF-8 text: byte 0xe9 on line 2"),
-        ('{"input": "a\\ud800", "target": "b"}\n', ".jsonl", "lone surrogate in its input in row 1"),
+        ('{"input": "a\\ud800", "target": "b"}\n', ".jsonl", "lone surrogate in its input on line 1"),
+        ('{"input": "a", "value": 1}\n\n{"input": "b", "value": Infinity}\n', ".jsonl", "value inf on line 3"),
+        ("input,label\na,pos\nb,pos\n", ".csv", "has only the label 'pos'"),
     ],
 )
 def test_bad_task_file_is_one_line_exit_2(tmp_path, content, suffix, message):
