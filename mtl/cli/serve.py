@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
+from mtl.cache_dir import HELP as CACHE_DIR_HELP
+from mtl.cache_dir import enable_compilation_cache
 from mtl.config import UsageError
 from mtl.http_app import serve_forever
 from mtl.server import Server, read_requests, to_json
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, help="decode slots: generation requests decoded together (serve.max_batch)")
     p.add_argument("--max-queue", type=int, help="requests that may wait; beyond, HTTP answers 503 (serve.max_queue)")
     p.add_argument("--http", metavar="HOST:PORT", help="serve over HTTP instead of a file (port 0: any free port)")
+    p.add_argument("--cache-dir", metavar="DIR", help=CACHE_DIR_HELP)
     p.add_argument(
         "--set",
         action="append",
@@ -74,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except OSError as e:
                     raise UsageError(f"--requests {args.requests!r} cannot be read: {e.strerror}") from None
             output = Output(args.out)  # a bad --out is refused before anything is served
+        enable_compilation_cache(args.cache_dir, log=console.log)
         with console.status("restoring the checkpoint and compiling"):
             server = Server.load(args.ckpt, overrides(args), log=console.log)
     except UsageError as e:

@@ -17,6 +17,8 @@ import jax
 
 from mtl import config as C
 from mtl import distributed, perf, trainer
+from mtl.cache_dir import HELP as CACHE_DIR_HELP
+from mtl.cache_dir import enable_compilation_cache
 from mtl.config import UsageError
 from mtl.run_folder import RunFolder
 
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SOURCE",
         help="start from a pretrained model: a Hugging Face folder, hf:ORG/NAME, or an mtl run folder (warm start)",
     )
+    p.add_argument("--cache-dir", metavar="DIR", help=CACHE_DIR_HELP)
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
     p.add_argument("--eval-only", action="store_true", help="evaluate the newest checkpoint in --out and exit")
     p.add_argument(
@@ -98,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trainer.list_tasks()
             return 0
         _join_cluster(args)  # before anything touches a device: joining a cluster changes what the devices are
+        enable_compilation_cache(args.cache_dir, log=lambda line: print(f"train.py: {line}", file=sys.stderr))
         first = jax.process_index() == 0  # the process that reports
         if args.eval_only:
             if not args.out:
