@@ -1,6 +1,6 @@
 """Serve mixed-task requests from a checkpoint: ``python serve.py --help`` (installed as ``mtl-serve``).
 
-The command line is :mod:`mtl.cli.serve`; the serving itself is :mod:`mtl.server`.
+The command line is :mod:`mtl.cli.serve`; the serving itself is :mod:`mtl.serving`.
 """
 
 import sys

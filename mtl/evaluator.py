@@ -1,8 +1,8 @@
-"""Evaluation of a model on its tasks, through the same engine that serves it.
+"""Evaluation of a model on its tasks, through the same scheduler and engine that serve it.
 
 Used while training (validation and test metrics, the best checkpoint's
-choice), by ``train.py --eval-only`` and by benchmarks. The engine is built by
-:func:`mtl.server.make_engine`, so a metric measures exactly what a client of
+choice), by ``train.py --eval-only`` and by benchmarks. The scheduler is built by
+:func:`mtl.serving.server.make_scheduler`, so a metric measures exactly what a client of
 the server would get: the same prompts, the same greedy decoding, the same
 heads.
 """
@@ -17,17 +17,18 @@ from flax import nnx
 
 import tasks
 from mtl import config as C
-from mtl.engine import Engine, Request
-from mtl.server import make_engine
+from mtl.serving.requests import Request
+from mtl.serving.scheduler import Scheduler
+from mtl.serving.server import make_scheduler
 
 
 def evaluate(
-    engine: Engine, data: Sequence, split: str, limit: int, tokenizer: tasks.Tokenizer | None = None
+    scheduler: Scheduler, data: Sequence, split: str, limit: int, tokenizer: tasks.Tokenizer | None = None
 ) -> dict[str, dict[str, float]]:
-    """Per-task metrics of the model in ``engine`` on ``split``.
+    """Per-task metrics of the model in ``scheduler`` on ``split``.
 
     Args:
-      engine: serves the model, as :func:`mtl.server.make_engine` builds it.
+      scheduler: serves the model, as :func:`mtl.serving.server.make_scheduler` builds it.
       data: the run's tasks (:class:`mtl.trainer.TaskData`: name, kind, labels, splits, max_new_tokens).
       split: ``validation`` or ``test``.
       limit: examples a task, evenly spaced over the split; 0 for all of them.
@@ -49,11 +50,11 @@ def evaluate(
         prompts = [tasks.prompt_ids(tokenizer, encoded.inputs[i]) for i in picks]
         refs = [encoded.references[i] for i in picks]
         if d.kind == "generate":
-            budget = min(d.max_new_tokens, engine.cfg.max_len)
-            gens = engine.generate([Request(d.name, p, max_new_tokens=budget) for p in prompts])
+            budget = min(d.max_new_tokens, scheduler.engine.cfg.max_len)
+            gens = scheduler.generate([Request(d.name, p, max_new_tokens=budget) for p in prompts])
             preds = [tokenizer.decode(g.tokens) for g in gens]
         else:
-            answers = engine.score([Request(d.name, p) for p in prompts])
+            answers = scheduler.score([Request(d.name, p) for p in prompts])
             if d.kind == "classify":
                 preds = [int(a.values.argmax()) for a in answers]
                 refs = [d.labels.index(r) for r in refs]
@@ -70,7 +71,7 @@ def evaluate(
 
 
 class Evaluator:
-    """Evaluates a model as it trains; one engine, compiled once, serves every evaluation.
+    """Evaluates a model as it trains; one scheduler and engine, compiled once, serves every evaluation.
 
     Args:
       data: the run's tasks.
@@ -92,15 +93,15 @@ class Evaluator:
     ):
         self.data, self.mesh, self.settings, self.limit, self.log = data, mesh, settings, limit, log
         self.tokenizer = tokenizer or tasks.ByteTokenizer()
-        self.engine: Engine | None = None
+        self.scheduler: Scheduler | None = None
 
     def __call__(self, model, split: str, step: int, console) -> dict[str, dict[str, float]]:
-        if self.engine is None:
-            self.engine = make_engine(model, self.mesh, self.settings, self.tokenizer)
+        if self.scheduler is None:
+            self.scheduler = make_scheduler(model, self.mesh, self.settings, self.tokenizer)
         else:
-            self.engine.params = nnx.state(model)  # a train step donates old buffers: take the current ones
+            self.scheduler.engine.params = nnx.state(model)  # a train step donates old buffers: take the current ones
         t0 = time.perf_counter()
-        scores = evaluate(self.engine, self.data, split, self.limit, self.tokenizer)
+        scores = evaluate(self.scheduler, self.data, split, self.limit, self.tokenizer)
         for task, values in scores.items():
             self.log({"step": step, "task": task, "split": split, **{k: round(v, 5) for k, v in values.items()}})
             console.log(f"eval {split} step {step} {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))

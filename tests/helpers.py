@@ -57,10 +57,20 @@ def write_run(folder, config, model, step: int = 1):
     return folder
 
 
+def scheduler_over(model, mesh, *, max_queue=1024, batching="continuous", scheduler="fair", **engine_args):
+    """A scheduler over an engine for ``model`` on ``mesh`` (``engine_args``: :class:`Engine`'s), its own tasks."""
+    from mtl.serving.engine import Engine
+    from mtl.serving.scheduler import Scheduler
+
+    engine = Engine(model, mesh, **engine_args)
+    return Scheduler(engine, max_queue=max_queue, batching=batching, scheduler=scheduler)
+
+
 @contextlib.contextmanager
 def served_over_http(server):
-    """Serves ``server`` (an ``mtl.server.Server``) on a free localhost port during the block; sets ``server.port``."""
-    from mtl import http_app
+    """Serves ``server`` (an ``mtl.serving.server.Server``) on a free localhost port during the block; sets
+    ``server.port``."""
+    from mtl.serving import http_app
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

@@ -1,4 +1,4 @@
-"""Chat templates (mtl.chat) against transformers' apply_chat_template, and POST /v1/chat/completions
+"""Chat templates (mtl.serving.chat) against transformers' apply_chat_template, and POST /v1/chat/completions
 with the openai client on localhost, on a tiny tokenizer trained here that carries a template."""
 
 import json
@@ -8,11 +8,12 @@ import jax
 import pytest
 from flax import nnx
 
-from mtl import chat
-from mtl import server as serving
 from mtl.config import UsageError
-from mtl.engine import Request
 from mtl.model import MultiTaskModel
+from mtl.serving import chat
+from mtl.serving import server as serving
+from mtl.serving.requests import Request
+from mtl.serving.task_table import TaskTable
 from sharding import make_mesh
 from tasks.hf_tokenizer import HFTokenizer
 from tests import hf_fixtures
@@ -101,13 +102,11 @@ def server(tmp_path_factory):
     cfg = tiny_model_config(vocab_size=320, max_len=128)
     model = MultiTaskModel(cfg, rngs=nnx.Rngs(3))
     settings = serving.C.ServeConfig(max_batch=4)
-    engine = serving.make_engine(model, make_mesh("data=1", jax.devices()[:1]), settings, tokenizer)
-    engine.warmup()
-    infos = {
-        "spell": serving.TaskInfo("spell", "generate", (), 12),
-        "lang": serving.TaskInfo("lang", "classify", ("de", "en", "es", "fr", "it"), 0),
-    }
-    the_server = serving.Server(engine, infos, tokenizer)
+    infos = {"spell": {"max_new_tokens": 12}, "lang": {"labels": ["de", "en", "es", "fr", "it"]}}
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    scheduler = serving.make_scheduler(model, mesh, settings, tokenizer, TaskTable(cfg.heads, infos))
+    scheduler.warmup()
+    the_server = serving.Server(scheduler, tokenizer)
     with served_over_http(the_server):
         yield the_server
 
@@ -123,7 +122,7 @@ def test_chat_completions_generate_from_the_rendered_messages(server):
     ids = server.chat.prompt_ids(chat.messages_of(MESSAGES))
     assert ids[0] == server.tokenizer.bos_id and ids.count(server.tokenizer.encode("<eot>")[0]) == 4
     # What the engine generates, greedily, from the template's ids as the task's prompt.
-    expected = server.engine.serve([Request("spell", ids, 10)])[0].wait(60)
+    expected = server.scheduler.serve([Request("spell", ids, 10)])[0].wait(60)
     choice = done.choices[0]
     assert len(expected.tokens) >= 3  # a real generation to compare, not an EOS at once
     assert done.object == "chat.completion" and done.id.startswith("chatcmpl-") and done.model == "spell"

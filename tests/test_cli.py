@@ -305,7 +305,7 @@ def test_served_requests_never_wait_for_a_compilation(runs):
     """Server.load compiles every shape; answering a mixed file afterwards compiles nothing."""
     import jax
 
-    from mtl.server import Server
+    from mtl.serving.server import Server
 
     _, resumed, *_ = runs
     server = Server.load(str(resumed), ["serve.mesh=data=2,fsdp=2,tensor=2", "serve.max_batch=8"])

@@ -9,10 +9,11 @@ import pytest
 from flax import nnx
 
 from mtl import decode
-from mtl.engine import Engine, Request, length_buckets
 from mtl.model import MultiTaskModel
+from mtl.serving.engine import length_buckets
+from mtl.serving.requests import Request
 from sharding import make_mesh
-from tests.helpers import randomise_adapters, tiny_model_config
+from tests.helpers import randomise_adapters, scheduler_over, tiny_model_config
 
 CFG = tiny_model_config(max_len=32)
 ALLOWED = np.arange(CFG.vocab_size) >= 2  # PAD and BOS never produced
@@ -139,8 +140,9 @@ def greedy_by_recomputation(model, prompt, task_id, steps):
 
 
 def make_engine(model, max_batch=4, mesh=None):
+    """A scheduler over an engine for ``model`` (its ``engine`` holds the device state and traces)."""
     mesh = mesh or make_mesh("data=1", jax.devices()[:1])
-    return Engine(model, mesh, max_batch=max_batch, allowed_tokens=ALLOWED, eos_id=EOS, pad_id=0)
+    return scheduler_over(model, mesh, max_batch=max_batch, allowed_tokens=ALLOWED, eos_id=EOS, pad_id=0)
 
 
 @pytest.mark.parametrize("adapter_rank", [0, 4])
@@ -172,7 +174,7 @@ def test_engine_on_a_sharded_mesh_matches_one_device():
     assert [g.tokens for g in one] == [g.tokens for g in sharded]
     # The decode cache, per layer keys [B, K, H, S] and values [B, K, S, H]: slots over data and fsdp,
     # kv heads over tensor.
-    for layer in engine.state.cache:
+    for layer in engine.engine.state.cache:
         assert layer.key.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", None, None)
         assert layer.value.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", None, None)
 
@@ -286,7 +288,7 @@ def test_no_retrace_after_warm_up():
     warm = [Request(task="spell", prompt=[1, 40, 3]), Request(task="lang", prompt=[1, 40, 3])]
     engine.generate(warm[:1])
     engine.score(warm[1:])
-    assert engine.traces == {"prefill": 1, "insert": 1, "step": 1}
+    assert engine.engine.traces == {"prefill": 1, "insert": 1, "step": 1}
     rng = np.random.default_rng(0)
     for i in range(12):  # mixed tasks, lengths within the first bucket, sampling settings, batch sizes
         n = int(rng.integers(1, 7))
@@ -304,4 +306,4 @@ def test_no_retrace_after_warm_up():
         ]
         engine.generate(reqs)
         engine.score([Request(task="lang", prompt=[1, 5 + i, 3])] * n)
-    assert engine.traces == {"prefill": 1, "insert": 1, "step": 1}
+    assert engine.engine.traces == {"prefill": 1, "insert": 1, "step": 1}

@@ -15,10 +15,10 @@ from flax import nnx
 
 import tasks
 from mtl import config as C
-from mtl.engine import Request
 from mtl.evaluator import Evaluator, check_selection, evaluate, selection_score
 from mtl.model import MultiTaskModel
-from mtl.server import make_engine
+from mtl.serving.requests import Request
+from mtl.serving.server import make_scheduler
 from mtl.trainer import TaskData
 from sharding import make_mesh
 
@@ -54,7 +54,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def engine(model, mesh):
-    return make_engine(model, mesh, SETTINGS, TOKENIZER)
+    return make_scheduler(model, mesh, SETTINGS, TOKENIZER)
 
 
 REFERENCE = {"generate": "target", "classify": "label", "regress": "value", "tag": "tags"}
@@ -151,11 +151,11 @@ def test_evaluator_logs_one_record_a_task_and_follows_the_model(model, mesh, eng
     assert any(line.startswith("eval test step 7 lang: accuracy 0.6667") for line in console.lines), console.lines
 
     # New parameters (as after train steps): the same engine, compiled once, answers with them.
-    built = evaluator.engine
+    built = evaluator.scheduler
     other = MultiTaskModel(CFG, rngs=nnx.Rngs(4))
     again = evaluator(other, "test", 8, console)
-    assert evaluator.engine is built
-    assert again == evaluate(make_engine(other, mesh, SETTINGS, TOKENIZER), data, "test", 3)
+    assert evaluator.scheduler is built
+    assert again == evaluate(make_scheduler(other, mesh, SETTINGS, TOKENIZER), data, "test", 3)
     assert again != scores
 
 

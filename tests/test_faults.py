@@ -247,7 +247,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_redone(stopped_run, env):
 
 
 def test_serving_falls_back_past_a_damaged_newest_checkpoint(stopped_run, tmp_path):
-    from mtl.server import Server
+    from mtl.serving.server import Server
 
     out, _ = stopped_run
     copy = tmp_path / "run"

@@ -13,19 +13,21 @@ import pytest
 from flax import nnx
 
 import tasks
-from mtl import server as serving
-from mtl.engine import Engine
 from mtl.model import MultiTaskModel
+from mtl.serving import server as serving
+from mtl.serving.engine import Engine
+from mtl.serving.scheduler import Scheduler
+from mtl.serving.task_table import TaskTable
 from sharding import make_mesh
 from tests.helpers import served_over_http, tiny_model_config
 
 pytest.importorskip("aiohttp")
 
 CFG = tiny_model_config(max_len=128)
-TASKS = {
-    "spell": serving.TaskInfo("spell", "generate", (), 16),
-    "lang": serving.TaskInfo("lang", "classify", ("de", "en", "es", "fr", "it"), 0),
-    "echo": serving.TaskInfo("echo", "generate", (), 16),
+TASKS = {  # the run's task records: labels and default lengths
+    "spell": {"max_new_tokens": 16},
+    "lang": {"labels": ["de", "en", "es", "fr", "it"]},
+    "echo": {"max_new_tokens": 16},
 }
 
 
@@ -38,8 +40,9 @@ def server():
     engine = Engine(
         model, make_mesh("data=1", jax.devices()[:1]), max_batch=4, allowed_tokens=allowed, eos_id=2, pad_id=0
     )
-    engine.warmup()
-    the_server = serving.Server(engine, TASKS, tasks.ByteTokenizer())
+    scheduler = Scheduler(engine, TaskTable(CFG.heads, TASKS))
+    scheduler.warmup()
+    the_server = serving.Server(scheduler, tasks.ByteTokenizer())
     with served_over_http(the_server):
         yield the_server
 
@@ -68,10 +71,10 @@ def test_concurrent_requests_share_batches_and_match_batch_mode(server):
         for i in range(8)
     ]
     requests += [{"id": "c", "task": "lang", "input": "Deutschland"}]
-    steps, made = server.engine.stats["steps"], server.engine.stats["tokens"]
+    steps, made = server.scheduler.stats["steps"], server.scheduler.stats["tokens"]
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         answers = list(pool.map(lambda r: call(server, "POST", "/v1/infer", r), requests))
-    steps, made = server.engine.stats["steps"] - steps, server.engine.stats["tokens"] - made
+    steps, made = server.scheduler.stats["steps"] - steps, server.scheduler.stats["tokens"] - made
     assert all(status == 200 for status, _ in answers), answers
     by_id = {a["id"]: a for _, a in answers}
     for r in requests[:-1]:
@@ -108,7 +111,7 @@ def test_bad_requests_get_400_with_an_error_object(server, body, rid, message):
 
 
 def test_a_full_queue_answers_429_with_retry_after(server):
-    server.engine.max_queue = 0
+    server.scheduler.max_queue = 0
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     try:
         body = json.dumps({"id": "q", "task": "spell", "input": "a"})
@@ -116,25 +119,25 @@ def test_a_full_queue_answers_429_with_retry_after(server):
         response = connection.getresponse()
         status, retry, answer = response.status, response.getheader("Retry-After"), json.loads(response.read())
     finally:
-        server.engine.max_queue = 1024
+        server.scheduler.max_queue = 1024
         connection.close()
     assert status == 429 and retry == "1" and answer["id"] == "q" and "queue" in answer["error"]
 
 
-def assert_cancelled_and_free(engine, cancelled_before: int) -> None:
+def assert_cancelled_and_free(scheduler, cancelled_before: int) -> None:
     """Waits (30 s at most) for one more cancelled request and every slot free again."""
     deadline = time.monotonic() + 30
-    while engine.stats["cancelled"] == cancelled_before and time.monotonic() < deadline:
+    while scheduler.stats["cancelled"] == cancelled_before and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert engine.stats["cancelled"] == cancelled_before + 1
-    while engine.busy() and time.monotonic() < deadline:
+    assert scheduler.stats["cancelled"] == cancelled_before + 1
+    while scheduler.busy() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not any(engine.slots)
+    assert not any(scheduler.slots)
 
 
 def test_a_client_that_disconnects_frees_its_slot(server):
-    engine = server.engine
-    cancelled = engine.stats["cancelled"]
+    scheduler = server.scheduler
+    cancelled = scheduler.stats["cancelled"]
     body = json.dumps({"id": "gone", "task": "spell", "input": "abc", "max_new_tokens": 120}).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as client:
         client.sendall(
@@ -143,10 +146,10 @@ def test_a_client_that_disconnects_frees_its_slot(server):
             + body
         )
         deadline = time.monotonic() + 30
-        while not engine.busy() and time.monotonic() < deadline:
+        while not scheduler.busy() and time.monotonic() < deadline:
             time.sleep(0.0005)
-    # Closed mid-generation: the handler is cancelled and the engine drops the request.
-    assert_cancelled_and_free(engine, cancelled)
+    # Closed mid-generation: the handler is cancelled and the scheduler drops the request.
+    assert_cancelled_and_free(scheduler, cancelled)
     status, answer = call(
         server, "POST", "/v1/infer", {"id": "after", "task": "spell", "input": "abc", "max_new_tokens": 3}
     )
@@ -179,11 +182,11 @@ def test_a_stop_string_ends_the_generation_in_the_engine(server):
     assert status == 200 and full["tokens"] == 12 and full["finish_reason"] == "length"
     stop = full["output"][4]  # greedy: the same text comes again, and ends where the stop string first appears
     assert server.parse({**base, "stop": stop}).request.stop == (tuple(server.tokenizer.encode(stop)),)
-    made = server.engine.stats["tokens"]
+    made = server.scheduler.stats["tokens"]
     status, stopped = call(server, "POST", "/v1/infer", {**base, "stop": stop})
     assert status == 200 and stopped["finish_reason"] == "stop", stopped
     assert stopped["output"] == full["output"][: full["output"].index(stop)]
-    assert server.engine.stats["tokens"] - made < 12  # the engine stopped decoding it before its budget
+    assert server.scheduler.stats["tokens"] - made < 12  # the engine stopped decoding it before its budget
 
 
 # The clients people use: OpenAI's Python package and Prometheus's own parser.
@@ -335,14 +338,14 @@ def test_infer_streams_deltas_then_the_response_object(server):
     assert "".join(e["delta"] for e in deltas) == whole["output"] == final["output"]
     assert final["finish_reason"] == "length" and final["tokens"] == 12
     status, events = sse_events(server, "/v1/infer", {"id": "c", "task": "lang", "input": "Hallo", "stream": True})
-    assert status == 200 and len(events) == 1 and events[0]["label"] in TASKS["lang"].labels
+    assert status == 200 and len(events) == 1 and events[0]["label"] in TASKS["lang"]["labels"]
     status, answer = call(server, "POST", "/v1/infer", {**body, "stream": "yes"})
     assert status == 400 and "stream 'yes' must be true or false" in answer["error"]
 
 
 def test_a_streaming_client_that_disconnects_frees_its_slot(server):
-    engine = server.engine
-    cancelled = engine.stats["cancelled"]
+    scheduler = server.scheduler
+    cancelled = scheduler.stats["cancelled"]
     body = json.dumps({"id": "gone", "task": "spell", "input": "abc", "max_new_tokens": 120, "stream": True}).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as client:
         client.sendall(
@@ -353,7 +356,7 @@ def test_a_streaming_client_that_disconnects_frees_its_slot(server):
         received = b""
         while b"data: " not in received:  # streaming has begun
             received += client.recv(4096)
-    assert_cancelled_and_free(engine, cancelled)
+    assert_cancelled_and_free(scheduler, cancelled)
 
 
 def test_streamed_text_waits_for_whole_characters_and_possible_stop_strings():

@@ -13,7 +13,7 @@ from mtl import config as C
 from mtl.checkpoint import Checkpoints
 from mtl.config import UsageError
 from mtl.model import MultiTaskModel
-from mtl.server import Server, finite_or_error, read_requests, serving_config, to_json
+from mtl.serving.server import Server, finite_or_error, read_requests, serving_config, to_json
 from tests.helpers import tiny_model_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -49,10 +49,10 @@ def run_folder(tmp_path_factory):
 
 def test_load_serves_with_the_runs_serving_config(run_folder):
     server = Server.load(str(run_folder))
-    engine = server.engine
-    assert (engine.max_batch, engine.steps_per_call, engine.prefill_batch) == (4, 3, 4)
-    assert engine.scheduler == "fair"
-    assert dict(engine.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    scheduler = server.scheduler
+    assert (scheduler.max_batch, scheduler.steps_per_call, scheduler.prefill_batch) == (4, 3, 4)
+    assert scheduler.scheduler == "fair"
+    assert dict(scheduler.engine.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
 
 
 def test_load_applies_overrides(run_folder):
@@ -60,10 +60,10 @@ def test_load_applies_overrides(run_folder):
     with pytest.raises(UsageError, match="covers 2 devices"):  # 8 devices here: the mesh must use them all
         Server.load(str(run_folder), overrides)
     server = Server.load(str(run_folder), overrides[:3] + ["serve.mesh=data=2,tensor=4", "serve.scheduler=fifo"])
-    engine = server.engine
-    assert engine.scheduler == "fifo"
-    assert (engine.max_batch, engine.prefill_batch, engine.steps_per_call) == (2, 1, 5)
-    assert dict(engine.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    scheduler = server.scheduler
+    assert scheduler.scheduler == "fifo"
+    assert (scheduler.max_batch, scheduler.prefill_batch, scheduler.steps_per_call) == (2, 1, 5)
+    assert dict(scheduler.engine.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
     lines = [
         '{"id": "a", "task": "spell", "input": "cat", "max_new_tokens": 4}',
         '{"id": "b", "task": "lang", "input": "hallo"}',

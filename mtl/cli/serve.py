@@ -2,7 +2,7 @@
 
 Batch mode reads one JSON request a line and writes one JSON response a line,
 in request order; HTTP mode (``--http HOST:PORT``) answers ``POST /v1/infer``
-and ``GET /health``. The work is :mod:`mtl.server`'s; this module parses the
+and ``GET /health``. The work is :mod:`mtl.serving`'s; this module parses the
 command line once, turns it into serving-config overrides, and reports.
 """
 
@@ -21,8 +21,8 @@ from rich.console import Console
 from mtl.cache_dir import HELP as CACHE_DIR_HELP
 from mtl.cache_dir import enable_compilation_cache
 from mtl.config import UsageError
-from mtl.http_app import serve_forever
-from mtl.server import Server, read_requests, to_json
+from mtl.serving.http_app import serve_forever
+from mtl.serving.server import Server, read_requests, to_json
 
 
 def build_parser() -> argparse.ArgumentParser:

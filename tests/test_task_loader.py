@@ -1,4 +1,4 @@
-"""Tasks added and removed over HTTP while serving (mtl.task_admin): rows written, nothing recompiled,
+"""Tasks added and removed over HTTP while serving (mtl.serving.task_loader): rows written, nothing recompiled,
 the other tasks' answers unchanged, running requests finished, incompatible runs refused in one line."""
 
 import dataclasses
@@ -10,11 +10,11 @@ import pytest
 from flax import nnx
 
 import tasks
-from mtl import server as serving
-from mtl import task_admin
 from mtl.config import HeadConfig, UsageError, tiny
-from mtl.engine import Request
 from mtl.model import MultiTaskModel
+from mtl.serving import server as serving
+from mtl.serving import task_loader
+from mtl.serving.requests import Request
 from tests.helpers import randomise_adapters, served_over_http, tiny_model_config, write_run
 from tests.test_http import call
 
@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
         ("x", "RUN:TASK"),
     ]:
         with pytest.raises(UsageError, match=message):
-            task_admin.add_at_start(server.room, spec)
+            task_loader.add_at_start(server.loader, spec)
     with served_over_http(server):
         yield server, runs, other
 
@@ -83,7 +83,7 @@ def test_add_and_remove_tasks_over_http_while_serving(setup):
     server, runs, other = setup
     texts = ["hello", "spam and eggs"]
     before = {(task, t): infer(server, task, t) for task in ("spell", "echo", "lang") for t in texts}
-    traces = dict(server.engine.traces)
+    traces = dict(server.scheduler.engine.traces)
     tokenizer = tasks.ByteTokenizer()
     allowed = serving.allowed_tokens(tokenizer, CFG.vocab_size)
 
@@ -122,7 +122,7 @@ def test_add_and_remove_tasks_over_http_while_serving(setup):
     assert call(server, "DELETE", "/v1/tasks/nope")[0] == 404
 
     # A request running when its task is removed finishes; new ones are refused; the row is reused after.
-    running = server.engine.submit(Request("rev", tokenizer.prompt_ids("long one"), 40))
+    running = server.scheduler.submit(Request("rev", tokenizer.prompt_ids("long one"), 40))
     assert call(server, "DELETE", "/v1/tasks/rev") == (200, {"task": "rev", "removed": True})
     assert len(running.wait(60).tokens) == 40
     status, body = call(server, "POST", "/v1/infer", {"id": 1, "task": "rev", "input": "x"})
@@ -134,4 +134,4 @@ def test_add_and_remove_tasks_over_http_while_serving(setup):
     assert infer(server, "rev3")["output"] == generated(4)
     assert 'task="rev3"' in call(server, "GET", "/metrics")[1]  # an added task has its own metrics
     assert {(task, t): infer(server, task, t) for task, t in before} == before
-    assert server.engine.traces == traces  # no program compiled again
+    assert server.scheduler.engine.traces == traces  # no program compiled again

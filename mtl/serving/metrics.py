@@ -3,7 +3,7 @@
 Requests by task and outcome (a finish reason, ``ok``, ``error`` or
 ``deadline``), generated tokens, and per-task histograms of time to first
 token, time per output token and end-to-end latency, observed as each answer
-is formatted; queue depth and busy slots read from the engine at each scrape.
+is formatted; queue depth and busy slots read from the scheduler at each scrape.
 Each server has its own registry, so several in one process
 (tests) do not mix their counts.
 """
@@ -22,7 +22,7 @@ TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 class ServerMetrics:
     """Counters and histograms of one server; :meth:`observe` each answer, :meth:`render` to scrape."""
 
-    def __init__(self, engine, tasks: Collection[str]):
+    def __init__(self, scheduler, tasks: Collection[str]):
         self.tasks = tasks
         self.registry = CollectorRegistry()
         r = self.registry
@@ -43,9 +43,9 @@ class ServerMetrics:
         self.latency = Histogram(
             "mtl_request_latency_seconds", "Arrival to answer.", ["task"], buckets=LATENCY_BUCKETS, registry=r
         )
-        Gauge("mtl_queue_depth", "Requests waiting.", registry=r).set_function(lambda: len(engine.queue))
+        Gauge("mtl_queue_depth", "Requests waiting.", registry=r).set_function(lambda: len(scheduler.queue))
         Gauge("mtl_busy_slots", "Decode slots holding a request.", registry=r).set_function(
-            lambda: sum(slot is not None for slot in engine.slots)
+            lambda: sum(slot is not None for slot in scheduler.slots)
         )
 
     def observe(self, task, response: dict) -> None:
@@ -66,3 +66,13 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def add_routes(app, api) -> None:
+    """``GET /metrics``: Prometheus text (open without a key, as ``/health`` is)."""
+    from aiohttp import web
+
+    async def prometheus(_request):
+        return web.Response(body=api.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    app.router.add_get("/metrics", prometheus)

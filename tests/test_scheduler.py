@@ -1,4 +1,4 @@
-"""The continuous-batching engine: slots refilled as they free, mixed tasks, stops,
+"""The scheduler over its engine: slots refilled as they free, mixed tasks, stops,
 admission control, cancelling, and no compilation after warm-up."""
 
 import contextlib
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtl.engine import Cancelled, DeadlineExceeded, Engine, QueueFull, Request
+from mtl.serving.requests import Cancelled, DeadlineExceeded, QueueFull, Request
 from mtl.model import MultiTaskModel
 from sharding import make_mesh
-from tests.helpers import randomise_adapters, tiny_model_config
+from tests.helpers import randomise_adapters, scheduler_over, tiny_model_config
 
 CFG = tiny_model_config(max_len=32)
 EOS = 2
@@ -22,32 +22,32 @@ NO_EOS = np.arange(CFG.vocab_size) >= 3  # EOS banned too: lengths follow max_ne
 
 @pytest.fixture(scope="module")
 def plain_engine():
-    """One warmed-up engine for the module: 4 slots, prefills of 2, generation never stops early."""
+    """One warmed-up scheduler for the module: 4 slots, prefills of 2, generation never stops early."""
     model = MultiTaskModel(CFG, rngs=nnx.Rngs(1))
     mesh = make_mesh("data=1", jax.devices()[:1])
-    engine = Engine(model, mesh, max_batch=4, prefill_batch=2, allowed_tokens=NO_EOS, eos_id=EOS, pad_id=0)
-    engine.warmup()
-    return engine
+    sched = scheduler_over(model, mesh, max_batch=4, prefill_batch=2, allowed_tokens=NO_EOS, eos_id=EOS, pad_id=0)
+    sched.warmup()
+    return sched
 
 
 @pytest.fixture
-def engine(request):
-    """The plain engine; tests marked ``both_engines`` run on the adapter engine too."""
+def sched(request):
+    """The plain scheduler; tests marked ``both_engines`` run on the adapter scheduler too."""
     return request.getfixturevalue(getattr(request, "param", "plain_engine"))
 
 
 @pytest.fixture(scope="module")
 def adapter_engine():
-    """The same engine over a model whose every task has its own (random, as if trained) adapters."""
+    """The same scheduler over a model whose every task has its own (random, as if trained) adapters."""
     model = randomise_adapters(MultiTaskModel(dataclasses.replace(CFG, adapter_rank=4), rngs=nnx.Rngs(1)))
     mesh = make_mesh("data=1", jax.devices()[:1])
-    engine = Engine(model, mesh, max_batch=4, prefill_batch=2, allowed_tokens=NO_EOS, eos_id=EOS, pad_id=0)
-    engine.warmup()
-    return engine
+    sched = scheduler_over(model, mesh, max_batch=4, prefill_batch=2, allowed_tokens=NO_EOS, eos_id=EOS, pad_id=0)
+    sched.warmup()
+    return sched
 
 
-# Tests that run on the plain engine and again on the adapter engine (rows of different adapters in one batch).
-both_engines = pytest.mark.parametrize("engine", ["plain_engine", "adapter_engine"], indirect=True)
+# Tests that run on the plain scheduler and again on the adapter scheduler (rows of different adapters in one batch).
+both_engines = pytest.mark.parametrize("sched", ["plain_engine", "adapter_engine"], indirect=True)
 
 
 @contextlib.contextmanager
@@ -70,19 +70,19 @@ def gen(prompt, n, task="spell", **kw):
     return Request(task=task, prompt=[1, *prompt, 3], max_new_tokens=n, **kw)
 
 
-def test_warmup_compiles_every_bucket_once(engine):
-    assert engine.traces == {"prefill": len(engine.buckets), "insert": 1, "step": 1}
+def test_warmup_compiles_every_bucket_once(sched):
+    assert sched.engine.traces == {"prefill": len(sched.engine.buckets), "insert": 1, "step": 1}
 
 
-def test_a_freed_slot_is_refilled_on_the_next_step(engine):
+def test_a_freed_slot_is_refilled_on_the_next_step(sched):
     # Slot sharing: one long request, then many short ones that cycle through the other slots.
     requests = [gen([40], 20)] + [gen([50 + i], 3) for i in range(9)]
-    before = engine.stats["steps"]
-    continuous = engine.generate(requests)
-    continuous_steps = engine.stats["steps"] - before
-    before = engine.stats["steps"]
-    static = engine.generate(requests, batching="static")
-    static_steps = engine.stats["steps"] - before
+    before = sched.stats["steps"]
+    continuous = sched.generate(requests)
+    continuous_steps = sched.stats["steps"] - before
+    before = sched.stats["steps"]
+    static = sched.generate(requests, batching="static")
+    static_steps = sched.stats["steps"] - before
     assert [g.tokens for g in continuous] == [g.tokens for g in static]
     assert [len(g.tokens) for g in continuous] == [20] + [3] * 9
     # Continuous: the long request's 19 steps cover all short ones (3 slots, 2 steps each, 3 rounds).
@@ -93,9 +93,9 @@ def test_a_freed_slot_is_refilled_on_the_next_step(engine):
 
 
 @both_engines
-def test_greedy_output_is_the_same_alone_and_among_other_tasks(engine):
+def test_greedy_output_is_the_same_alone_and_among_other_tasks(sched):
     target = gen([40, 41, 42], 12)
-    alone = engine.generate([target])[0].tokens
+    alone = sched.generate([target])[0].tokens
     crowd = [
         gen(list(range(60, 85)), 5, task="echo", temperature=1.0, seed=3),
         Request(task="lang", prompt=[1, 9, 9, 3]),
@@ -104,11 +104,11 @@ def test_greedy_output_is_the_same_alone_and_among_other_tasks(engine):
         Request(task="lang", prompt=[1] + list(range(100, 125)) + [3]),
         gen([8], 4, task="echo"),
     ]
-    tickets = [engine.submit(r) for r in crowd[:3]]
-    engine.run_once()  # the crowd is decoding when the target arrives
-    tickets += [engine.submit(target)] + [engine.submit(r) for r in crowd[3:]]
-    while engine.busy():
-        engine.run_once()
+    tickets = [sched.submit(r) for r in crowd[:3]]
+    sched.run_once()  # the crowd is decoding when the target arrives
+    tickets += [sched.submit(target)] + [sched.submit(r) for r in crowd[3:]]
+    while sched.busy():
+        sched.run_once()
     assert tickets[3].wait().tokens == alone
     assert tickets[1].wait().values.shape == (5,)
 
@@ -119,14 +119,14 @@ def test_chunks_end_early_for_waiting_requests_when_slots_end_on_eos():
     allowed = np.zeros(CFG.vocab_size, bool)
     allowed[[EOS, 40, 41]] = True
     mesh = make_mesh("data=1", jax.devices()[:1])
-    engine = Engine(model, mesh, max_batch=4, prefill_batch=2, allowed_tokens=allowed, eos_id=EOS, pad_id=0)
+    sched = scheduler_over(model, mesh, max_batch=4, prefill_batch=2, allowed_tokens=allowed, eos_id=EOS, pad_id=0)
 
     def served(requests, early, batching=None):
         """(tokens and finish reason of each request, decode steps run), with chunks ending early or not."""
-        engine._eos_allowed = early  # False: chunks run their planned steps, as before early ends
-        before = engine.stats["steps"]
-        generations = engine.generate(requests, batching)
-        return [(g.tokens, g.finish_reason) for g in generations], engine.stats["steps"] - before
+        sched.engine.eos_allowed = early  # False: chunks run their planned steps, as before early ends
+        before = sched.stats["steps"]
+        generations = sched.generate(requests, batching)
+        return [(g.tokens, g.finish_reason) for g in generations], sched.stats["steps"] - before
 
     requests = [gen([50 + i, 60 + i], 12, temperature=3.0, seed=i) for i in range(24)]
     (ended, steps), (planned, planned_steps) = served(requests, True), served(requests, False)
@@ -141,54 +141,54 @@ def test_chunks_end_early_for_waiting_requests_when_slots_end_on_eos():
     assert served(few, True) == served(few, False)
 
 
-def test_stop_sequences_cut_the_output(engine):
-    free = engine.generate([gen([70, 71], 16)])[0].tokens
+def test_stop_sequences_cut_the_output(sched):
+    free = sched.generate([gen([70, 71], 16)])[0].tokens
     stop = tuple(free[5:7])
     first = next(i for i in range(len(free) - 1) if tuple(free[i : i + 2]) == stop)
-    g = engine.generate([gen([70, 71], 16, stop=((999,), stop))])[0]
+    g = sched.generate([gen([70, 71], 16, stop=((999,), stop))])[0]
     assert g.tokens == free[:first] and g.finish_reason == "stop"
 
 
-def test_a_stop_sequence_ends_its_slot_on_device_for_waiting_requests(engine):
+def test_a_stop_sequence_ends_its_slot_on_device_for_waiting_requests(sched):
     # 8 requests for 4 slots, each stopping a few tokens in, with a budget of 20: the slots are done on
     # device when the stop sequence is produced, so each chunk ends there and the waiting requests are
     # admitted at once. Matched only on the host, each chunk would run its full 8 steps.
     sampled = dict(temperature=1.0, seed=4)  # the same tokens for all 8 (a greedy random model repeats one)
-    free = engine.generate([gen([70, 71], 20, **sampled)])[0].tokens
+    free = sched.generate([gen([70, 71], 20, **sampled)])[0].tokens
     stop = tuple(free[3:5])
     first = next(i for i in range(len(free) - 1) if tuple(free[i : i + 2]) == stop)
-    before = dict(engine.stats)
-    results = engine.generate([gen([70, 71], 20, stop=(stop,), **sampled) for _ in range(8)])
+    before = dict(sched.stats)
+    results = sched.generate([gen([70, 71], 20, stop=(stop,), **sampled) for _ in range(8)])
     assert all(g.tokens == free[:first] and g.finish_reason == "stop" for g in results)
-    steps = engine.stats["steps"] - before["steps"]
+    steps = sched.stats["steps"] - before["steps"]
     assert steps <= 2 * (first + 1) + 1, steps  # two rounds of first + 1 steps each (the first token: prefill)
-    assert engine.stats["tokens"] - before["tokens"] == 8 * (first + 2)  # read up to the stop, not the budget
+    assert sched.stats["tokens"] - before["tokens"] == 8 * (first + 2)  # read up to the stop, not the budget
 
 
-def admitted_order(engine, requests):
-    """The indices of ``requests`` in the order the engine finishes them (all are submitted at once)."""
+def admitted_order(sched, requests):
+    """The indices of ``requests`` in the order the scheduler finishes them (all are submitted at once)."""
     finished = []
-    tickets = [engine.submit(r) for r in requests]
+    tickets = [sched.submit(r) for r in requests]
     for i, t in enumerate(tickets):
         t.add_done_callback(lambda _, i=i: finished.append(i))
-    while engine.busy():
-        engine.run_once()
+    while sched.busy():
+        sched.run_once()
     return finished
 
 
 @pytest.mark.parametrize("scheduler", ["fair", "fifo"])
-def test_a_flooding_task_does_not_starve_another(engine, scheduler):
+def test_a_flooding_task_does_not_starve_another(sched, scheduler):
     # 24 requests of one task queued before 4 of another, for 4 slots, each of the same length. Fair: the
     # flooding task may hold its share of the slots and a slack (2 + 1) but not all 4, so the other task
     # always has a slot while it waits: its 4 requests are answered at least one in every 4, all among the
     # first 16. First in, first out: they wait for the whole flood (kept to show what fairness changes).
     flood = [gen([40 + i], 6) for i in range(24)]
     small = [gen([90 + i], 6, task="echo") for i in range(4)]
-    engine.scheduler = scheduler
+    sched.scheduler = scheduler
     try:
-        order = admitted_order(engine, flood + small)
+        order = admitted_order(sched, flood + small)
     finally:
-        engine.scheduler = "fair"
+        sched.scheduler = "fair"
     rank = sorted(order.index(24 + i) for i in range(4))
     if scheduler == "fair":
         assert rank[-1] < 16, order
@@ -196,78 +196,78 @@ def test_a_flooding_task_does_not_starve_another(engine, scheduler):
         assert rank == [24, 25, 26, 27], order
 
 
-def test_priority_orders_admission(engine):
+def test_priority_orders_admission(sched):
     low = [gen([40 + i], 6, priority=-1) for i in range(6)]
     high = [gen([60 + i], 6, task="echo", priority=5) for i in range(4)]
     normal = [gen([80 + i], 6) for i in range(4)]
-    order = admitted_order(engine, low + normal + high)
+    order = admitted_order(sched, low + normal + high)
     assert sorted(order[:4]) == [10, 11, 12, 13]  # the high-priority ones first, though they came last
     assert sorted(order[4:8]) == [6, 7, 8, 9] and sorted(order[8:]) == [0, 1, 2, 3, 4, 5]
 
 
-def test_a_request_past_its_deadline_is_cancelled_and_answered_so(engine):
-    long = [engine.submit(gen([40 + i], 25)) for i in range(4)]  # every slot busy for 24 steps
-    late = engine.submit(gen([70], 5, deadline_ms=1.0))  # waits for a slot past its deadline
-    running = engine.submit(gen([71], 25, task="echo", deadline_ms=60_000.0))
-    engine.run_once()
+def test_a_request_past_its_deadline_is_cancelled_and_answered_so(sched):
+    long = [sched.submit(gen([40 + i], 25)) for i in range(4)]  # every slot busy for 24 steps
+    late = sched.submit(gen([70], 5, deadline_ms=1.0))  # waits for a slot past its deadline
+    running = sched.submit(gen([71], 25, task="echo", deadline_ms=60_000.0))
+    sched.run_once()
     time.sleep(0.01)
-    while engine.busy():
-        engine.run_once()
+    while sched.busy():
+        sched.run_once()
     with pytest.raises(DeadlineExceeded, match=r"passed its deadline_ms of 1 \("):
         late.wait(0)
     assert all(len(t.wait(0).tokens) == 25 for t in long + [running])
     # A running request is cancelled too, and its slot freed.
-    expiring = engine.submit(gen([72], 25, deadline_ms=30.0))
-    engine.run_once()
-    assert any(engine.slots)
+    expiring = sched.submit(gen([72], 25, deadline_ms=30.0))
+    sched.run_once()
+    assert any(sched.slots)
     time.sleep(0.05)
-    engine.run_once()
+    sched.run_once()
     with pytest.raises(DeadlineExceeded, match="deadline_ms of 30"):
         expiring.wait(0)
-    while engine.busy():
-        engine.run_once()
-    assert not any(engine.slots)
+    while sched.busy():
+        sched.run_once()
+    assert not any(sched.slots)
 
 
-def test_admission_control(engine):
+def test_admission_control(sched):
     with pytest.raises(ValueError, match="prompts take 1 to 31 tokens"):
-        engine.submit(Request(task="spell", prompt=[5] * 32))
+        sched.submit(Request(task="spell", prompt=[5] * 32))
     with pytest.raises(ValueError, match="unknown task 'nope'"):
-        engine.submit(Request(task="nope", prompt=[5]))
-    engine.max_queue = 2
+        sched.submit(Request(task="nope", prompt=[5]))
+    sched.max_queue = 2
     try:
-        tickets = [engine.submit(gen([1], 2)) for _ in range(2)]
+        tickets = [sched.submit(gen([1], 2)) for _ in range(2)]
         with pytest.raises(QueueFull):
-            engine.submit(gen([1], 2))
+            sched.submit(gen([1], 2))
     finally:
-        engine.max_queue = 1024
-    while engine.busy():
-        engine.run_once()
+        sched.max_queue = 1024
+    while sched.busy():
+        sched.run_once()
     assert all(len(t.wait().tokens) == 2 for t in tickets)
 
 
-def test_cancel_frees_the_slot(engine):
-    long = engine.submit(gen([33], 25))
-    queued = [engine.submit(gen([34 + i], 25)) for i in range(4)]  # the fifth waits for a slot
-    engine.run_once()
-    assert sum(s is not None for s in engine.slots) == 4
-    engine.cancel(queued[-1])  # still queued: answered at once
-    engine.cancel(long)  # in a slot: freed at the next iteration
+def test_cancel_frees_the_slot(sched):
+    long = sched.submit(gen([33], 25))
+    queued = [sched.submit(gen([34 + i], 25)) for i in range(4)]  # the fifth waits for a slot
+    sched.run_once()
+    assert sum(s is not None for s in sched.slots) == 4
+    sched.cancel(queued[-1])  # still queued: answered at once
+    sched.cancel(long)  # in a slot: freed at the next iteration
     with pytest.raises(Cancelled):
         queued[-1].wait(0)
-    engine.run_once()
+    sched.run_once()
     with pytest.raises(Cancelled):
         long.wait(0)
-    assert sum(s is not None for s in engine.slots) == 3
-    while engine.busy():
-        engine.run_once()
+    assert sum(s is not None for s in sched.slots) == 3
+    while sched.busy():
+        sched.run_once()
     assert all(len(t.wait().tokens) == 25 for t in queued[:-1])
 
 
 @both_engines
-def test_no_compilation_after_warm_up_across_a_long_mixed_workload(engine):
+def test_no_compilation_after_warm_up_across_a_long_mixed_workload(sched):
     rng = np.random.default_rng(0)
-    traces = dict(engine.traces)
+    traces = dict(sched.engine.traces)
     with counting_compilations() as compiled:
         for round_ in range(6):
             requests = []
@@ -289,14 +289,14 @@ def test_no_compilation_after_warm_up_across_a_long_mixed_workload(engine):
                             stop=((int(rng.integers(4, 200)),),),
                         )
                     )
-            tickets = engine.serve(requests, batching="static" if round_ == 3 else None)
+            tickets = sched.serve(requests, batching="static" if round_ == 3 else None)
             assert all(t.done() for t in tickets)
             if round_ == 4:
-                t = engine.submit(gen([5], 30))
-                engine.run_once()
-                engine.cancel(t)
-                engine.run_once()
-    assert compiled == [] and engine.traces == traces
+                t = sched.submit(gen([5], 30))
+                sched.run_once()
+                sched.cancel(t)
+                sched.run_once()
+    assert compiled == [] and sched.engine.traces == traces
 
 
 def test_chunks_of_steps_change_no_output():
@@ -305,7 +305,7 @@ def test_chunks_of_steps_change_no_output():
     model = MultiTaskModel(CFG, rngs=nnx.Rngs(1))
     mesh = make_mesh("data=1", jax.devices()[:1])
     sampled = dict(temperature=1.0, seed=4)
-    free = Engine(model, mesh, max_batch=4, prefill_batch=2, allowed_tokens=NO_EOS, eos_id=EOS, pad_id=0)
+    free = scheduler_over(model, mesh, max_batch=4, prefill_batch=2, allowed_tokens=NO_EOS, eos_id=EOS, pad_id=0)
     run = free.generate([gen([70, 71], 20, **sampled)])[0].tokens
     end = next(i for i in range(3, 20) if run[i] not in run[:i])  # its first appearance ends the request
     stop = tuple(run[1:3])
@@ -319,7 +319,7 @@ def test_chunks_of_steps_change_no_output():
     ]
     outputs = {}
     for steps in (1, 8):
-        engine = Engine(
+        sched = scheduler_over(
             model,
             mesh,
             max_batch=4,
@@ -329,7 +329,7 @@ def test_chunks_of_steps_change_no_output():
             pad_id=0,
             steps_per_call=steps,
         )
-        outputs[steps] = [(g.tokens, g.finish_reason) for g in engine.generate(requests)]
+        outputs[steps] = [(g.tokens, g.finish_reason) for g in sched.generate(requests)]
     assert outputs[1] == outputs[8]
     assert outputs[8][0] == (run[:end], "stop")
     assert outputs[8][1] == (run[:cut], "stop")
@@ -340,31 +340,31 @@ def test_any_of_several_eos_ids_ends_a_generation_on_device():
     # comes first ends the request, on the host and on the device (the slot is done there, not left running).
     model = MultiTaskModel(CFG, rngs=nnx.Rngs(1))
     mesh = make_mesh("data=1", jax.devices()[:1])
-    free = Engine(model, mesh, max_batch=4, prefill_batch=2, allowed_tokens=NO_EOS, eos_id=EOS, pad_id=0)
+    free = scheduler_over(model, mesh, max_batch=4, prefill_batch=2, allowed_tokens=NO_EOS, eos_id=EOS, pad_id=0)
     run = free.generate([gen([70, 71], 20, temperature=1.0, seed=4)])[0].tokens
     news = [i for i in range(1, 20) if run[i] not in run[:i]]  # first appearances
     first, second = news[1], news[2]
-    engine = Engine(
+    sched = scheduler_over(
         model, mesh, max_batch=4, prefill_batch=2, allowed_tokens=NO_EOS, eos_id=(run[second], run[first]), pad_id=0
     )
-    out = engine.generate([gen([70, 71], 20, temperature=1.0, seed=4)])[0]
+    out = sched.generate([gen([70, 71], 20, temperature=1.0, seed=4)])[0]
     assert (out.tokens, out.finish_reason) == (run[:first], "stop")
-    assert engine.stats["steps"] == first  # its chunk ended on device at that token, the budget (20) far from spent
+    assert sched.stats["steps"] == first  # its chunk ended on device at that token, the budget (20) far from spent
 
 
 def test_steps_per_call_must_be_positive():
     model = MultiTaskModel(CFG, rngs=nnx.Rngs(1))
     mesh = make_mesh("data=1", jax.devices()[:1])
     with pytest.raises(ValueError, match="steps_per_call 0 must be at least 1"):
-        Engine(model, mesh, max_batch=4, allowed_tokens=NO_EOS, eos_id=EOS, pad_id=0, steps_per_call=0)
+        scheduler_over(model, mesh, max_batch=4, allowed_tokens=NO_EOS, eos_id=EOS, pad_id=0, steps_per_call=0)
 
 
-def test_background_thread_serves_concurrent_submissions(engine):
-    engine.start()
+def test_background_thread_serves_concurrent_submissions(sched):
+    sched.start()
     try:
-        tickets = [engine.submit(gen([60 + i], 3 + i)) for i in range(6)]
+        tickets = [sched.submit(gen([60 + i], 3 + i)) for i in range(6)]
         results = [t.wait(60) for t in tickets]
     finally:
-        engine.stop()
+        sched.stop()
     assert [len(g.tokens) for g in results] == [3 + i for i in range(6)]
     assert all(g.ttft_ms <= g.latency_ms for g in results)

@@ -1,11 +1,12 @@
 """Serving mixed-task requests from a checkpoint: request parsing and validation, responses.
 
 The request and response objects are docs/contract.md's. A :class:`Server` holds a
-model restored onto a serving mesh, its tasks, and the continuous-batching
-engine (:mod:`mtl.engine`) that runs them; batch mode (:meth:`Server.respond`)
-and HTTP mode (:func:`mtl.http_app.make_app`) feed the same engine. From Python::
+model restored onto a serving mesh, its task table (:mod:`mtl.serving.task_table`),
+and the scheduler (:mod:`mtl.serving.scheduler`) and engine
+(:mod:`mtl.serving.engine`) that run them; batch mode (:meth:`Server.respond`)
+and HTTP mode (:func:`mtl.serving.http_app.make_app`) feed the same scheduler. From Python::
 
-    from mtl.server import Server
+    from mtl.serving.server import Server
     server = Server.load("runs/demo")
     server.respond([{"id": "a", "task": "g2p", "input": "hello"}])
 
@@ -27,13 +28,16 @@ import numpy as np
 from flax import nnx
 
 import tasks
-from mtl import chat, task_admin
 from mtl import config as C
 from mtl.checkpoint import Checkpoints, candidates, restore_newest
 from mtl.config import UsageError
-from mtl.engine import DeadlineExceeded, Engine, Generation, Request
 from mtl.model import MultiTaskModel
 from mtl.partition import abstract_state
+from mtl.serving import chat, task_loader
+from mtl.serving.engine import Engine
+from mtl.serving.requests import DeadlineExceeded, Generation, Request
+from mtl.serving.scheduler import Scheduler
+from mtl.serving.task_table import Task, TaskTable
 from sharding import make_mesh
 
 REQUIRED = ("id", "task", "input")
@@ -46,28 +50,23 @@ class BadRequest(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskInfo:
-    name: str
-    kind: str
-    labels: tuple[str, ...]
-    max_new_tokens: int
-
-
-@dataclasses.dataclass(frozen=True)
 class Parsed:
     """A validated request, ready for the engine."""
 
     id: Any
-    task: TaskInfo
+    task: Task
     request: Request
     stop: tuple[str, ...]
     text: str  # the input, for tag answers (one tag a word)
     stream: bool = False  # HTTP: send the output as server-sent events while it is generated
 
 
-def make_engine(model: MultiTaskModel, mesh, settings: C.ServeConfig, tokenizer) -> Engine:
-    """The engine that serves ``model`` on ``mesh`` as ``settings`` say, with ``tokenizer``'s special tokens."""
-    return Engine(
+def make_scheduler(
+    model: MultiTaskModel, mesh, settings: C.ServeConfig, tokenizer, table: TaskTable | None = None
+) -> Scheduler:
+    """The scheduler and engine that serve ``model`` on ``mesh`` as ``settings`` say, with ``tokenizer``'s
+    special tokens; ``table`` (default: the model's own tasks) says which task holds each row."""
+    engine = Engine(
         model,
         mesh,
         max_batch=settings.max_batch,
@@ -75,10 +74,9 @@ def make_engine(model: MultiTaskModel, mesh, settings: C.ServeConfig, tokenizer)
         eos_id=tokenizer.eos_ids,
         pad_id=tokenizer.pad_id,
         prefill_batch=settings.prefill_batch or None,
-        max_queue=settings.max_queue,
         steps_per_call=settings.steps_per_call,
-        scheduler=settings.scheduler,
     )
+    return Scheduler(engine, table, max_queue=settings.max_queue, scheduler=settings.scheduler)
 
 
 def allowed_tokens(tokenizer, vocab_size: int) -> np.ndarray:
@@ -106,13 +104,13 @@ def serving_config(cfg: C.Config, overrides: Sequence[str]) -> C.Config:
 
 
 class Server:
-    """A model restored onto a serving mesh, its tasks, and the engine that runs them."""
+    """A model restored onto a serving mesh, its task table, and the scheduler and engine that run them."""
 
-    def __init__(self, engine: Engine, tasks_info: dict[str, TaskInfo], tokenizer):
-        self.engine = engine
-        self.tasks = tasks_info
+    def __init__(self, scheduler: Scheduler, tokenizer):
+        self.scheduler = scheduler
+        self.table = scheduler.table
         self.tokenizer = tokenizer
-        self.room = None  # the task rows POST/DELETE /v1/tasks change (mtl.task_admin), set by load
+        self.loader = None  # adds and removes tasks (POST/DELETE /v1/tasks, mtl.serving.task_loader), set by load
         self.chat = chat.ChatTemplate.from_tokenizer(tokenizer)  # None: no chat template, no chat completions
 
     @classmethod
@@ -152,19 +150,17 @@ class Server:
             raise UsageError(str(e)) from None
         checkpoints.close()
         if cfg.serve.max_tasks:  # rows for tasks added while serving
-            graphdef, params = task_admin.make_room(cfg, params, mesh)
+            graphdef, params = task_loader.make_room(cfg, params, mesh)
         log(f"restored step {step} from {folder} onto mesh {dict(mesh.shape)} in {time.perf_counter() - t0:.1f}s")
         tokenizer = tasks.load_tokenizer(folder.parent)  # the run's own (--init), else the byte tokenizer
-        engine = make_engine(nnx.merge(graphdef, params), mesh, cfg.serve, tokenizer)
-        infos = {
-            t["name"]: TaskInfo(t["name"], t["kind"], tuple(t["labels"]), t["max_new_tokens"]) for t in meta["tasks"]
-        }
-        server = cls(engine, infos, tokenizer)
-        server.room = task_admin.TaskRoom(server, cfg, folder.parent)
-        task_admin.add_at_start(server.room, cfg.serve.add_tasks)
+        table = TaskTable(task_loader.with_room(cfg).model.heads, {t["name"]: t for t in meta["tasks"]})
+        scheduler = make_scheduler(nnx.merge(graphdef, params), mesh, cfg.serve, tokenizer, table)
+        server = cls(scheduler, tokenizer)
+        server.loader = task_loader.TaskLoader(table, scheduler.engine, cfg, folder.parent)
+        task_loader.add_at_start(server.loader, cfg.serve.add_tasks)
         t0 = time.perf_counter()
-        engine.warmup()  # every shape compiled now, so no request waits for a compilation
-        log(f"compiled {len(engine.buckets) + 2} programs in {time.perf_counter() - t0:.1f}s")
+        scheduler.warmup()  # every shape compiled now, so no request waits for a compilation
+        log(f"compiled {len(scheduler.engine.buckets) + 2} programs in {time.perf_counter() - t0:.1f}s")
         return server
 
     # Requests in, responses out.
@@ -188,14 +184,14 @@ class Server:
             raise BadRequest(f"id {raw['id']!r} must be a string or an integer")
         if isinstance(raw["id"], str):
             _check_text(raw["id"], "id")
-        task = self.tasks.get(raw["task"]) if isinstance(raw["task"], str) else None
+        task = self.table.get(raw["task"]) if isinstance(raw["task"], str) else None
         if task is None:
-            raise BadRequest(f"unknown task {raw['task']!r}; this model serves {', '.join(sorted(self.tasks))}")
+            raise BadRequest(f"unknown task {raw['task']!r}; this model serves {', '.join(self.table.names())}")
         if not isinstance(raw["input"], str):
             raise BadRequest(f"input must be a string, not {type(raw['input']).__name__}")
         _check_text(raw["input"], "input")
         prompt = tasks.prompt_ids(self.tokenizer, raw["input"])
-        limit = self.engine.max_prompt_len()
+        limit = self.scheduler.max_prompt_len()
         if len(prompt) > limit:
             raise BadRequest(f"input is {len(prompt)} tokens with its markers; this model takes at most {limit}")
         default_new = task.max_new_tokens or 32
@@ -234,7 +230,7 @@ class Server:
         good = [(i, p) for i, p in enumerate(parsed) if isinstance(p, Parsed)]
         # Latency counts from here: every request of a batch file arrives at once.
         now = time.perf_counter()
-        tickets = self.engine.serve([dataclasses.replace(p.request, arrival=now) for _, p in good])
+        tickets = self.scheduler.serve([dataclasses.replace(p.request, arrival=now) for _, p in good])
         responses: list[dict] = [p for p in parsed]  # errors stay, answers replace the rest
         for (i, p), ticket in zip(good, tickets):
             try:

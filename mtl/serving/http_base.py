@@ -1,0 +1,158 @@
+"""What every family of HTTP routes shares: error answers, reading a body, serving parsed requests.
+
+:class:`Api` is handed to each route module (``routes_mtl``, ``routes_openai``,
+``routes_admin``, ``metrics``); it serves parsed requests through the
+scheduler, as one answer or as server-sent events, and turns refusals into
+JSON error answers: the contract's on mtl's routes, OpenAI's on the paths an
+OpenAI route module registered (:attr:`Api.openai_paths`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+
+from mtl.serving import openai_api
+from mtl.serving.requests import DeadlineExceeded, Draining, QueueFull, UnknownTask
+from mtl.serving.server import Parsed, Server, TextStream, refuse_constant, to_json
+from mtl.serving.metrics import ServerMetrics
+
+
+class Api:
+    """The server behind the routes, its metrics, and the helpers the route modules share."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.metrics = ServerMetrics(server.scheduler, server.table)
+        self.started = int(time.time())
+        self.openai_paths: set[str] = set()  # paths whose errors take OpenAI's shape
+
+    def kinds(self) -> dict[str, str]:
+        """Each served task's kind, now (tasks come and go)."""
+        return self.server.table.kinds()
+
+    def error(self, request, status: int, message: str, headers=None, rid=None):
+        """A JSON error answer in the shape of ``request``'s route family."""
+        from aiohttp import web
+
+        if request.path in self.openai_paths:
+            kind = "invalid_request_error" if status < 500 else "server_error"
+            return web.json_response(openai_api.error_body(message, kind), status=status, headers=headers)
+        return web.json_response({"id": rid, "error": message}, status=status, headers=headers)
+
+    def refused(self, request, e: Exception, rid=None):
+        """The answer to a request the scheduler would not take: 429 (queue full), 503 (stopping), 404."""
+        if isinstance(e, QueueFull):
+            return self.error(request, 429, str(e), {"Retry-After": str(e.retry_after)}, rid)
+        if isinstance(e, Draining):
+            return self.error(request, 503, str(e), {"Retry-After": "5"}, rid)
+        if isinstance(e, UnknownTask):
+            return self.error(request, 404, str(e), rid=rid)
+        raise e
+
+    async def read_json(self, request):
+        """The request's body as JSON; ValueError names what is wrong (413 passes through)."""
+        try:
+            return await request.json(loads=lambda text: json.loads(text, parse_constant=refuse_constant))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"the request body is not valid JSON: {e}") from None
+
+    def answered(self, parsed: Parsed, ticket) -> dict:
+        """The response object to a finished ticket (an error object if it failed), counted in the metrics."""
+        try:
+            result = ticket.wait(0)
+        except DeadlineExceeded as e:
+            response = {"id": parsed.id, "error": str(e)}
+        except Exception as e:
+            response = {"id": parsed.id, "error": f"the request failed: {e}"}
+        else:
+            response = self.server.format(parsed, result)
+        self.metrics.observe(parsed.task.name, response)
+        return response
+
+    async def answer(self, parsed: Parsed) -> dict:
+        """Serves one parsed request through the scheduler; a client that goes away frees its slot."""
+        scheduler = self.server.scheduler
+        ticket = scheduler.submit(dataclasses.replace(parsed.request, arrival=time.perf_counter()))
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+        ticket.add_done_callback(lambda _: loop.call_soon_threadsafe(_settle, finished))
+        try:
+            await finished
+        except asyncio.CancelledError:
+            scheduler.cancel(ticket)
+            raise
+        return self.answered(parsed, ticket)
+
+    async def streamed(self, request, parsed: list[Parsed], piece, end, last=None):
+        """Serves ``parsed`` as server-sent events (``data: JSON``, a blank line after each).
+
+        ``piece(i, text)`` is the event for a decided piece of request ``i``'s text
+        (:class:`TextStream`; at its first token, sent even if empty, so a client sees
+        its time to first token), ``end(i, response, text_stream)`` the events once it is
+        answered (its response object), ``last()`` those after every request is. A
+        refusal (a full queue: 429) is answered before the stream starts; a client that
+        goes away (the handler cancelled, or a write that fails) cancels what is still running.
+        """
+        from aiohttp import web
+
+        scheduler = self.server.scheduler
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        texts = [TextStream(self.server.tokenizer, p.stop) for p in parsed]
+        tickets = []
+
+        def put(item):
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+        try:
+            try:
+                for i, p in enumerate(parsed):
+                    request_now = dataclasses.replace(p.request, arrival=time.perf_counter())
+                    ticket = scheduler.submit(request_now, on_tokens=lambda tokens, i=i: put((i, tokens)))
+                    ticket.add_done_callback(lambda _, i=i: put((i, None)))
+                    tickets.append(ticket)
+            except (QueueFull, Draining, UnknownTask) as e:
+                return self.refused(request, e, parsed[0].id)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            left, started = len(parsed), [False] * len(parsed)
+            while left:
+                i, tokens = await events.get()
+                if tokens is not None:
+                    text = texts[i].update(tokens)
+                    if text or not started[i]:  # the first token is announced even while its text is held
+                        started[i] = True
+                        await send_event(response, piece(i, text))
+                    continue
+                left -= 1
+                for event in end(i, self.answered(parsed[i], tickets[i]), texts[i]):
+                    await send_event(response, event)
+            for event in last() if last else ():
+                await send_event(response, event)
+            await response.write_eof()
+            return response
+        finally:
+            for ticket in tickets:
+                if not ticket.done():
+                    scheduler.cancel(ticket)
+
+
+def status_of(response: dict) -> int:
+    """The HTTP status of an answer: 200, 504 for a request cancelled at its deadline, else 500."""
+    if "error" not in response:
+        return 200
+    return 504 if "deadline_ms" in response["error"] else 500
+
+
+async def send_event(response, event) -> None:
+    """One server-sent event: ``data: JSON`` (or ``data: [DONE]``) and a blank line."""
+    data = event if isinstance(event, str) else to_json(event)
+    await response.write(f"data: {data}\n\n".encode())
+
+
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

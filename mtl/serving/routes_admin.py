@@ -1,0 +1,47 @@
+"""The admin routes: ``POST /v1/tasks`` and ``DELETE /v1/tasks/{name}`` change the served tasks
+(:mod:`mtl.serving.task_loader`, through the task table)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from mtl.serving.http_base import Api
+from mtl.serving.task_table import TaskError
+
+
+def add_routes(app, api: Api) -> None:
+    from aiohttp import web
+
+    server = api.server
+
+    def loader():
+        if server.loader is None:
+            raise TaskError("this server was not loaded from a run folder: it cannot add or remove tasks")
+        return server.loader
+
+    def failed(e: TaskError):
+        return web.json_response({"id": None, "error": str(e)}, status=e.status)
+
+    async def post_task(request):
+        try:
+            body = json.loads(await request.read() or b"null")
+        except ValueError:
+            return failed(TaskError('the body is not JSON; send {"run": RUN_DIR, "task": NAME}'))
+        if not isinstance(body, dict) or not all(isinstance(body.get(k), str) for k in ("run", "task")):
+            return failed(TaskError('the body must be {"run": RUN_DIR, "task": NAME}, both strings'))
+        loop = asyncio.get_running_loop()
+        try:  # restoring a checkpoint takes a while: off the event loop, which keeps answering requests
+            added = await loop.run_in_executor(None, loader().add, body["run"], body["task"])
+        except TaskError as e:
+            return failed(e)
+        return web.json_response(added)
+
+    async def delete_task(request):
+        try:
+            return web.json_response(loader().remove(request.match_info["name"]))
+        except TaskError as e:
+            return failed(e)
+
+    app.router.add_post("/v1/tasks", post_task)
+    app.router.add_delete("/v1/tasks/{name}", delete_task)
