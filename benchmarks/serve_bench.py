@@ -35,10 +35,10 @@ from flax import nnx  # noqa: E402
 
 from mtl import config as C  # noqa: E402
 from mtl.config import HeadConfig  # noqa: E402
+from mtl.model import MultiTaskModel, count_params  # noqa: E402
 from mtl.serving.engine import Engine  # noqa: E402
 from mtl.serving.requests import Generation, Request  # noqa: E402
 from mtl.serving.scheduler import Scheduler  # noqa: E402
-from mtl.model import MultiTaskModel, count_params  # noqa: E402
 from sharding import make_mesh  # noqa: E402
 
 HEADS = (HeadConfig("g2p", "generate"), HeadConfig("spell", "generate"), HeadConfig("langid", "classify", 10))
@@ -163,8 +163,7 @@ def time_decode_step(
         prompt = [1, *range(10, 10 + prompt_len - 2), 3]
         tasks = tasks or ["g2p"]
         tickets = [
-            sched.submit(Request(tasks[i % len(tasks)], prompt, max_new_tokens=budget))
-            for i in range(sched.max_batch)
+            sched.submit(Request(tasks[i % len(tasks)], prompt, max_new_tokens=budget)) for i in range(sched.max_batch)
         ]
         sched.run_once()  # prefills every slot and queues a first chunk of k steps
         assert all(sched.slots), "the decode step is timed with every slot live"

@@ -343,8 +343,12 @@ async def openai_burst(port: int, clients: int, seed: int) -> dict:
     import openai
 
     rng = np.random.default_rng(seed)
-    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=os.environ.get("MTL_API_KEY", "none"),
-                                max_retries=0, timeout=600)
+    client = openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1",
+        api_key=os.environ.get("MTL_API_KEY", "none"),
+        max_retries=0,
+        timeout=600,
+    )
     prompts = [text(rng, int(rng.integers(6, 24))) for _ in range(clients)]
 
     async def one(prompt: str):

@@ -94,7 +94,6 @@ def test_concurrent_requests_share_batches_and_match_batch_mode(server):
     [
         (b"{not json", None, "not valid JSON"),
         (b"", None, "not valid JSON"),
-        ({"id": "x", "task": "nope", "input": "a"}, "x", "unknown task 'nope'"),
         ({"task": "spell", "input": "a"}, None, "'id'"),
         ({"id": 3, "task": "spell", "input": "a" * 200}, 3, "takes at most 127"),
         ({"id": "t", "task": "spell", "input": "a", "top_p": 0}, "t", "top_p 0"),
@@ -108,6 +107,11 @@ def test_concurrent_requests_share_batches_and_match_batch_mode(server):
 def test_bad_requests_get_400_with_an_error_object(server, body, rid, message):
     status, answer = call(server, "POST", "/v1/infer", body)
     assert status == 400 and answer["id"] == rid and message in answer["error"], answer
+
+
+def test_an_unknown_task_gets_404_with_an_error_object(server):
+    status, answer = call(server, "POST", "/v1/infer", {"id": "x", "task": "nope", "input": "a"})
+    assert status == 404 and answer == {"id": "x", "error": "unknown task 'nope'; this model serves echo, lang, spell"}
 
 
 def test_a_full_queue_answers_429_with_retry_after(server):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtl.serving.requests import Cancelled, DeadlineExceeded, QueueFull, Request
 from mtl.model import MultiTaskModel
+from mtl.serving.requests import Cancelled, DeadlineExceeded, QueueFull, Request
 from sharding import make_mesh
 from tests.helpers import randomise_adapters, scheduler_over, tiny_model_config
 

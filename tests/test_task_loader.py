@@ -126,7 +126,7 @@ def test_add_and_remove_tasks_over_http_while_serving(setup):
     assert call(server, "DELETE", "/v1/tasks/rev") == (200, {"task": "rev", "removed": True})
     assert len(running.wait(60).tokens) == 40
     status, body = call(server, "POST", "/v1/infer", {"id": 1, "task": "rev", "input": "x"})
-    assert status == 400 and "unknown task 'rev'" in body["error"]
+    assert status == 404 and "unknown task 'rev'" in body["error"] and "\n" not in body["error"]
     status, body = call(server, "POST", "/v1/tasks", {"run": runs["retrained"], "task": "rev3"})
     assert status == 400 and "has other backbone weights" in body["error"], body
     status, body = call(server, "POST", "/v1/tasks", {"run": runs["b"], "task": "rev3"})

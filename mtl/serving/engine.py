@@ -271,6 +271,7 @@ class Engine:
             self.state, tokens, _ = self._step(self._arrays, self.weights, self.state, np.int32(1), np.int32(1))
         jax.device_get(tokens)
 
+
 # XLA:CPU hands dots, element-wise ops and reductions to YNNPACK by default (jaxlib 0.10). For the
 # serving programs' small-batch matmuls Eigen is faster, while YNNPACK sums the decode attention's
 # broadcast products about 3x faster than either library's batched matmul does them (see

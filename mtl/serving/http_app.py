@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 
-from mtl.serving import metrics, routes_admin, routes_mtl, routes_openai
+from mtl.serving import metrics, routes_admin, routes_mtl, routes_openai, schemas
 from mtl.serving.http_base import Api
 from mtl.serving.server import Server
 
@@ -52,9 +52,13 @@ def make_app(server: Server):
     async def stop_scheduler(_app):
         server.scheduler.stop()
 
+    async def openapi(_request):
+        return web.json_response(schemas.openapi(admin=True))
+
     app = web.Application(middlewares=[json_errors])
     for family in (routes_mtl, routes_openai, metrics, routes_admin):
         family.add_routes(app, api)
+    app.router.add_get("/openapi.json", openapi)
     app.on_startup.append(start_scheduler)
     app.on_cleanup.append(stop_scheduler)
     return app

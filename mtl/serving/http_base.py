@@ -15,9 +15,12 @@ import json
 import time
 
 from mtl.serving import openai_api
+from mtl.serving.metrics import ServerMetrics
 from mtl.serving.requests import DeadlineExceeded, Draining, QueueFull, UnknownTask
 from mtl.serving.server import Parsed, Server, TextStream, refuse_constant, to_json
-from mtl.serving.metrics import ServerMetrics
+
+# What the scheduler may answer a submission with instead of tickets (see Api.refused).
+REFUSALS = (QueueFull, Draining, UnknownTask, ValueError)
 
 
 class Api:
@@ -43,14 +46,15 @@ class Api:
         return web.json_response({"id": rid, "error": message}, status=status, headers=headers)
 
     def refused(self, request, e: Exception, rid=None):
-        """The answer to a request the scheduler would not take: 429 (queue full), 503 (stopping), 404."""
+        """The answer to a request the scheduler would not take: 429 (queue full), 503 (stopping),
+        404 (its task removed meanwhile), 400 (more prompts than the queue holds)."""
         if isinstance(e, QueueFull):
             return self.error(request, 429, str(e), {"Retry-After": str(e.retry_after)}, rid)
         if isinstance(e, Draining):
             return self.error(request, 503, str(e), {"Retry-After": "5"}, rid)
         if isinstance(e, UnknownTask):
             return self.error(request, 404, str(e), rid=rid)
-        raise e
+        return self.error(request, 400, str(e), rid=rid)
 
     async def read_json(self, request):
         """The request's body as JSON; ValueError names what is wrong (413 passes through)."""
@@ -58,6 +62,8 @@ class Api:
             return await request.json(loads=lambda text: json.loads(text, parse_constant=refuse_constant))
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ValueError("the request body is nested too deeply to read") from None
 
     def answered(self, parsed: Parsed, ticket) -> dict:
         """The response object to a finished ticket (an error object if it failed), counted in the metrics."""
@@ -72,19 +78,23 @@ class Api:
         self.metrics.observe(parsed.task.name, response)
         return response
 
-    async def answer(self, parsed: Parsed) -> dict:
-        """Serves one parsed request through the scheduler; a client that goes away frees its slot."""
+    async def answer(self, parsed: list[Parsed]) -> list[dict]:
+        """Serves parsed requests through the scheduler, admitted whole or refused whole (REFUSALS);
+        a client that goes away frees their slots."""
         scheduler = self.server.scheduler
-        ticket = scheduler.submit(dataclasses.replace(parsed.request, arrival=time.perf_counter()))
+        now = time.perf_counter()
+        tickets = scheduler.submit_all([dataclasses.replace(p.request, arrival=now) for p in parsed])
         loop = asyncio.get_running_loop()
-        finished = loop.create_future()
-        ticket.add_done_callback(lambda _: loop.call_soon_threadsafe(_settle, finished))
+        finished = [loop.create_future() for _ in tickets]
+        for ticket, future in zip(tickets, finished):
+            ticket.add_done_callback(lambda _, f=future: loop.call_soon_threadsafe(_settle, f))
         try:
-            await finished
+            await asyncio.gather(*finished)
         except asyncio.CancelledError:
-            scheduler.cancel(ticket)
+            for ticket in tickets:
+                scheduler.cancel(ticket)
             raise
-        return self.answered(parsed, ticket)
+        return [self.answered(p, t) for p, t in zip(parsed, tickets)]
 
     async def streamed(self, request, parsed: list[Parsed], piece, end, last=None):
         """Serves ``parsed`` as server-sent events (``data: JSON``, a blank line after each).
@@ -108,14 +118,14 @@ class Api:
             loop.call_soon_threadsafe(events.put_nowait, item)
 
         try:
+            now = time.perf_counter()
+            listeners = [lambda tokens, i=i: put((i, tokens)) for i in range(len(parsed))]
             try:
-                for i, p in enumerate(parsed):
-                    request_now = dataclasses.replace(p.request, arrival=time.perf_counter())
-                    ticket = scheduler.submit(request_now, on_tokens=lambda tokens, i=i: put((i, tokens)))
-                    ticket.add_done_callback(lambda _, i=i: put((i, None)))
-                    tickets.append(ticket)
-            except (QueueFull, Draining, UnknownTask) as e:
+                tickets = scheduler.submit_all([dataclasses.replace(p.request, arrival=now) for p in parsed], listeners)
+            except REFUSALS as e:
                 return self.refused(request, e, parsed[0].id)
+            for i, ticket in enumerate(tickets):
+                ticket.add_done_callback(lambda _, i=i: put((i, None)))
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await response.prepare(request)
             left, started = len(parsed), [False] * len(parsed)

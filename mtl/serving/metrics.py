@@ -50,7 +50,7 @@ class ServerMetrics:
 
     def observe(self, task, response: dict) -> None:
         """Counts one answer: ``response`` is the answer object, an error one included."""
-        task = task if task in self.tasks else ""  # label values come from served tasks only
+        task = task if isinstance(task, str) and task in self.tasks else ""  # label values come from served tasks only
         if "error" in response:
             # A request cancelled at its deadline is its own outcome: a latency objective missed, not a fault.
             self.requests.labels(task, "deadline" if "deadline_ms" in response["error"] else "error").inc()

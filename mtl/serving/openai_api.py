@@ -1,15 +1,18 @@
 """OpenAI-compatible completions over the served tasks: request mapping, response shapes and errors.
 
-A task's model id is its name. ``POST /v1/completions`` serves generation
-tasks with OpenAI's fields; each prompt becomes one mtl request, validated by
-:meth:`mtl.server.Server.parse` like any other, and comes back as one choice.
-``POST /v1/chat/completions`` (where the checkpoint carries a chat template,
-:mod:`mtl.chat`) serves the same tasks: the messages rendered by the template
-are the prompt, and the answer is one assistant message.
-Fields that would change what OpenAI's API computes in ways mtl does not
-(``n`` > 1, ``logprobs``, ``echo``, penalties, ``logit_bias``, ``suffix``) are
-refused with a clear 400 rather than ignored. Errors have OpenAI's shape:
-``{"error": {"message", "type", "param", "code"}}``.
+A task's model id is its name (:func:`resolve_model`). ``POST /v1/completions``
+serves generation tasks with OpenAI's fields; the body is checked by its
+pydantic model (:mod:`mtl.serving.schemas`), each prompt becomes one mtl
+request, validated by :meth:`mtl.serving.server.Server.parse` like any other,
+and comes back as one choice. ``POST /v1/chat/completions`` (where the
+checkpoint carries a chat template, :mod:`mtl.serving.chat`) serves the same
+tasks: the messages rendered by the template are the prompt, and the answer is
+one assistant message. Fields that would change what OpenAI's API computes in
+ways mtl does not (``n`` > 1, ``logprobs``, ``echo``, penalties,
+``logit_bias``, ``suffix``, tools) are refused with a clear 400 rather than
+ignored; those that change nothing it computes (``user``, ``store``,
+``metadata``, ``parallel_tool_calls``, ``service_tier``) are accepted and
+ignored. Errors have OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -18,16 +21,13 @@ import time
 import uuid
 from typing import Any
 
+from mtl.serving import schemas
+
 # OpenAI fields mtl cannot honour, with the value that would mean "not asked for".
 UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": None, "echo": False, "suffix": None, "logit_bias": None}
 PENALTIES = ("presence_penalty", "frequency_penalty")
-# Fields that change nothing mtl computes, accepted as OpenAI's clients send them.
-IGNORED = ("user", "stream_options")
 # mtl's own fields beside OpenAI's (docs/contract.md), passed through as they are (vLLM accepts ``priority`` so too).
 EXTRA = ("priority", "deadline_ms")
-FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream")
-CHAT_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed")
-CHAT_FIELDS += ("stream",)
 # Chat fields mtl cannot honour (tools, structured output, log-probabilities), with their "not asked for" value.
 CHAT_UNSUPPORTED = {
     "n": 1,
@@ -42,6 +42,7 @@ CHAT_UNSUPPORTED = {
     "audio": None,
     "modalities": None,
 }
+# Fields that change nothing mtl computes are accepted and ignored: schemas.IGNORED.
 
 
 class OpenAIError(Exception):
@@ -72,14 +73,11 @@ def completion_requests(body: Any, task_kinds: dict[str, str]) -> list[dict]:
     """The mtl request objects (docs/contract.md's) that an OpenAI completions body asks for, one a prompt.
 
     Raises:
-      OpenAIError: the body is not an object, names no generation task, or asks for what mtl cannot do.
+      OpenAIError: the body does not fit :class:`~mtl.serving.schemas.CompletionRequest`, names no
+        generation task, or asks for what mtl cannot do.
     """
-    request = _generation_request(body, task_kinds, "prompt", FIELDS, UNSUPPORTED)
-    prompts = body["prompt"]
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise OpenAIError("prompt must be a string or a non-empty list of strings", param="prompt")
+    checked, request = _generation_request(body, task_kinds, schemas.CompletionRequest, UNSUPPORTED)
+    prompts = [checked.prompt] if isinstance(checked.prompt, str) else list(checked.prompt)
     return [{**request, "id": i, "input": p} for i, p in enumerate(prompts)]
 
 
@@ -90,46 +88,57 @@ def chat_request(body: Any, task_kinds: dict[str, str]) -> dict:
     Raises:
       OpenAIError: as :func:`completion_requests`; ``max_completion_tokens`` is read as ``max_tokens``.
     """
-    request = _generation_request(body, task_kinds, "messages", CHAT_FIELDS, CHAT_UNSUPPORTED)
-    if body.get("max_completion_tokens") is not None:
-        request["max_new_tokens"] = body["max_completion_tokens"]
+    checked, request = _generation_request(body, task_kinds, schemas.ChatCompletionRequest, CHAT_UNSUPPORTED)
+    if checked.max_completion_tokens is not None:
+        request["max_new_tokens"] = checked.max_completion_tokens
     return request
 
 
-def _generation_request(body: Any, task_kinds: dict[str, str], input_field: str, fields, unsupported) -> dict:
-    """The fields shared by completions and chat completions, checked and in mtl's names."""
-    if not isinstance(body, dict):
-        raise OpenAIError(f"the request body must be a JSON object, not {type(body).__name__}")
-    for field in ("model", input_field):
-        if field not in body:
-            raise OpenAIError(f"the request has no {field!r} field", param=field)
-    unknown = sorted(set(body) - set(fields) - set(unsupported) - set(PENALTIES) - set(IGNORED) - set(EXTRA))
-    if unknown:
-        raise OpenAIError(f"unknown field {unknown[0]!r}", param=unknown[0])
-    for field, default in unsupported.items():
-        if field in body and body[field] not in (default, None):
-            raise OpenAIError(f"{field}={body[field]!r} is not supported; mtl serves {field}={default!r}", param=field)
-    for field in PENALTIES:
-        if body.get(field, 0) not in (0, 0.0, None):
-            raise OpenAIError(f"{field}={body[field]!r} is not supported; only 0", param=field)
-    model = body["model"]
-    kind = task_kinds.get(model) if isinstance(model, str) else None
+def resolve_model(model: str, task_kinds: dict[str, str]) -> str:
+    """The generation task a request's ``model`` names (a task's model id is its name).
+
+    Raises:
+      OpenAIError: no such model (404, listing the served ones), or one that does not generate.
+    """
+    kind = task_kinds.get(model)
     if kind is None:
         served = ", ".join(sorted(task_kinds))
         raise OpenAIError(f"the model {model!r} does not exist; served: {served}", 404, "model", "not_found_error")
     if kind != "generate":
         message = f"{model!r} is a {kind} task; completions serve generation tasks (use /v1/infer)"
         raise OpenAIError(message, 400, "model")
-    request: dict[str, Any] = {"task": model}
+    return model
+
+
+def _generation_request(body: Any, task_kinds: dict[str, str], model_cls, unsupported) -> tuple[Any, dict]:
+    """The body checked as ``model_cls``, and the fields shared by completions and chat completions in mtl's names."""
+    try:
+        checked = schemas.check(model_cls, body)
+    except schemas.SchemaError as e:
+        raise OpenAIError(openai_message(str(e)), param=_param(str(e))) from None
+    for field, default in unsupported.items():
+        value = getattr(checked, field, None)
+        if value not in (default, None) and value != {} and value != []:
+            raise OpenAIError(f"{field}={value!r} is not supported; mtl serves {field}={default!r}", param=field)
+    for field in PENALTIES:
+        if getattr(checked, field) not in (0, 0.0, None):
+            raise OpenAIError(f"{field}={getattr(checked, field)!r} is not supported; only 0", param=field)
+    request: dict[str, Any] = {"task": resolve_model(checked.model, task_kinds)}
     # OpenAI's defaults where they differ from /v1/infer's: sampling at temperature 1.
-    request["temperature"] = 1.0 if body.get("temperature") is None else body["temperature"]
-    for ours, theirs in (("max_new_tokens", "max_tokens"), ("top_p", "top_p"), ("seed", "seed"), ("stop", "stop")):
-        if body.get(theirs) is not None:
-            request[ours] = body[theirs]
-    for field in EXTRA:
-        if field in body:
-            request[field] = body[field]
-    return request
+    request["temperature"] = 1.0 if checked.temperature is None else checked.temperature
+    honoured = (("max_new_tokens", "max_tokens"), ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"))
+    for ours, theirs in (*honoured, ("stop", "stop"), *((f, f) for f in EXTRA)):
+        if getattr(checked, theirs) is not None:
+            request[ours] = getattr(checked, theirs)
+    return checked, request
+
+
+def _param(message: str) -> str | None:
+    """The field a one-line schema error names first, for OpenAI's ``param``."""
+    for word in message.replace("'", " ").split():
+        if word in schemas.ACCEPTED or word in ("messages", "prompt", "model"):
+            return word
+    return None
 
 
 def openai_message(message: str) -> str:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from mtl.serving.http_base import Api, status_of
-from mtl.serving.requests import Draining, QueueFull, UnknownTask
+from mtl.serving.http_base import REFUSALS, Api, status_of
 from mtl.serving.server import BadRequest, error_response, to_json
 
 
@@ -25,7 +24,7 @@ def add_routes(app, api: Api) -> None:
         except BadRequest as e:
             response = error_response(raw, e)
             api.metrics.observe(raw.get("task") if isinstance(raw, dict) else None, response)
-            return web.json_response(response, status=400)
+            return web.json_response(response, status=e.status)
         if parsed.stream:
             delta = {"id": parsed.id, "task": parsed.task.name}
 
@@ -35,8 +34,8 @@ def add_routes(app, api: Api) -> None:
 
             return await api.streamed(request, [parsed], lambda _, text: {**delta, "delta": text}, end)
         try:
-            response = await api.answer(parsed)
-        except (QueueFull, Draining, UnknownTask) as e:
+            [response] = await api.answer([parsed])
+        except REFUSALS as e:
             return api.refused(request, e, parsed.id)
         return web.json_response(response, status=status_of(response), dumps=to_json)
 

@@ -7,12 +7,10 @@ these paths take OpenAI's shape (``{"error": {"message", "type", ...}}``).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 from mtl.serving import chat, openai_api
-from mtl.serving.http_base import Api, status_of
-from mtl.serving.requests import Draining, QueueFull, UnknownTask
+from mtl.serving.http_base import REFUSALS, Api, status_of
 from mtl.serving.server import BadRequest, Parsed, to_json
 
 PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
@@ -42,8 +40,8 @@ def add_routes(app, api: Api) -> None:
         if body.get("stream"):
             return await stream(request, body, parsed)
         try:
-            answers = await asyncio.gather(*(api.answer(p) for p in parsed))
-        except (QueueFull, Draining, UnknownTask) as e:
+            answers = await api.answer(parsed)
+        except REFUSALS as e:
             return api.refused(request, e)
         failed = [a for a in answers if "error" in a]
         if failed:
@@ -96,8 +94,8 @@ def add_routes(app, api: Api) -> None:
         if body.get("stream"):
             return await chat_stream(request, body, parsed, cid)
         try:
-            answer = await api.answer(parsed)
-        except (QueueFull, Draining, UnknownTask) as e:
+            [answer] = await api.answer([parsed])
+        except REFUSALS as e:
             return api.refused(request, e)
         if "error" in answer:
             return api.error(request, status_of(answer), answer["error"])

@@ -160,31 +160,69 @@ class Scheduler:
         Raises:
           UnknownTask: the task is not served.
           ValueError: a prompt empty or longer than the model allows.
-          QueueFull: ``max_queue`` requests are waiting already.
+          QueueFull: the queue is full and the task holds its share of it (see :meth:`submit_all`).
           Draining: the server is stopping.
         """
-        n, limit = len(request.prompt), self.max_prompt_len()
-        if not 1 <= n <= limit:
-            raise ValueError(f"a prompt of {n} tokens cannot be served; prompts take 1 to {limit} tokens")
-        task = self.table.acquire(request.task)
-        if task is None:
-            served = ", ".join(self.table.names())
-            raise UnknownTask(f"unknown task {request.task!r}; this model serves {served}")
-        ticket = Ticket(request, task, on_tokens)
-        with self._lock:
-            refusal = None
-            if self.draining:
-                refusal = Draining("the server is shutting down and takes no new requests")
-            elif len(self.queue) >= self.max_queue:
-                refusal = QueueFull(f"the queue holds {self.max_queue} requests already; try again later")
-            if refusal is None:
-                ticket.add_done_callback(lambda t: self.table.release(t.task))
-                self.queue.append(ticket)
+        return self.submit_all([request], [on_tokens])[0]
+
+    def submit_all(
+        self, requests: Sequence[Request], on_tokens: Sequence[Callable[[list[int]], Any] | None] | None = None
+    ) -> list[Ticket]:
+        """Queues several requests whole or not at all (one client request of several prompts); thread-safe.
+
+        Fair admission: each task with requests waiting has an equal share of the queue
+        (``max_queue`` over those tasks). Past ``max_queue`` waiting requests, a task still
+        within its share is admitted all the same, so one task's flood never refuses another's
+        trickle; a task above its share gets QueueFull. The queue may so hold up to twice
+        ``max_queue`` while a flood is on.
+
+        Raises:
+          as :meth:`submit`; nothing of a refused call is queued.
+        """
+        limit = self.max_prompt_len()
+        for r in requests:
+            if not 1 <= len(r.prompt) <= limit:
+                raise ValueError(
+                    f"a prompt of {len(r.prompt)} tokens cannot be served; prompts take 1 to {limit} tokens"
+                )
+        if self.max_queue and len(requests) > self.max_queue:
+            raise ValueError(f"{len(requests)} prompts in one request are more than the queue holds ({self.max_queue})")
+        tickets = []
+        try:
+            for r, listener in zip(requests, on_tokens or [None] * len(requests)):
+                task = self.table.acquire(r.task)
+                if task is None:
+                    served = ", ".join(self.table.names())
+                    raise UnknownTask(f"unknown task {r.task!r}; this model serves {served}")
+                tickets.append(Ticket(r, task, listener))
+            with self._lock:
+                self._admit(tickets)
+                for ticket in tickets:
+                    ticket.add_done_callback(lambda t: self.table.release(t.task))
+                self.queue.extend(tickets)
                 self._lock.notify()
-        if refusal is not None:
-            self.table.release(task)
-            raise refusal
-        return ticket
+        except BaseException:
+            for ticket in tickets:
+                self.table.release(ticket.task)
+            raise
+        return tickets
+
+    def _admit(self, tickets: list[Ticket]) -> None:
+        """Raises Draining or QueueFull if ``tickets`` may not join the queue now (under the lock)."""
+        if self.draining:
+            raise Draining("the server is shutting down and takes no new requests")
+        if len(self.queue) + len(tickets) <= self.max_queue:
+            return
+        waiting = collections.Counter(t.request.task for t in self.queue)
+        mine = collections.Counter(t.request.task for t in tickets)
+        share = self.max_queue / len(set(waiting) | set(mine))
+        over = [task for task, n in mine.items() if waiting[task] + n > share]
+        if over:
+            self.stats["refused"] += len(tickets)
+            raise QueueFull(
+                f"the queue is full ({len(self.queue)} waiting) and task {over[0]!r} holds its share of it "
+                f"({waiting[over[0]]} of {share:.0f}); try again later"
+            )
 
     def cancel(self, ticket: Ticket) -> None:
         """Drops a request: from the queue at once, from its slot at the next iteration."""

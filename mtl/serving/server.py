@@ -33,20 +33,20 @@ from mtl.checkpoint import Checkpoints, candidates, restore_newest
 from mtl.config import UsageError
 from mtl.model import MultiTaskModel
 from mtl.partition import abstract_state
-from mtl.serving import chat, task_loader
+from mtl.serving import chat, schemas, task_loader
 from mtl.serving.engine import Engine
 from mtl.serving.requests import DeadlineExceeded, Generation, Request
 from mtl.serving.scheduler import Scheduler
 from mtl.serving.task_table import Task, TaskTable
 from sharding import make_mesh
 
-REQUIRED = ("id", "task", "input")
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
-SERVING_FIELDS = ("priority", "deadline_ms", "stream")  # when it is served, and how it is sent (HTTP)
-
 
 class BadRequest(ValueError):
-    """A request that cannot be served; its message is the response's ``error``."""
+    """A request that cannot be served; its message is the response's ``error``, ``status`` its HTTP status."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,55 +166,42 @@ class Server:
     # Requests in, responses out.
 
     def parse(self, raw: Any) -> Parsed:
-        """Validates one decoded request object.
+        """Validates one decoded request object (:class:`mtl.serving.schemas.InferRequest`).
 
         Raises:
-          BadRequest: naming the first thing wrong with it.
+          BadRequest: naming the first thing wrong with it (status 404: no such task).
         """
-        if not isinstance(raw, dict):
-            raise BadRequest(f"a request must be a JSON object, not {type(raw).__name__}")
-        for field in REQUIRED:
-            if field not in raw:
-                raise BadRequest(f"the request has no {field!r} field; {', '.join(REQUIRED)} are required")
-        fields = REQUIRED + SAMPLING_FIELDS + SERVING_FIELDS
-        unknown = sorted(set(raw) - set(fields))
-        if unknown:
-            raise BadRequest(f"unknown field {unknown[0]!r}; fields are {', '.join(fields)}")
-        if not isinstance(raw["id"], (str, int)) or isinstance(raw["id"], bool):
-            raise BadRequest(f"id {raw['id']!r} must be a string or an integer")
-        if isinstance(raw["id"], str):
-            _check_text(raw["id"], "id")
-        task = self.table.get(raw["task"]) if isinstance(raw["task"], str) else None
+        try:
+            body = schemas.check(schemas.InferRequest, raw)
+        except schemas.SchemaError as e:
+            raise BadRequest(str(e)) from None
+        task = self.table.get(body.task)
         if task is None:
-            raise BadRequest(f"unknown task {raw['task']!r}; this model serves {', '.join(self.table.names())}")
-        if not isinstance(raw["input"], str):
-            raise BadRequest(f"input must be a string, not {type(raw['input']).__name__}")
-        _check_text(raw["input"], "input")
-        prompt = tasks.prompt_ids(self.tokenizer, raw["input"])
+            served = ", ".join(self.table.names())
+            raise BadRequest(f"unknown task {body.task!r}; this model serves {served}", status=404)
+        prompt = tasks.prompt_ids(self.tokenizer, body.input)
         limit = self.scheduler.max_prompt_len()
         if len(prompt) > limit:
             raise BadRequest(f"input is {len(prompt)} tokens with its markers; this model takes at most {limit}")
-        default_new = task.max_new_tokens or 32
-        max_new = _field(raw, "max_new_tokens", int, default_new, lambda v: v >= 1, "an integer of at least 1")
-        temperature = _field(raw, "temperature", float, 0.0, lambda v: 0 <= v < math.inf, "a number of at least 0")
-        top_k = _field(raw, "top_k", int, 0, lambda v: v >= 0, "an integer of at least 0")
-        top_p = _field(raw, "top_p", float, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
-        seed = _field(raw, "seed", int, 0, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
-        stop = raw.get("stop", [])
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise BadRequest(f"stop {raw.get('stop')!r} must be a non-empty string or a list of them")
-        for text in stop:
-            _check_text(text, "stop")
-        # The engine ends a generation on a stop string's tokens as it reads them and frees its slot.
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+        if not all(stop):
+            raise BadRequest(f"stop {body.stop!r} must be a non-empty string or a list of them")
+        # The scheduler ends a generation on a stop string's tokens as it reads them and frees its slot.
         stop_ids = tuple(tuple(self.tokenizer.encode(text)) for text in stop)
-        stream = raw.get("stream", False)
-        if not isinstance(stream, bool):
-            raise BadRequest(f"stream {stream!r} must be true or false")
-        priority = _field(raw, "priority", int, 0, lambda v: -(2**31) <= v < 2**31, "an integer (higher first)")
-        deadline = _field(raw, "deadline_ms", float, None, lambda v: 0 < v < math.inf, "a positive number")
-        request = Request(raw["task"], prompt, max_new, temperature, top_k, top_p, seed, stop_ids, priority, deadline)
-        return Parsed(raw["id"], task, request, tuple(stop), raw["input"], stream)
+        max_new = body.max_new_tokens or task.max_new_tokens or 32
+        request = Request(
+            task.name,
+            prompt,
+            max_new,
+            body.temperature,
+            body.top_k,
+            body.top_p,
+            body.seed,
+            stop_ids,
+            body.priority,
+            body.deadline_ms,
+        )
+        return Parsed(body.id, task, request, tuple(stop), body.input, body.stream)
 
     def respond(self, items: Sequence[Any]) -> list[dict]:
         """Serves decoded request objects (or exceptions standing for unreadable lines), in order."""
@@ -292,12 +279,6 @@ def _is_text(value: str) -> bool:
     return True
 
 
-def _check_text(value: str, field: str) -> None:
-    if not _is_text(value):
-        at = next(i for i, ch in enumerate(value) if 0xD800 <= ord(ch) <= 0xDFFF)
-        raise BadRequest(f"{field} holds a lone surrogate \\u{ord(value[at]):04x} at character {at}, which is not text")
-
-
 def to_json(response: dict) -> str:
     """One response line, strict JSON: non-ASCII text kept as it is, and never a bare NaN."""
     return json.dumps(response, ensure_ascii=False, allow_nan=False)
@@ -321,18 +302,6 @@ def _finite(value) -> bool:
     if isinstance(value, dict):
         return all(_finite(v) for v in value.values())
     return True
-
-
-def _field(raw: dict, name: str, kind: type, default, ok, accepted: str):
-    if name not in raw:
-        return default
-    value = raw[name]
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int and numeric and float(value).is_integer():
-        value = int(value)
-    if not numeric or (kind is int and not isinstance(value, int)) or not ok(value):
-        raise BadRequest(f"{name} {value!r} must be {accepted}")
-    return kind(value)
 
 
 def read_requests(lines: Iterable[bytes | str]) -> list[Any]:
@@ -359,6 +328,8 @@ def read_requests(lines: Iterable[bytes | str]) -> list[Any]:
             items.append(BadRequest(f"line {number} is not valid JSON: {e.msg} at column {e.colno}"))
         except ValueError as e:
             items.append(BadRequest(f"line {number} is not valid JSON: {e}"))
+        except RecursionError:
+            items.append(BadRequest(f"line {number} is nested too deeply to read"))
     return items
 
 

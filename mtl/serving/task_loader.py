@@ -41,6 +41,7 @@ from mtl.checkpoint import Checkpoints, candidates
 from mtl.model import MultiTaskModel
 from mtl.partition import abstract_state
 from mtl.serving.task_table import SPARE, Task, TaskError, TaskTable
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_mtl.json")  # what makes two runs' tokens the same
 
 
@@ -258,5 +259,3 @@ def add_at_start(loader: TaskLoader, specs: str) -> None:
             loader.add(run, task)
         except TaskError as e:
             raise UsageError(f"serve.add_tasks {spec!r}: {e}") from None
-
-
