@@ -67,7 +67,7 @@ class Body(BaseModel):
 
 
 class InferRequest(Body):
-    """One request to any task (``POST /v1/infer``, a line of a batch file): CONTRACT.md's request object."""
+    """One request to any task (``POST /v1/infer``, a line of a batch file): docs/contract.md's request object."""
 
     id: StrictInt | Text
     task: Text = Field(description="a served task's name (GET /health lists them)")
