@@ -17,19 +17,26 @@ import jax.numpy as jnp
 from mtl.config import ModelConfig
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int, *, conservative: bool = False) -> float:
-    """Forward plus backward matmul FLOPs a token of a generation step.
+def train_flops_per_token(
+    cfg: ModelConfig, seq_len: int, *, trainable: str = "all", kind: str = "generate", conservative: bool = False
+) -> float:
+    """Forward plus backward matmul FLOPs a token of a train step: the work the step does.
 
-    Every weight matrix costs 6 FLOPs a parameter (2 forward, 2 for the input
-    gradient, 2 for the weight gradient): the L layers' projections and MLP,
-    and the tied vocabulary matrix as the logits. The embedding look-up is a
-    one-hot matmul here, real work counted at 4 a parameter (no gradient flows
-    into the one-hot input). Attention scores and mixing add 12 * L * T * N * H:
-    XLA computes the whole T x S square, masked half included.
+    A weight matrix that trains costs 6 FLOPs a parameter a token (2 forward,
+    2 for its input's gradient, 2 for its own gradient); a frozen one 4, since
+    the step computes no gradient for it (``train.trainable=adapters``: the
+    backbone still runs forward and passes gradients through to the adapters
+    below). Counted: the L layers' projections and MLP, every adapter pair
+    (trained: 6), the language-model head on a generation step only (the
+    blockwise loss makes its gradients in its one pass, nothing recomputed),
+    a tag head at every token; the embedding look-up is a gather, no matmul.
+    Attention scores and mixing add 12 * L * T * N * H: XLA computes the whole
+    T x S square, masked half included, and they have no weights to freeze.
+    Rematerialised work is not counted (model FLOPs, not hardware FLOPs).
 
     ``conservative=True`` counts only what any implementation must do, the
-    ``6N + 6 L T N H`` convention: no embedding matmul (a gather elsewhere)
-    and only the causal half of the attention square.
+    ``6N + 6 L T N H`` convention, for a generation step with every weight
+    training: only the causal half of the attention square.
     """
     d, n, k, h, f, v, layers = (
         cfg.d_model,
@@ -41,10 +48,21 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, *, conservative: bool 
         cfg.n_layers,
     )
     per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * f
-    logits = 6.0 * v * d
     if conservative:
-        return 6.0 * layers * per_layer + logits + 6.0 * layers * seq_len * n * h
-    return 6.0 * layers * per_layer + logits + 4.0 * v * d + 12.0 * layers * seq_len * n * h
+        return 6.0 * layers * per_layer + 6.0 * v * d + 6.0 * layers * seq_len * n * h
+    frozen = trainable != "all"
+    weight = 4.0 if frozen else 6.0
+    shapes = {"q": (d, n * h), "k": (d, k * h), "v": (d, k * h), "o": (n * h, d), "gate": (d, f), "up": (d, f)}
+    shapes["down"] = (f, d)
+    rank = cfg.adapter_rank if cfg.adapter_rank > 0 else 0
+    targets = [t.strip() for t in cfg.adapter_targets.split(",") if t.strip()] if rank else []
+    adapter = sum(rank * sum(shapes[t]) for t in targets)
+    head = 0.0
+    if kind == "generate":
+        head = weight * v * d
+    elif kind == "tag":
+        head = 6.0 * d * max((hd.num_classes for hd in cfg.heads if hd.kind == "tag"), default=0)
+    return weight * layers * per_layer + 6.0 * layers * adapter + head + 12.0 * layers * seq_len * n * h
 
 
 def matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 10) -> float:

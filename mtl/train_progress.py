@@ -20,11 +20,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class Window:
     """Per-task metrics between two log lines; device values are fetched only at flush.
 
-    ``tokens`` counts real (non-padding) tokens, ``flops`` the model FLOPs of
-    the padded batches the devices computed; ``excluded`` holds seconds spent
-    compiling, which are not training throughput. ``diverged`` is set, at a
-    fetch, to ``(step, task, what)`` of the first step whose update was skipped
-    as non-finite.
+    Throughput counts only timed steps (:meth:`timed`): ``tokens`` their real
+    (non-padding) tokens, ``flops`` the model FLOPs of the padded batches the
+    devices computed for them. A step that compiles, a checkpoint or an
+    evaluation is :meth:`untimed`: its seconds leave the clock and its tokens and
+    FLOPs leave the counts, so neither tokens/s nor MFU counts work it did
+    outside the time they divide by. A window of untimed steps only has no
+    throughput (None). ``diverged`` is set, at a fetch, to ``(step, task,
+    what)`` of the first step whose update was skipped as non-finite.
     """
 
     def __init__(self, peak_flops: float):
@@ -40,6 +43,15 @@ class Window:
         self.flops = 0.0
         self.excluded = 0.0
         self.t0 = time.perf_counter()
+
+    def timed(self, tokens: int, flops: float) -> None:
+        """A step whose time counts: its real tokens and model FLOPs."""
+        self.tokens += tokens
+        self.flops += flops
+
+    def untimed(self, seconds: float) -> None:
+        """Seconds that are not training throughput (a compile, a checkpoint, an evaluation)."""
+        self.excluded += seconds
 
     def add(self, task: str, metrics, step: int = 0) -> None:
         self.sums.setdefault(task, []).append(metrics)
@@ -70,8 +82,9 @@ class Window:
                 record[key] = round(value, 6) if math.isfinite(value) else None  # metrics.jsonl is strict JSON
             if skipped := int(sum(float(m.get("skipped", 0.0)) for m in items)):
                 record["skipped_steps"] = skipped
-            record["tokens_per_s"] = round(self.tokens / seconds, 1)
-            record["mfu"] = round(self.flops / seconds / self.peak_flops, 4)
+            timed = self.tokens > 0
+            record["tokens_per_s"] = round(self.tokens / seconds, 1) if timed else None
+            record["mfu"] = round(self.flops / seconds / self.peak_flops, 4) if timed else None
             records.append(record)
         self.reset()
         return records
@@ -81,7 +94,8 @@ def losses_text(last: dict) -> str:
     losses = "  ".join(
         f"{t} {r['loss']:.3f}" if r.get("loss") is not None else f"{t} non-finite" for t, r in sorted(last.items())
     )
-    return losses + (f"  {next(iter(last.values()))['tokens_per_s'] / 1e3:.1f}k tok/s" if last else "")
+    rate = next(iter(last.values())).get("tokens_per_s") if last else None
+    return losses + (f"  {rate / 1e3:.1f}k tok/s" if rate else "")
 
 
 def make_progress(console: Console, total: int, start: int) -> Bar | Lines:

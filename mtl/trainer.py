@@ -16,6 +16,7 @@ folder it writes (config, metrics, TensorBoard, checkpoints) is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -412,17 +413,18 @@ def _run(plan: Plan, out: pathlib.Path, console: Console, stop: StopSignals) -> 
                         grad_accum=cfg.train.grad_accum,
                     )
                 width = batch["tokens"].shape[1]
-                window.tokens += real_tokens
-                window.flops += perf.train_flops_per_token(cfg.model, width) * rows * width
                 new_shape = (name, rows, width) not in compiled
                 if new_shape:  # it compiles: finish the queued steps first, so only the compile is excluded
                     compiled.add((name, rows, width))
                     jax.block_until_ready(state)
                 t0 = time.perf_counter()
                 state, metrics = step_fns[name](state, training.put_batch(batch, mesh, rows))
-                if new_shape:  # keep the compilation (and this one step) out of the throughput
+                if new_shape:  # keep the compilation (and this one step: its time, tokens and FLOPs) out
                     jax.block_until_ready(metrics)
-                    window.excluded += time.perf_counter() - t0
+                    window.untimed(time.perf_counter() - t0)
+                else:
+                    flops = perf.train_flops_per_token(cfg.model, width, trainable=cfg.train.trainable, kind=d.kind)
+                    window.timed(real_tokens, flops * rows * width)
                 window.add(name, metrics, step + 1)
                 done = step + 1
                 if done % cfg.train.log_every == 0 or done == cfg.train.steps:
@@ -435,12 +437,14 @@ def _run(plan: Plan, out: pathlib.Path, console: Console, stop: StopSignals) -> 
                 else:
                     progress.update(completed=done)
                 if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-                    save(done)
+                    with untimed(window, state):
+                        save(done)
                     saved = done
                 if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
-                    _check_finite(window, state, done, saved, folder)  # before evaluating, and saving a best
-                    scores = evaluation(nnx.merge(graphdef, state).model, "validation", done, progress.console)
-                    best.offer(done, state, scores, {**meta_base, "step": done})
+                    with untimed(window, state):
+                        _check_finite(window, state, done, saved, folder)  # before evaluating, and saving a best
+                        scores = evaluation(nnx.merge(graphdef, state).model, "validation", done, progress.console)
+                        best.offer(done, state, scores, {**meta_base, "step": done})
                 if stop.reached(done):  # asked once a step: on several processes, a sync point
                     if done == cfg.train.steps:  # its checkpoint is saved: stop before the evaluation
                         raise Preempted(done, stop.signal_name or "SIGTERM", folder.path)
@@ -465,6 +469,17 @@ def _run(plan: Plan, out: pathlib.Path, console: Console, stop: StopSignals) -> 
                 manager.close()
         folder.close()
     return test
+
+
+@contextlib.contextmanager
+def untimed(window: Window, state):
+    """Leaves a checkpoint or an evaluation out of the throughput, once the queued steps have finished."""
+    jax.block_until_ready(state)  # the steps before it are training time
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        window.untimed(time.perf_counter() - t0)
 
 
 def _check_finite(window: Window, state, done: int, saved: int, folder: RunFolder) -> None:

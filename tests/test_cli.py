@@ -116,7 +116,8 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(runs):
     assert "exact_match" in next(r for r in evals if r["task"] == "g2p")
     assert 0.0 <= next(r for r in evals if r["task"] == "langid")["accuracy"] <= 1.0
     assert sorted(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8, 12]
-    assert 0 < records[0]["mfu"] < 1
+    rates = [r["mfu"] for r in records if "split" not in r]  # None where every step of a line compiled
+    assert any(rates) and all(rate is None or 0 < rate < 1 for rate in rates), rates
     assert list((resumed / "tensorboard").glob("events.out.tfevents.*"))
     # The evaluation the kill interrupted (or never began) is done again: the same lines as the whole run's.
     whole_evals = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]

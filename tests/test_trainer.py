@@ -5,6 +5,7 @@ resumed), tests/test_multiprocess.py and tests/test_notebook.py.
 """
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -127,3 +128,36 @@ def test_progress_without_a_terminal_is_a_plain_line_every_few_seconds():
     quiet = train_progress.make_progress(Console(file=io.StringIO(), force_terminal=False), 100, 0)
     quiet.update(1)  # within the interval: nothing
     assert quiet.console.file.getvalue() == ""
+
+
+def test_throughput_counts_only_timed_steps(monkeypatch):
+    """A compiling step's tokens and FLOPs leave the counts with its seconds: no rate from work outside the clock."""
+    clock = iter([0.0, 10.0, 10.0, 20.0, 20.0])  # start; flush and reset; flush and reset
+    monkeypatch.setattr(train_progress.time, "perf_counter", lambda: next(clock))
+    window = train_progress.Window(peak_flops=100.0)  # t0 = 0
+    window.untimed(6.0)  # a compile: 6 of the 10 seconds, its tokens not counted
+    window.timed(tokens=400, flops=200.0)
+    window.add("g2p", {"loss": 1.0}, 1)
+    (record,) = window.flush(2)  # at 10 s: 4 timed seconds
+    assert record["tokens_per_s"] == 100.0 and record["mfu"] == 0.5
+    window.untimed(10.0)  # a window of nothing but a compile (10 -> 20 s)
+    window.add("g2p", {"loss": 1.0}, 2)
+    (record,) = window.flush(3)
+    assert record["tokens_per_s"] is None and record["mfu"] is None  # not 0, not a division by ~0
+    assert train_progress.losses_text({"g2p": record}) == "g2p 1.000"
+
+
+def test_a_frozen_backbone_run_reports_an_mfu_of_at_most_one(tmp_path):
+    """train.trainable=adapters: every logged MFU is a share of the peak (it read up to 1,784 when compiles were
+    timed out but their tokens counted)."""
+    cfg = trainer.configure(
+        "tiny",
+        tasks="g2p,langid",
+        steps=6,
+        overrides=["model.adapter_rank=2", "train.trainable=adapters", "train.log_every=2", "train.eval_examples=4"],
+    )
+    trainer.run(trainer.prepare(cfg, log=lambda _: None), tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["mfu"] for r in records if "split" not in r]
+    assert len(rates) >= 3 and any(rates)
+    assert all(rate is None or 0 < rate <= 1 for rate in rates), rates
