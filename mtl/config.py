@@ -131,6 +131,9 @@ class TrainConfig:
     # without computing their padding (docs/training_bench.md). False: one example a row, padded.
     pack: bool = True
     pack_width: int = 0  # tokens a packed row; 0: max(128, model.max_len)
+    # True (the default of --init from a Hugging Face model): model.max_len becomes the run's longest task row
+    # (prompt and target), rounded up to 32, at most the model.max_len set (the model's max_position_embeddings).
+    fit_max_len: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

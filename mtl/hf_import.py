@@ -38,6 +38,7 @@ ARCHITECTURES = {
     "Gemma3ForCausalLM": "gemma3",
 }
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+NO_LIMIT = 2**31 - 1  # read_config's max_len for "the model's own max_position_embeddings"
 MAX_LEN = 1024  # the longest sequence by default: the pretrained context is usually far longer than a task needs
 
 

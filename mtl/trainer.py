@@ -86,7 +86,11 @@ def configure(
     try:
         cfg = C.preset(preset)
         if init:
-            cfg = dataclasses.replace(cfg, model=source_model(init))
+            # A pretrained model's context (8,192 positions for SmolLM2) is far longer than most tasks' rows:
+            # unless model.max_len is set, the run takes its tasks' real length (prepare), at most that context.
+            fit = hf_import.resolve_source(init)[0] == "hf" and not _sets(overrides, "model.max_len")
+            cfg = dataclasses.replace(cfg, model=source_model(init, hf_import.NO_LIMIT if fit else hf_import.MAX_LEN))
+            changes.setdefault("fit_max_len", fit)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
         for assignment in overrides:
             cfg = C.override(cfg, assignment)
@@ -98,11 +102,18 @@ def configure(
     return cfg
 
 
-def source_model(init: str) -> C.ModelConfig:
-    """The backbone of an ``--init`` source, without heads (raises ValueError, one line)."""
+def _sets(overrides: Sequence[str], key: str) -> bool:
+    return any(a.partition("=")[0].strip() == key for a in overrides)
+
+
+def source_model(init: str, max_len: int = hf_import.MAX_LEN) -> C.ModelConfig:
+    """The backbone of an ``--init`` source, without heads (raises ValueError, one line).
+
+    ``max_len`` caps a Hugging Face model's ``max_position_embeddings``; a run's source keeps its own.
+    """
     kind, folder = hf_import.resolve_source(init)
     if kind == "hf":
-        return hf_import.read_config(folder)
+        return hf_import.read_config(folder, max_len)
     saved = C.from_dict(json.loads((pathlib.Path(folder) / "config.json").read_text()))
     return dataclasses.replace(saved.model, heads=())
 
@@ -221,8 +232,22 @@ def prepare(cfg: C.Config, log: Callable[[str], None] = print) -> Plan:
         evaluator.check_selection(cfg.train.best_metric, {d.name: d.kind for d in data})
     except ValueError as e:
         raise UsageError(str(e)) from None
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, heads=tuple(d.head() for d in data)))
-    return Plan(cfg, data, mesh, tokenizer)
+    model = dataclasses.replace(cfg.model, heads=tuple(d.head() for d in data))
+    if cfg.train.fit_max_len:
+        model = dataclasses.replace(model, max_len=fitted_max_len(data, cfg.model.max_len))
+        width = cfg.train.pack_width or max(128, model.max_len)
+        log(
+            f"max_len {model.max_len}: the tasks' longest row, rounded up to 32 (the model allows {cfg.model.max_len}); "
+            f"rows {'packed' if cfg.train.pack else 'padded'} to {width if cfg.train.pack else model.max_len} tokens"
+        )
+    return Plan(dataclasses.replace(cfg, model=model), data, mesh, tokenizer)
+
+
+def fitted_max_len(data: Sequence[TaskData], limit: int) -> int:
+    """The longest encoded row of any task and split, rounded up to a multiple of 32, at most ``limit``."""
+    longest = max(int(tasks.packing.example_lengths(s).max()) for d in data for s in d.splits.values() if len(s))
+    longest += 1  # a generation row stops before its EOS, which the served sequence must still have room to emit
+    return min(limit, -(-longest // 32) * 32)
 
 
 def eval_settings(cfg: C.Config) -> C.ServeConfig:
@@ -452,6 +477,9 @@ def _run(plan: Plan, out: pathlib.Path, console: Console, stop: StopSignals) -> 
                         save(done)
                         saved = done
                     raise Preempted(done, stop.signal_name or "SIGTERM", folder.path)
+        if cfg.train.steps == 0:  # an import (--steps 0) is not evaluated unless asked: train.py --eval-only --out
+            console.log(f"no evaluation at step 0; train.py --eval-only --out {folder.path} evaluates the checkpoint")
+            return {}
         with console.status("evaluating on validation and test splits"), jax.set_mesh(mesh):
             # The last step's checkpoint is saved: a signal now stops between evaluations,
             # and the same command evaluates again.

@@ -66,7 +66,15 @@ def test_steps_0_checkpoint_is_the_pretrained_model_and_warm_starts(tmp_path):
     settings = ["train.eval_examples=4", "train.batch_size=8"]
     cfg = trainer.configure("small", tasks=[echo, size], steps=0, init=source, overrides=settings)
     assert (cfg.model.d_model, cfg.model.qk_norm, cfg.model.head_dim, cfg.train.learning_rate) == (64, True, 24, 2e-3)
-    trainer.run(trainer.prepare(cfg, **QUIET), run)
+    assert cfg.train.fit_max_len and cfg.model.max_len == 128  # the fixture's max_position_embeddings, until prepare
+    chosen = trainer.configure("small", tasks=[echo, size], steps=0, init=source, overrides=["model.max_len=64"])
+    assert not chosen.train.fit_max_len and chosen.model.max_len == 64  # a length the user sets is kept
+    plan = trainer.prepare(cfg, **QUIET)
+    rows = [int(s.arrays["tokens"].shape[1]) for d in plan.data for s in d.splits.values()]
+    assert max(rows) < plan.config.model.max_len <= max(rows) + 32 < 128  # the tasks' length, not the model's
+    assert plan.config.model.max_len % 32 == 0
+    assert trainer.run(plan, run) == {}  # --steps 0 evaluates nothing unless asked
+    assert not (run / "metrics.jsonl").exists() or '"split"' not in (run / "metrics.jsonl").read_text()
 
     tokens = np.random.default_rng(0).integers(4, 320, (2, 9))
     model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
