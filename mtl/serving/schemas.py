@@ -73,7 +73,7 @@ class InferRequest(Body):
     task: Text = Field(description="a served task's name (GET /health lists them)")
     input: Text
     max_new_tokens: Int | None = Field(None, ge=1, lt=INT32, description="default: the task's own, else 32")
-    temperature: Number = Field(0.0, ge=0)
+    temperature: Number = Field(0.0, ge=0, le=1e6)
     top_k: Int = Field(0, ge=0, lt=INT32, description="0: no top-k")
     top_p: Number = Field(1.0, gt=0, le=1)
     seed: Int = Field(0, ge=0, lt=2**32)
@@ -94,7 +94,7 @@ ACCEPTED = {
     "max_new_tokens": "an integer in [1, 2**31)",
     "max_tokens": "an integer in [1, 2**31)",
     "max_completion_tokens": "an integer in [1, 2**31)",
-    "temperature": "a number of at least 0",
+    "temperature": "a number in [0, 1e6]",
     "top_k": "an integer in [0, 2**31) (0: no top-k)",
     "top_p": "a number in (0, 1]",
     "seed": "an integer in [0, 2**32)",
@@ -121,7 +121,7 @@ class OpenAIBody(BaseModel):
 
     model: Text
     max_tokens: Int | None = Field(None, ge=1, lt=INT32)
-    temperature: Number | None = Field(None, ge=0, description="default 1, as OpenAI's")
+    temperature: Number | None = Field(None, ge=0, le=1e6, description="default 1, as OpenAI's")
     top_p: Number | None = Field(None, gt=0, le=1)
     top_k: Int | None = Field(None, ge=0, lt=INT32, description="an extension, as vLLM's")
     seed: Int | None = Field(None, ge=0, lt=2**32)
