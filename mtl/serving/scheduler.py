@@ -243,8 +243,9 @@ class Scheduler:
         error = Cancelled(reason)
         with self._lock:
             waiting, self.queue = list(self.queue), collections.deque()
-            self._aborting = error
-            self._lock.notify()
+            if self._thread is not None:
+                self._aborting = error
+                self._lock.notify()
         for ticket in waiting:
             ticket.finish(error=error)
         if self._thread is None:
