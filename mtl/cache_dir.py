@@ -23,7 +23,10 @@ from collections.abc import Callable
 ENV = "MTL_CACHE_DIR"
 OFF = ("off", "none")  # --cache-dir off, MTL_CACHE_DIR=off: no cache
 MAX_JAX_BYTES = 4 << 30  # compiled programs kept; beyond, the least recently used are removed
-HELP = "mtl's cache folder, compiled programs in its jax/ (default: $MTL_CACHE_DIR, else ~/.cache/mtl); off: none"
+HELP = (
+    "mtl's cache folder: tokenized task files in its data/, compiled programs in its jax/ "
+    "(default: $MTL_CACHE_DIR, else ~/.cache/mtl); off: none"
+)
 
 
 def root(override: str | os.PathLike | None = None) -> pathlib.Path:

@@ -16,13 +16,16 @@ folder it writes (config, metrics, TensorBoard, checkpoints) is
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import json
 import math
 import os
 import pathlib
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -35,6 +38,7 @@ from rich.console import Console
 import sharding
 import tasks
 from mtl import adapters, distributed, evaluator, hf_import, perf, training
+from mtl import cache_dir as cache_dir_module
 from mtl import config as C
 from mtl.checkpoint import Checkpoints, restore_newest, set_aside
 from mtl.checkpoint import find as find_checkpoint
@@ -42,6 +46,7 @@ from mtl.config import UsageError
 from mtl.model import MultiTaskModel, count_params
 from mtl.partition import abstract_state, create_sharded
 from mtl.run_folder import BestCheckpoint, RunFolder
+from mtl.data_progress import rate_text, tokenize_progress
 from mtl.train_progress import Window, losses_text, make_progress
 from sharding import make_mesh
 from sharding.mesh import process_rows
@@ -170,8 +175,8 @@ class TaskData:
     def head(self) -> C.HeadConfig:
         if self.kind != "regress":
             return C.HeadConfig(self.name, self.kind, len(self.labels))
-        values = self.splits["train"].arrays["value"]
-        return C.HeadConfig(self.name, self.kind, 0, float(values.mean()), float(max(values.std(), 1e-6)))
+        mean, std = self.splits["train"].value_stats()
+        return C.HeadConfig(self.name, self.kind, 0, mean, max(std, 1e-6))
 
 
 @dataclasses.dataclass
@@ -184,8 +189,17 @@ class Plan:
     tokenizer: tasks.Tokenizer = dataclasses.field(default_factory=tasks.ByteTokenizer)
 
 
-def prepare(cfg: C.Config, log: Callable[[str], None] = print) -> Plan:
+def prepare(
+    cfg: C.Config,
+    log: Callable[[str], None] = print,
+    cache_dir: str | os.PathLike | None = None,
+    console: Console | None = None,
+) -> Plan:
     """Resolves tasks, loads and encodes their data, and builds the mesh.
+
+    A task file is read through the tokenized-data cache (``tasks.cache``)
+    under ``cache_dir`` (default :func:`mtl.cache_dir.data_dir`): tokenized
+    once, with progress on ``console``, then memory-mapped by every start.
 
     Raises:
       UsageError: a bad task, file, mixture or mesh.
@@ -204,19 +218,26 @@ def prepare(cfg: C.Config, log: Callable[[str], None] = print) -> Plan:
     data = []
     for task_id, task in enumerate(resolved):
         t0 = time.perf_counter()
-        splits_raw = task.load()
-        labels = tasks.labels_of(splits_raw)
-        splits = {}
-        for split in tasks.SPLITS:
-            splits[split] = tasks.encode_split(
-                task.kind, splits_raw[split], tokenizer, cfg.model.max_len, labels=labels or None, task_id=task_id
-            )
+        try:
+            if task.file is not None:
+                labels, splits = _cached_splits(task, tokenizer, cfg.model.max_len, task_id, cache_dir, log, console)
+            else:
+                splits_raw = task.load()
+                labels = tasks.labels_of(splits_raw)
+                splits = {
+                    split: tasks.encode_split(
+                        task.kind, splits_raw[split], tokenizer, cfg.model.max_len, labels or None, task_id
+                    )
+                    for split in tasks.SPLITS
+                }
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         if len(splits["train"]) == 0:
             raise UsageError(f"task {task.name!r} has no training example of at most {cfg.model.max_len} tokens")
         max_new = 0
         if task.kind == "generate":
             # The longest target in training, with its EOS: the task's own length limit.
-            max_new = int(splits["train"].arrays["loss_mask"].sum(axis=1).max())
+            max_new = splits["train"].longest_target()
         data.append(TaskData(task.name, task.kind, task.description, labels, splits, max_new))
         sizes = ", ".join(f"{s} {len(e)}" for s, e in splits.items())
         dropped = sum(e.dropped for e in splits.values())
@@ -245,9 +266,41 @@ def prepare(cfg: C.Config, log: Callable[[str], None] = print) -> Plan:
 
 def fitted_max_len(data: Sequence[TaskData], limit: int) -> int:
     """The longest encoded row of any task and split, rounded up to a multiple of 32, at most ``limit``."""
-    longest = max(int(tasks.packing.example_lengths(s).max()) for d in data for s in d.splits.values() if len(s))
+    longest = max(s.longest for d in data for s in d.splits.values() if len(s))
     longest += 1  # a generation row stops before its EOS, which the served sequence must still have room to emit
     return min(limit, -(-longest // 32) * 32)
+
+
+def _cached_splits(task, tokenizer, max_len, task_id, cache_dir, log, console) -> tuple[tuple[str, ...], dict]:
+    """A task file's splits from the tokenized-data cache, built (with progress) if it is not there yet.
+
+    With the caches off (``--cache-dir off``) the file is tokenized into a temporary folder, removed at exit:
+    training still memory-maps it, and every start tokenizes again.
+    """
+    if cache_dir_module.is_off(cache_dir):
+        root = pathlib.Path(tempfile.mkdtemp(prefix="mtl-data-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+    else:
+        root = cache_dir_module.data_dir(cache_dir)
+        try:  # private, as the compiled programs' folder: a planted entry would be trained on
+            cache_dir_module.private_folder(root.parent)
+            cache_dir_module.private_folder(root)
+        except OSError as e:
+            raise ValueError(f"the data cache {str(root)!r} cannot be made: {e.strerror}; set --cache-dir") from None
+    t0 = time.perf_counter()
+    key = tasks.cache.file_key(task.file, tokenizer)
+    entry, built = tasks.cache.find(root, key), False
+    if entry is None:
+        display = tokenize_progress(console or _console(), task.name, task.file.size)
+        with display:  # a bad row is named as it is found (the first few), then stops the build
+            entry, built = tasks.cache.build_file(task.file, key, tokenizer, root, display.update, log)
+    meta = entry.meta
+    how = f"built in {time.perf_counter() - t0:.1f}s ({rate_text(meta['rows'], time.perf_counter() - t0)})"
+    log(
+        f"task {task.name}: {meta['rows']:,} rows, {meta['tokens']:,} tokens, 0 bad rows; "
+        f"cache {entry.size / 1e6:,.1f} MB in {entry.path} ({how if built else 'reused'})"
+    )
+    return tuple(meta["labels"]), entry.splits(max_len, task_id, tokenizer.pad_id)
 
 
 def eval_settings(cfg: C.Config) -> C.ServeConfig:
@@ -608,12 +661,12 @@ class TrainBatches:
         self.batch_size = cfg.train.batch_size
         self.mesh = mesh
         self.splits = {d.name: d.splits["train"] for d in data}
-        self.lengths = {name: tasks.packing.example_lengths(split) for name, split in self.splits.items()}  # [N]
         self.rows = process_rows(cfg.train.batch_size, mesh)  # this process's rows of every unpacked batch
 
     def __call__(self, name: str, indices: np.ndarray) -> tuple[dict[str, np.ndarray], int, int]:
         """(this process's rows of the batch of ``indices``, the global batch's rows, its real tokens)."""
-        split, lengths = self.splits[name], self.lengths[name][indices]  # [B]
+        split = self.splits[name]
+        lengths = split.lengths_of(indices)  # [B], the global batch's: every process plans alike
         if not self.pack:
             batch = trim(split.batch(indices[self.rows]), longest=int(lengths.max()))
             return batch, self.batch_size, int(lengths.sum())
@@ -644,7 +697,11 @@ def trim(batch: dict[str, np.ndarray], multiple: int = 32, longest: int | None =
 
 
 def eval_only(
-    out: str | os.PathLike, mesh: str | None = None, overrides: Sequence[str] = (), console: Console | None = None
+    out: str | os.PathLike,
+    mesh: str | None = None,
+    overrides: Sequence[str] = (),
+    console: Console | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, dict]:
     """Evaluates the newest checkpoint of run ``out`` on its validation and test splits.
 
@@ -670,7 +727,7 @@ def eval_only(
             cfg = C.override(cfg, assignment)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    plan = prepare(cfg, log=console.log)
+    plan = prepare(cfg, log=console.log, cache_dir=cache_dir, console=console)
     folder = RunFolder(out)
     folder.lock()  # its metric lines would interleave with a training run's
     checkpoints = Checkpoints(pathlib.Path(out) / "checkpoints", read_only=True)

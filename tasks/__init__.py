@@ -6,6 +6,7 @@ Importing the package registers the built-in tasks: ``g2p`` (generate), ``langid
 
 from tasks import (
     builtin,  # noqa: F401  (registers the built-in tasks)
+    cache,
     metrics,
     packing,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "MixtureSampler",
     "Task",
     "Tokenizer",
+    "cache",
     "encode_split",
     "get",
     "labels_of",

@@ -21,8 +21,12 @@ byte tokenizer's prompt; a Hugging Face tokenizer's is ``[BOS]`` then its
 prompt template around ``x`` (``HFTokenizer.prompt_ids``).
 """
 
+import collections.abc
 import dataclasses
-from typing import Sequence
+import functools
+import itertools
+import math
+from typing import Callable, Iterator, Sequence
 
 import datasets
 import numpy as np
@@ -74,46 +78,316 @@ def word_ends(text: str, tokenizer: Tokenizer | None = None) -> list[int]:
     return (tokenizer or ByteTokenizer()).word_ends(text)
 
 
+# ---------------------------------------------------------------------------
+# Jagged arrays: every example's tokens end to end, and where each starts.
+
+CHUNK_ROWS = 1 << 20  # rows a whole-split scan reads at once: memory stays flat in the split's size
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest dtype of a tokenizer's ids: uint16 below 65,536 ids (half the disk and page cache), else int32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def _jagged(lists: Sequence[Sequence[int]], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Lists of ids as (flat ids, lengths int64 [N])."""
+    lens = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=dtype, count=int(lens.sum()))
+    return flat, lens
+
+
+def _concat(parts: Sequence[tuple[np.ndarray, np.ndarray]], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise concatenation of jagged arrays with the same rows: row i is part 0's row i, then part 1's, ..."""
+    lens = sum(p[1] for p in parts)
+    flat = np.empty(int(lens.sum()), dtype=dtype)
+    row_start = np.cumsum(lens) - lens  # [N]
+    before = np.zeros_like(lens)  # tokens of earlier parts in each row
+    for part_flat, part_lens in parts:
+        j = np.arange(len(part_flat)) - np.repeat(np.cumsum(part_lens) - part_lens, part_lens)
+        flat[np.repeat(row_start + before, part_lens) + j] = part_flat
+        before = before + part_lens
+    return flat, lens
+
+
+def _constant(n: int, value: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    return np.full(n, value, dtype=dtype), np.ones(n, dtype=np.int64)
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], dtype=np.int32) -> tuple[np.ndarray, np.ndarray]:
+    """``tokenizer.encode`` of every text, as (flat ids, lengths): one vectorised pass for bytes, a batch call else."""
+    if isinstance(tokenizer, ByteTokenizer):
+        encoded = [t.encode("utf-8") for t in texts]
+        lens = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        flat = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(dtype) + np.dtype(dtype).type(ByteTokenizer.OFFSET)
+        return flat, lens
+    batch = getattr(tokenizer, "encode_batch", None)
+    return _jagged(batch(list(texts)) if batch else [tokenizer.encode(t) for t in texts], dtype)
+
+
+def encode_prompts(tokenizer: Tokenizer, texts: Sequence[str], dtype=np.int32) -> tuple[np.ndarray, np.ndarray]:
+    """``tokenizer.prompt_ids`` of every text, as (flat ids, lengths)."""
+    n = len(texts)
+    if isinstance(tokenizer, ByteTokenizer):
+        body = encode_texts(tokenizer, texts, dtype)
+        return _concat([_constant(n, tokenizer.bos_id, dtype), body, _constant(n, tokenizer.sep_id, dtype)], dtype)
+    batch = getattr(tokenizer, "prompt_ids_batch", None)
+    return _jagged(batch(list(texts)) if batch else [tokenizer.prompt_ids(t) for t in texts], dtype)
+
+
 @dataclasses.dataclass
-class EncodedSplit:
-    """One split of one task, encoded once into arrays of one length.
+class EncodedRows:
+    """One batch of examples, encoded: the unit a split is built of, in memory or on disk.
 
     Attributes:
-      kind: the task kind.
-      arrays: per-example arrays, first axis the example. generate:
-        ``tokens``, ``targets`` (int32 [N, L]) and ``loss_mask`` (float32
-        [N, L]); classify: ``tokens`` (int32 [N, L]), ``lengths`` and
-        ``label`` (int32 [N]).
-      inputs: the raw ``input`` of each kept example, in the same order.
-      references: the raw ``target`` (generate) or ``label`` (classify) of
-        each kept example, for evaluation.
-      labels: the task's sorted label list (classify), else ``()``.
-      dropped: how many examples were longer than ``max_len`` and left out.
-      task_id: the value of ``task_id`` in every batch.
+      tokens: each example's whole sequence end to end (generate: ``[BOS] x [SEP] y [EOS]``;
+        the other kinds: the prompt ``[BOS] x [SEP]``).
+      lengths: int64 [N], each sequence's tokens.
+      columns: per example (``prefix``: generate's prompt length; ``label``; ``value``) [N];
+        per token (``tags`` [len(tokens)], -1 off word ends); per word (``word_tags`` with
+        ``word_counts`` [N]: a tag example's reference).
     """
 
-    kind: str
-    arrays: dict[str, np.ndarray]
-    inputs: list[str]
-    references: list[str]
-    labels: tuple[str, ...]
-    dropped: int
-    task_id: int
+    tokens: np.ndarray
+    lengths: np.ndarray
+    columns: dict[str, np.ndarray]
+
+
+def encode_rows(
+    kind: str,
+    columns: dict[str, Sequence],
+    tokenizer: Tokenizer,
+    label_ids: Callable[[str], int],
+    dtype=np.int32,
+) -> EncodedRows:
+    """Encodes checked rows of one kind (``input`` and the kind's column) into jagged arrays.
+
+    Args:
+      kind: one of ``ENCODED_KINDS``.
+      columns: ``input`` and the kind's own column, each a list over the rows.
+      tokenizer: the run's tokenizer.
+      label_ids: classify and tag: a label's (or tag's) id.
+      dtype: the token dtype (``token_dtype``).
+    """
+    inputs = columns["input"]
+    n = len(inputs)
+    if kind == "generate":
+        prompt = encode_prompts(tokenizer, inputs, dtype)
+        target = encode_texts(tokenizer, columns["target"], dtype)
+        tokens, lengths = _concat([prompt, target, _constant(n, tokenizer.eos_id, dtype)], dtype)
+        return EncodedRows(tokens, lengths, {"prefix": prompt[1].astype(np.int32)})
+    tokens, lengths = encode_prompts(tokenizer, inputs, dtype)
+    if kind == "classify":
+        return EncodedRows(tokens, lengths, {"label": np.array([label_ids(t) for t in columns["label"]], np.int32)})
+    if kind == "regress":
+        return EncodedRows(tokens, lengths, {"value": np.asarray(columns["value"], dtype=np.float32)})
+    tags = np.full(len(tokens), -1, dtype=np.int32)
+    starts = np.cumsum(lengths) - lengths
+    word_tags = []
+    for i, (text, row_tags) in enumerate(zip(inputs, columns["tags"])):
+        ends = word_ends(text, tokenizer)
+        if len(ends) != len(row_tags):
+            raise ValueError(f"Input {text!r} has {len(ends)} words but {len(row_tags)} tags.")
+        ids = [label_ids(t) for t in row_tags]
+        tags[starts[i] + np.asarray(ends, dtype=np.int64)] = ids
+        word_tags += ids
+    counts = np.fromiter((len(t) for t in columns["tags"]), dtype=np.int64, count=n)
+    return EncodedRows(
+        tokens, lengths, {"tags": tags, "word_tags": np.array(word_tags, np.int32), "word_counts": counts}
+    )
+
+
+PER_TOKEN_COLUMNS = ("tags",)  # stored beside ``tokens``, one value a token
+PER_WORD_COLUMNS = ("word_tags",)  # one value a word, rows by ``word_counts``
+
+
+# ---------------------------------------------------------------------------
+# A split: jagged arrays (numpy or memory-mapped), read a batch at a time.
+
+
+class EncodedSplit:
+    """One split of one task: every example's tokens end to end, read a batch at a time.
+
+    The arrays may be memory-mapped files (``tasks.cache``): nothing here reads
+    more than a batch, or a bounded chunk when it scans the whole split, so a
+    split of ten million rows costs no more memory than one of a thousand.
+    Examples whose row is longer than ``max_len`` are left out and counted
+    (``dropped``), as a truncated target would teach the model to stop early.
+
+    Args:
+      kind: the task kind.
+      store: ``tokens`` [T], ``offsets`` int64 [N+1] (example i is ``tokens[offsets[i]:offsets[i+1]]``),
+        and the kind's columns (``EncodedRows.columns``; ``word_offsets`` [N+1] for ``word_tags``).
+      labels: the task's sorted labels (classify) or tags (tag), else ``()``.
+      pad_id: the tokenizer's PAD.
+      max_len: the longest row kept.
+      task_id: the value of ``task_id`` in every batch.
+      inputs, references: the raw ``input`` and the reference of each stored example (a list or a
+        lazy sequence), for evaluation; None where they were not kept (a cached train split).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        store: dict[str, np.ndarray],
+        labels: Sequence[str],
+        *,
+        pad_id: int,
+        max_len: int,
+        task_id: int = 0,
+        inputs: Sequence[str] | None = None,
+        references: Sequence | None = None,
+    ):
+        self.kind, self.store, self.labels = kind, store, tuple(labels)
+        self.pad_id, self.task_id = pad_id, task_id
+        self._shift = 1 if kind == "generate" else 0  # a generate row is seq[:-1]
+        offsets = store["offsets"]
+        stored, kept, longest = len(offsets) - 1, 0, 0
+        for keep, rows in self._chunks_kept(max_len):
+            kept += int(keep.sum())
+            longest = max(longest, int(rows[keep].max(initial=0)))
+        self.dropped = stored - kept
+        # Only a split that drops rows pays for an index of the kept ones (8 bytes a kept row).
+        self._rows = None
+        if self.dropped:
+            self._rows = np.concatenate(
+                [np.flatnonzero(keep) + start for start, (keep, _) in zip(range(0, stored, CHUNK_ROWS), self._chunks_kept(max_len))]
+            )
+        self._len = kept
+        self.longest = longest  # the longest kept row's tokens
+        self.length = min(max_len, -(-max(longest, 1) // 8) * 8)  # L: the padded row of ``batch``
+        self._inputs, self._references = inputs, references
 
     def __len__(self) -> int:
-        return len(self.inputs)
+        return self._len
+
+    def _chunks_kept(self, max_len: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(keep, row lengths) of the stored rows, a chunk at a time."""
+        offsets = self.store["offsets"]
+        for start in range(0, len(offsets) - 1, CHUNK_ROWS):
+            rows = np.diff(offsets[start : start + CHUNK_ROWS + 1]) - self._shift  # [chunk]
+            yield rows <= max_len, rows
+
+    def _stored(self, indices) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        return indices if self._rows is None else self._rows[indices]
 
     @property
-    def length(self) -> int:
-        """L, the padded length of every row."""
-        return self.arrays["tokens"].shape[1]
+    def inputs(self) -> Sequence[str]:
+        """The raw ``input`` of each example, in order (validation and test splits, and splits built in memory)."""
+        return self._kept(self._inputs, "inputs")
+
+    @property
+    def references(self) -> Sequence:
+        """The raw ``target``, ``label``, ``value`` or ``tags`` of each example, for evaluation."""
+        return self._kept(self._references, "references")
+
+    def _kept(self, values, what):
+        if values is None:
+            raise ValueError(f"this {self.kind} split keeps no {what} (a cached train split keeps tokens only)")
+        if self._rows is None:
+            return values
+        if isinstance(values, list):
+            return [values[i] for i in self._rows]
+        return _Picked(values, self._rows)
+
+    def lengths_of(self, indices) -> np.ndarray:
+        """int64 [B]: the tokens of each example's row that are not padding."""
+        rows = self._stored(indices)
+        offsets = self.store["offsets"]
+        return offsets[rows + 1] - offsets[rows] - self._shift
+
+    def tokens_of(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """The per-token arrays of the examples at ``indices``, end to end.
+
+        Returns:
+          ``(lengths [B], example [total], position [total], arrays)``: token ``k`` is
+          position ``position[k]`` of example ``example[k]``; ``arrays`` holds ``tokens``
+          (int32) and, by kind, ``targets``, ``loss_mask`` (generate) or ``tags``, each [total].
+        """
+        rows = self._stored(indices)
+        offsets, flat = self.store["offsets"], self.store["tokens"]
+        start = offsets[rows]
+        n = offsets[rows + 1] - start - self._shift  # [B]
+        example = np.repeat(np.arange(len(rows)), n)  # [total]
+        position = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)  # [total]
+        source = start[example] + position  # [total]: index into the flat store
+        arrays = {"tokens": flat[source].astype(np.int32)}
+        if self.kind == "generate":
+            arrays["targets"] = flat[source + 1].astype(np.int32)
+            prefix = self.store["prefix"][rows].astype(np.int64)
+            # targets[j] = seq[j + 1] is a target token or EOS from the SEP position on.
+            arrays["loss_mask"] = (position >= prefix[example] - 1).astype(np.float32)
+        if "tags" in self.store:
+            arrays["tags"] = self.store["tags"][source].astype(np.int32)
+        return n, example, position, arrays
+
+    def examples_of(self, indices) -> dict[str, np.ndarray]:
+        """The one-value-an-example arrays at ``indices``: ``lengths`` (the prompt kinds), ``label``, ``value``."""
+        rows = self._stored(indices)
+        out = {}
+        if self.kind != "generate":
+            out["lengths"] = self.lengths_of(indices).astype(np.int32)
+        for name, dtype in (("label", np.int32), ("value", np.float32)):
+            if name in self.store:
+                out[name] = self.store[name][rows].astype(dtype)
+        return out
 
     def batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
-        """Returns the arrays of the examples at ``indices``, plus ``task_id`` [B]."""
-        indices = np.asarray(indices, dtype=np.int64)
-        out = {name: array[indices] for name, array in self.arrays.items()}
-        out["task_id"] = np.full(len(indices), self.task_id, dtype=np.int32)
+        """The examples at ``indices`` in the module docstring's layout, rows ``length`` long, plus ``task_id`` [B]."""
+        n, example, position, per_token = self.tokens_of(indices)
+        shape = (len(n), self.length)
+        out = {}
+        for name, values in per_token.items():
+            fill = {"tokens": self.pad_id, "targets": self.pad_id, "tags": -1}.get(name, 0)
+            out[name] = np.full(shape, fill, dtype=values.dtype)
+            out[name][example, position] = values
+        out.update(self.examples_of(indices))
+        out["task_id"] = np.full(len(n), self.task_id, dtype=np.int32)
         return out
+
+    @functools.cached_property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The whole split in ``batch``'s layout, [N, L] per token, built once. Small splits only (tests)."""
+        out = self.batch(np.arange(len(self)))
+        del out["task_id"]
+        return out
+
+    def scan(self, name: str) -> Iterator[np.ndarray]:
+        """A per-example array (``value``, ``label``, ``prefix`` or ``seq_lengths``) of the kept rows, a chunk at a time."""
+        offsets = self.store["offsets"]
+        for start in range(0, len(self), CHUNK_ROWS):
+            rows = self._stored(np.arange(start, min(len(self), start + CHUNK_ROWS)))
+            yield (offsets[rows + 1] - offsets[rows]) if name == "seq_lengths" else self.store[name][rows]
+
+    def longest_target(self) -> int:
+        """generate: the most target tokens of an example, its EOS counted (the task's ``max_new_tokens``)."""
+        longest = 0
+        for seq, prefix in zip(self.scan("seq_lengths"), self.scan("prefix")):
+            if len(seq):
+                longest = max(longest, int((seq - prefix).max()))
+        return longest
+
+    def value_stats(self) -> tuple[float, float]:
+        """regress: the mean and standard deviation of the targets, in float64, a chunk at a time."""
+        count = total = squares = 0.0
+        for values in self.scan("value"):
+            values = values.astype(np.float64)
+            count, total, squares = count + len(values), total + values.sum(), squares + (values**2).sum()
+        mean = total / max(count, 1)
+        return mean, math.sqrt(max(squares / max(count, 1) - mean**2, 0.0))
+
+
+class _Picked(collections.abc.Sequence):
+    """``values[rows[i]]``: a lazy sequence's kept items."""
+
+    def __init__(self, values, rows):
+        self._values, self._rows = values, rows
+
+    def __len__(self):
+        return len(self._rows)
+
+    def __getitem__(self, i):
+        return self._values[int(self._rows[i])]
 
 
 def encode_split(
@@ -124,13 +398,10 @@ def encode_split(
     labels: Sequence[str] | None = None,
     task_id: int = 0,
 ) -> EncodedSplit:
-    """Encodes a whole split into fixed-shape arrays.
+    """Encodes a split held in memory (a built-in task, a test's rows) into an in-memory ``EncodedSplit``.
 
-    Rows are ``L = min(max_len, longest row rounded up to a multiple of 8)``
-    long, so a task of short examples does not pay for ``max_len``. A row is
-    ``seq[:-1]`` for generate and ``seq`` for classify; examples whose row is
-    longer than ``max_len`` are dropped and counted rather than truncated, as
-    a truncated target would teach the model to stop early.
+    A task file is encoded by ``tasks.cache`` into memory-mapped files instead,
+    through the same ``encode_rows``.
 
     Args:
       task_kind: one of ``ENCODED_KINDS``.
@@ -139,9 +410,6 @@ def encode_split(
       max_len: the longest row kept.
       labels: classify and tag: the task's sorted labels or tags, from ``labels_of``.
       task_id: the task's index, copied into every batch.
-
-    Returns:
-      The encoded split.
 
     Raises:
       ValueError: a kind without an encoding yet, or a label not in ``labels``.
@@ -152,120 +420,32 @@ def encode_split(
         )
     if max_len < 1:
         raise ValueError(f"max_len {max_len} is not accepted; it must be at least 1.")
-    # One batch read: iterating a column of a datasets 4 Dataset formats row by
-    # row, which is ten times slower than the encoding itself.
-    columns = dataset[:]
-    inputs = columns["input"]
-    if task_kind == "generate":
-        references = columns["target"]
-        arrays, keep = _encode_generate(inputs, references, tokenizer, max_len)
-        labels = ()
-    elif task_kind == "regress":
-        references = columns["value"]
-        arrays, keep = _encode_prompts(inputs, tokenizer, max_len)
-        arrays["value"] = np.asarray(references, dtype=np.float32)[keep]
-        labels = ()
-    else:
+    if task_kind in ("classify", "tag"):
         if labels is None:
             raise ValueError(f"encode_split needs labels= for a {task_kind} task; get them from labels_of.")
         labels = tuple(labels)
-        if task_kind == "classify":
-            references = columns["label"]
-            arrays, keep = _encode_classify(inputs, references, tokenizer, max_len, labels)
-        else:
-            references = columns["tags"]
-            arrays, keep = _encode_tag(inputs, references, tokenizer, max_len, labels)
-    kept = np.flatnonzero(keep)
+    else:
+        labels = ()
+    index = {label: i for i, label in enumerate(labels)}
+
+    def label_id(label: str) -> int:
+        if label not in index:
+            raise ValueError(f"Label {label!r} is not in the task's labels; accepted labels are {', '.join(labels)}.")
+        return index[label]
+
+    # One batch read: iterating a column of a datasets 4 Dataset formats row by
+    # row, which is ten times slower than the encoding itself.
+    columns = dataset[:]
+    rows = encode_rows(task_kind, columns, tokenizer, label_id, token_dtype(tokenizer.vocab_size))
+    store = {"tokens": rows.tokens, "offsets": np.concatenate([[0], np.cumsum(rows.lengths)]), **rows.columns}
+    reference = {"generate": "target", "classify": "label", "regress": "value", "tag": "tags"}[task_kind]
     return EncodedSplit(
-        kind=task_kind,
-        arrays=arrays,
-        inputs=[inputs[i] for i in kept],
-        references=[references[i] for i in kept],
-        labels=labels,
-        dropped=int(len(inputs) - len(kept)),
+        task_kind,
+        store,
+        labels,
+        pad_id=tokenizer.pad_id,
+        max_len=max_len,
         task_id=task_id,
+        inputs=list(columns["input"]),
+        references=list(columns[reference]),
     )
-
-
-def _encode_generate(inputs, targets, tokenizer, max_len):
-    eos = tokenizer.eos_id
-    seqs, prefix_lens = [], []
-    for text, target in zip(inputs, targets):
-        prefix = tokenizer.prompt_ids(text)
-        seqs.append(prefix + tokenizer.encode(target) + [eos])
-        prefix_lens.append(len(prefix))
-    seq_lens = np.array([len(s) for s in seqs], dtype=np.int64)
-    prefix_lens = np.array(prefix_lens, dtype=np.int64)
-    keep = seq_lens - 1 <= max_len  # a row is seq[:-1]
-    seqs = [s for s, k in zip(seqs, keep) if k]
-    seq_lens, prefix_lens = seq_lens[keep], prefix_lens[keep]
-    length = _row_length(seq_lens - 1, max_len)
-
-    full = _pad(seqs, seq_lens, length + 1, tokenizer.pad_id)  # [N, L+1]
-    pos = np.arange(length)[None, :]  # [1, L]
-    # seq[:-1]: the last real token (EOS) becomes PAD, it is only ever a target.
-    tokens = np.where(pos < seq_lens[:, None] - 1, full[:, :-1], tokenizer.pad_id).astype(np.int32)
-    targets = np.ascontiguousarray(full[:, 1:])  # [N, L]
-    # targets[i] = seq[i + 1] is a target token or EOS exactly when
-    # prefix_len - 1 <= i < seq_len - 1 (from SEP to the position predicting EOS).
-    loss_mask = ((pos >= prefix_lens[:, None] - 1) & (pos < seq_lens[:, None] - 1)).astype(np.float32)
-    return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask}, keep
-
-
-def _encode_prompts(inputs, tokenizer, max_len):
-    """Prompts alone, for the kinds answered from the prefill: tokens and lengths."""
-    seqs = [tokenizer.prompt_ids(text) for text in inputs]
-    seq_lens = np.array([len(s) for s in seqs], dtype=np.int64)
-    keep = seq_lens <= max_len
-    seqs = [s for s, k in zip(seqs, keep) if k]
-    seq_lens = seq_lens[keep]
-    length = _row_length(seq_lens, max_len)
-    tokens = _pad(seqs, seq_lens, length, tokenizer.pad_id)
-    return {"tokens": tokens, "lengths": seq_lens.astype(np.int32)}, keep
-
-
-def _check_labels(found, labels):
-    missing = sorted(set(found) - set(labels))
-    if missing:
-        raise ValueError(f"Label {missing[0]!r} is not in the task's labels; accepted labels are {', '.join(labels)}.")
-
-
-def _encode_classify(inputs, label_texts, tokenizer, max_len, labels):
-    _check_labels(label_texts, labels)
-    index = {label: i for i, label in enumerate(labels)}
-    arrays, keep = _encode_prompts(inputs, tokenizer, max_len)
-    arrays["label"] = np.array([index[t] for t, k in zip(label_texts, keep) if k], dtype=np.int32)
-    return arrays, keep
-
-
-def _encode_tag(inputs, tag_rows, tokenizer, max_len, labels):
-    """``tags`` [N, L]: the tag id at each word's last token (see ``word_ends``), -1 elsewhere."""
-    _check_labels([t for row in tag_rows for t in row], labels)
-    index = {label: i for i, label in enumerate(labels)}
-    arrays, keep = _encode_prompts(inputs, tokenizer, max_len)
-    tags = np.full(arrays["tokens"].shape, -1, dtype=np.int32)
-    for row, i in enumerate(np.flatnonzero(keep)):
-        ends = word_ends(inputs[i], tokenizer)
-        if len(ends) != len(tag_rows[i]):
-            raise ValueError(f"Input {inputs[i]!r} has {len(ends)} words but {len(tag_rows[i])} tags.")
-        tags[row, ends] = [index[t] for t in tag_rows[i]]
-    arrays["tags"] = tags
-    return arrays, keep
-
-
-def _row_length(row_lens: np.ndarray, max_len: int) -> int:
-    longest = int(row_lens.max()) if len(row_lens) else 1
-    return min(max_len, -(-longest // 8) * 8)
-
-
-def _pad(seqs: list[list[int]], lens: np.ndarray, width: int, pad_id: int) -> np.ndarray:
-    """Right-pads ragged rows into an int32 [N, width] array, in one scatter."""
-    out = np.full((len(seqs), width), pad_id, dtype=np.int32)
-    if not seqs:
-        return out
-    flat = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(lens.sum()))
-    rows = np.repeat(np.arange(len(seqs)), lens)  # [total]
-    starts = np.cumsum(lens) - lens  # offset of each row in flat
-    cols = np.arange(len(flat)) - np.repeat(starts, lens)  # [total]; every row fits width
-    out[rows, cols] = flat
-    return out

@@ -45,15 +45,12 @@ def max_segments(width: int) -> int:
 
 
 def example_lengths(split: EncodedSplit) -> np.ndarray:
-    """The tokens of each example's row that are not padding: int64 [N].
+    """The tokens of each example's row that are not padding: int64 [N] (``split.lengths_of`` of every example).
 
     generate: up to the position that predicts EOS (the row is ``seq[:-1]``);
     the prompt kinds: the prompt's length.
     """
-    if "lengths" in split.arrays:
-        return split.arrays["lengths"].astype(np.int64)
-    mask = split.arrays["loss_mask"] > 0  # [N, L]: the last masked position is the row's last real token
-    return (mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)).astype(np.int64)
+    return split.lengths_of(np.arange(len(split)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,35 +130,32 @@ def packed_batch(
     rows_here = np.arange(rows) if rows_here is None else np.asarray(rows_here, dtype=np.int64)
     local = np.full(rows, -1, np.int64)
     local[rows_here] = np.arange(len(rows_here))  # global row -> this process's row, -1 if not here
-    here = local[layout.row] >= 0  # [B]: examples in this process's rows
+    here = local[layout.row] >= 0  # [B]: examples in this process's rows; only theirs are read
     ex, n = np.asarray(indices)[here], np.asarray(lengths, dtype=np.int64)[here]
     out_row, start, slot = local[layout.row[here]], layout.offset[here], layout.slot[here]
-    # One scatter per array: token j of example e goes from (ex[e], j) to (out_row[e], start[e] + j).
-    token_example = np.repeat(np.arange(len(ex)), n)  # [total]
-    j = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)  # [total]: index within its example
+    # Token j of example e goes to (out_row[e], start[e] + j): one scatter per array.
+    _, token_example, j, per_token = split.tokens_of(ex)
     dst_row, dst_col = out_row[token_example], start[token_example] + j
 
     shape = (len(rows_here), width)
     out: dict[str, np.ndarray] = {}
     for name in PER_TOKEN:
-        if name in split.arrays:
-            source = split.arrays[name]
-            out[name] = np.full(shape, _FILL.get(name, 0), source.dtype)
-            out[name][dst_row, dst_col] = source[ex[token_example], j]
+        if name in per_token:
+            out[name] = np.full(shape, _FILL.get(name, 0), per_token[name].dtype)
+            out[name][dst_row, dst_col] = per_token[name]
     segment_ids = np.zeros(shape, np.int32)
     segment_ids[dst_row, dst_col] = slot[token_example] + 1
     positions = np.tile(np.arange(width, dtype=np.int32), (len(rows_here), 1))  # padding: its index in the row
     positions[dst_row, dst_col] = j
     out["positions"], out["segment_ids"] = positions, segment_ids
-    if "lengths" in split.arrays:  # the prompt kinds: one value per example, in slots
+    if split.kind != "generate":  # the prompt kinds: one value per example, in slots
         examples = np.zeros((len(rows_here), slots), np.float32)
         examples[out_row, slot] = 1.0
         out["examples"] = examples
-        for name in PER_EXAMPLE:
-            if name in split.arrays:
-                fill = 1 if name == "lengths" else 0  # an empty slot's end 1 reads index 0, masked out
-                out[name] = np.full((len(rows_here), slots), fill, split.arrays[name].dtype)
-                out[name][out_row, slot] = start + n if name == "lengths" else split.arrays[name][ex]
+        for name, values in split.examples_of(ex).items():
+            fill = 1 if name == "lengths" else 0  # an empty slot's end 1 reads index 0, masked out
+            out[name] = np.full((len(rows_here), slots), fill, values.dtype)
+            out[name][out_row, slot] = start + n if name == "lengths" else values
     out["task_id"] = np.full(len(rows_here), split.task_id, np.int32)
     return out
 

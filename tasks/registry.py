@@ -23,12 +23,15 @@ class Task:
         and ``test``, each holding exactly the kind's columns
         (``schema.COLUMNS``). It should cache, since it is called more than
         once.
+      file: a user's task file (``NAME=PATH``), which training reads through the
+        tokenized-data cache (``tasks.cache.cached_file``) rather than ``load``.
     """
 
     name: str
     kind: str
     description: str
     load: Callable[[], datasets.DatasetDict]
+    file: user_files.TaskFile | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -75,8 +78,9 @@ def resolve(specs: list[str]) -> list[Task]:
     Args:
       specs: each a registered task name (``g2p``) or ``NAME=PATH`` for a
         user file (``.jsonl``, ``.csv`` or ``.parquet``) whose columns decide
-        its kind. User files are read here, so a bad file fails now rather
-        than in the middle of a run.
+        its kind. A user file's start is read here (a missing file or columns
+        that fit no kind fail now); its rows are checked as they are
+        tokenized, before training starts.
 
     Returns:
       The tasks. User-file tasks are not added to the registry.
@@ -93,9 +97,10 @@ def resolve(specs: list[str]) -> list[Task]:
                 raise ValueError(f"Task spec {spec!r} is not accepted; use a task name or NAME=PATH.")
             if path.startswith(user_files.HUB_PREFIX):
                 kind, load = user_files.load_hub_task(path)
+                task = Task(name, kind, f"{kind} task from {path}", load)
             else:
-                kind, load = user_files.load_task_file(path)
-            task = Task(name, kind, f"{kind} task from {path}", load)
+                task_file = user_files.TaskFile.open(path)
+                task = Task(name, task_file.kind, f"{task_file.kind} task from {path}", task_file.load, task_file)
         else:
             task = get(spec)
         if any(t.name == task.name for t in tasks):

@@ -10,20 +10,19 @@ names the file and, for a bad value, its line (``.jsonl``, ``.csv``) or row (``.
 """
 
 import csv
+import dataclasses
 import io
+import functools
 import json
-import logging
 import math
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import datasets
+import pyarrow.parquet as pq
 
 from tasks.schema import COLUMNS, KINDS, SPLITS, split_of
 from tasks.values import check_classes, regress_target
-
-# File extension -> the Hugging Face ``datasets`` builder that reads it.
-BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 FEATURES = {
     "generate": datasets.Features({"input": datasets.Value("string"), "target": datasets.Value("string")}),
@@ -54,11 +53,17 @@ def detect_kind(path: str, columns: list[str]) -> str:
     return kinds[0]
 
 
-def load_task_file(path: str) -> tuple[str, Callable[[], datasets.DatasetDict]]:
-    """Reads a user's task file and returns its kind and a loader.
+BATCH_ROWS = 1 << 16  # rows a reader yields at once: its memory, whatever the file's size
+BAD_ROWS_SHOWN = 10  # bad rows reported one by one; the rest are counted
 
-    The file is read and checked now, so that a bad file stops a run before
-    any training; the loader returns the result already built.
+
+def load_task_file(path: str) -> tuple[str, Callable[[], datasets.DatasetDict]]:
+    """Opens a user's task file and returns its kind and a loader.
+
+    Only the file's start is read now (its columns decide the kind); ``load()``
+    reads and checks every row (``TaskFile.batches``) into a ``DatasetDict``
+    held in memory, for small files and tests. Training reads a file through
+    ``tasks.cache.cached_file`` instead, a batch at a time.
 
     Args:
       path: a ``.jsonl``, ``.csv`` or ``.parquet`` file, one example a row.
@@ -69,131 +74,268 @@ def load_task_file(path: str) -> tuple[str, Callable[[], datasets.DatasetDict]]:
 
     Raises:
       ValueError: the file is missing, empty, unreadable, of an unknown type,
-        or its columns or values do not fit a kind.
+        or its columns do not fit a kind; ``load()`` also for a bad row.
     """
-    table, lines = _read(path)
-    kind = detect_kind(path, list(table))
-    n = len(table["input"])
+    task_file = TaskFile.open(path)
+    return task_file.kind, functools.cache(task_file.load)
 
-    def place(row: int) -> str:
-        return f"on line {lines[row]}" if lines else f"in row {row + 1}"
 
-    columns = {name: [_clean(path, name, place(row), v) for row, v in enumerate(table[name])] for name in COLUMNS[kind]}
-    if kind == "tag":
-        _check_tag_counts(path, columns["input"], columns["tags"], place)
+@dataclasses.dataclass(frozen=True)
+class TaskFile:
+    """A user's task file: its kind, from its columns, and its rows, read again a batch at a time.
 
-    if "split" in table:
-        splits = [_split_value(path, place(row), v) for row, v in enumerate(table["split"])]
-        if "validation" not in splits:
-            # As for a hub dataset without one: the validation split (which picks the best
-            # checkpoint) is cut from the train rows by the same hash as a file without splits.
-            splits = [
-                "validation" if s == "train" and split_of(text) == "validation" else s
-                for s, text in zip(splits, columns["input"])
-            ]
-    else:
-        splits = [split_of(text) for text in columns["input"]]
-    rows_of = {split: [i for i in range(n) if splits[i] == split] for split in SPLITS}
-    if not rows_of["train"]:
-        raise ValueError(f"Task file {path!r} has no rows in its train split; at least one is needed to train.")
-    if kind == "classify":
-        check_classes(columns["label"], f"Task file {path!r}")
-    result = datasets.DatasetDict(
-        {
-            split: datasets.Dataset.from_dict(
-                {name: [values[i] for i in rows] for name, values in columns.items()},
-                features=FEATURES[kind],
+    Attributes:
+      path: the file.
+      kind: the task kind its columns fit.
+      has_split: whether it has a ``split`` column.
+      size: its bytes, the unit of ``batches``' progress.
+    """
+
+    path: str
+    kind: str
+    has_split: bool
+    size: int
+
+    @classmethod
+    def open(cls, path: str) -> "TaskFile":
+        """Checks the file's type and reads its first rows' columns (raises ValueError naming the file)."""
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in READERS:
+            raise ValueError(
+                f"Task file {path!r} has extension {ext or '(none)'!r}; accepted extensions are .jsonl, .csv and .parquet."
             )
-            for split, rows in rows_of.items()
-        }
-    )
-    return kind, lambda: result
+        if not os.path.isfile(path):
+            raise ValueError(f"Task file {path!r} does not exist.")
+        size = os.path.getsize(path)
+        if size == 0:
+            raise ValueError(f"Task file {path!r} is empty.")
+        first = next(READERS[ext](path, 1 << 10), None)
+        if first is None:
+            raise ValueError(f"Task file {path!r} has no rows.")
+        kind = detect_kind(path, list(first.columns))
+        return cls(path, kind, "split" in first.columns, size)
 
+    def batches(self, warn: Callable[[str], None] | None = None) -> Iterator[tuple[dict[str, list], list[str], int]]:
+        """The file's checked rows, a batch at a time: ``(columns, splits, bytes read)``.
 
-def _read(path: str) -> tuple[dict[str, list[Any]], list[int] | None]:
-    """Reads a file with Hugging Face ``datasets`` into columns of values.
+        ``columns`` holds ``input`` and the kind's column, converted
+        (``_clean``); ``splits`` each row's split, where ``"train?"`` marks a
+        train row whose hash says validation in a file with a ``split``
+        column: validation if no row of the file says validation, else train.
 
-    Returns:
-      ``(columns, lines)``: ``lines[i]`` is the 1-based line of the file where
-      row ``i`` starts (``None`` for ``.parquet``, whose rows have no lines).
-    """
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in BUILDERS:
-        raise ValueError(
-            f"Task file {path!r} has extension {ext or '(none)'!r}; accepted extensions are .jsonl, .csv and .parquet."
+        A bad row (an empty or wrong value, tags that do not match the words,
+        an unknown split) stops the file: its first ``BAD_ROWS_SHOWN`` are
+        each passed to ``warn`` with the file and line, the reading goes on to
+        count the rest (yielding nothing more), and a ValueError then names
+        the first and the count, before training starts.
+
+        Raises:
+          ValueError: a file that cannot be parsed, bad rows, no train rows, or
+            a classify file of fewer than two labels.
+        """
+        path, kind, names = self.path, self.kind, COLUMNS[self.kind]
+        first_bad, bad, train, labels = None, 0, 0, set()
+        for raw in READERS[os.path.splitext(path)[1].lower()](path, BATCH_ROWS):
+            columns = {name: [] for name in names}
+            splits = []
+            values = [raw.columns.get(name) for name in names]
+            split_values = raw.columns.get("split")
+            for i in range(raw.rows):
+                place = raw.place(i)
+                try:
+                    cells = [_clean(path, name, place, column[i] if column is not None else None) for name, column in zip(names, values)]
+                    if kind == "tag":
+                        _check_tag_count(path, cells[0], cells[1], place)
+                    split = split_of(cells[0])
+                    if split_values is not None:
+                        given = _split_value(path, place, split_values[i])
+                        split = "train?" if given == "train" and split == "validation" else given
+                except ValueError as e:
+                    bad += 1
+                    first_bad = first_bad or str(e)
+                    if warn and bad <= BAD_ROWS_SHOWN:
+                        warn(str(e))
+                    continue
+                if bad:
+                    continue  # checked and counted only: the file will not be used
+                for name, cell in zip(names, cells):
+                    columns[name].append(cell)
+                splits.append(split)
+                train += split in ("train", "train?")
+                if kind == "classify":
+                    labels.add(cells[1])
+            if not bad:
+                yield columns, splits, raw.done
+        if bad:
+            more = f"; {bad} bad rows in all (the first {BAD_ROWS_SHOWN} are named above)" if bad > 1 else ""
+            raise ValueError(f"{first_bad.rstrip('.')}{more}; fix or remove them and run again.")
+        if not train:
+            raise ValueError(f"Task file {path!r} has no rows in its train split; at least one is needed to train.")
+        if kind == "classify":
+            check_classes(labels, f"Task file {path!r}")
+
+    def load(self) -> datasets.DatasetDict:
+        """Every row, checked, in memory: the three splits with exactly the kind's columns."""
+        names = COLUMNS[self.kind]
+        columns = {name: [] for name in names}
+        splits = []
+        for batch, batch_splits, _ in self.batches():
+            for name in names:
+                columns[name] += batch[name]
+            splits += batch_splits
+        held = "validation" if "validation" not in splits else "train"
+        splits = [held if s == "train?" else s for s in splits]
+        return datasets.DatasetDict(
+            {
+                split: datasets.Dataset.from_dict(
+                    {name: [v for v, s in zip(values, splits) if s == split] for name, values in columns.items()},
+                    features=FEATURES[self.kind],
+                )
+                for split in SPLITS
+            }
         )
-    if not os.path.isfile(path):
-        raise ValueError(f"Task file {path!r} does not exist.")
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"Task file {path!r} is empty.")
-    lines = None
-    if ext in (".jsonl", ".json", ".csv"):
-        text = _utf8_text(path)
-        if ext == ".jsonl":
-            return _read_json_lines(path, text)
-        lines = _csv_lines(text) if ext == ".csv" else None
-    logger = datasets.utils.logging.get_logger("datasets")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)  # its parsers log each failure as ERROR lines before raising it
-    try:
-        dataset = datasets.load_dataset(BUILDERS[ext], data_files=os.path.abspath(path), split="train")
-    except Exception as e:  # datasets raises many types; the user needs only the reason
-        if "corresponds to no data" in str(e):  # how datasets reports a file of no rows
-            raise ValueError(f"Task file {path!r} has no rows.") from e
-        raise ValueError(f"Task file {path!r} could not be read as {ext}: {_root_reason(e)}.") from e
-    finally:
-        logger.setLevel(level)
-    if dataset.num_rows == 0:
-        raise ValueError(f"Task file {path!r} has no rows.")
-    return dataset.to_dict(), lines if lines is not None and len(lines) == dataset.num_rows else None
 
 
-def _csv_lines(text: str) -> list[int]:
-    """The line each CSV record starts on, after the header (blank lines, which pandas skips, skipped)."""
-    reader = csv.reader(io.StringIO(text))
-    starts, line = [], 1
-    for number, record in enumerate(reader):
-        if record and number > 0:
-            starts.append(line)
-        line = reader.line_num + 1
-    return starts
+@dataclasses.dataclass
+class _RawBatch:
+    """Rows as parsed, before any check: columns of values, and where each row is in the file."""
+
+    columns: dict[str, list[Any]]
+    rows: int
+    done: int  # bytes of the file read so far
+    lines: list[int] | None = None  # each row's line (text files); else rows count from ``first_row``
+    first_row: int = 0
+
+    def place(self, i: int) -> str:
+        return f"on line {self.lines[i]}" if self.lines is not None else f"in row {self.first_row + i + 1}"
 
 
-def _utf8_text(path: str) -> str:
-    """The file's text less a leading byte-order mark, or a ValueError naming the line of its first non-UTF-8 byte."""
-    data = open(path, "rb").read()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ValueError(
-            f"Task file {path!r} is not UTF-8 text: byte {data[e.start]:#04x} on line {line} "
-            f"(byte offset {e.start}); save it as UTF-8."
-        ) from None
+def _text_blocks(path: str, block: int = 1 << 22) -> Iterator[tuple[str, int, int]]:
+    """The file's UTF-8 text in blocks of whole lines: ``(text, lines before it, bytes read)``.
+
+    A leading byte-order mark is dropped. A byte that is not UTF-8 is a
+    ValueError naming its line and byte offset.
+    """
+    lines = offset = 0
+    rest = b""
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block)
+            chunk = rest + data
+            if data:
+                cut = chunk.rfind(b"\n") + 1
+                if cut == 0:  # a line longer than a block: read on
+                    rest = chunk
+                    continue
+                chunk, rest = chunk[:cut], chunk[cut:]
+            elif not chunk:
+                return
+            else:
+                rest = b""
+            skip = 3 if offset == 0 and chunk.startswith(b"\xef\xbb\xbf") else 0
+            try:
+                text = chunk[skip:].decode("utf-8")
+            except UnicodeDecodeError as e:
+                at = e.start + skip
+                line = lines + chunk.count(b"\n", 0, at) + 1
+                raise ValueError(
+                    f"Task file {path!r} is not UTF-8 text: byte {chunk[at]:#04x} on line {line} "
+                    f"(byte offset {offset + at}); save it as UTF-8."
+                ) from None
+            offset += len(chunk)
+            yield text, lines, offset
+            lines += chunk.count(b"\n")
+            if not data:
+                return
 
 
-def _read_json_lines(path: str, text: str) -> tuple[dict[str, list[Any]], list[int]]:
+def _read_json_lines(path: str, batch_rows: int) -> Iterator[_RawBatch]:
     """One JSON object a line, parsed here so an error names its line (blank lines are skipped)."""
-    rows, lines = [], []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"Task file {path!r} has invalid JSON on line {number}, column {e.colno}: {e.msg}."
-            ) from None
-        if not isinstance(row, dict):
-            raise ValueError(
-                f"Task file {path!r} has a {type(row).__name__} on line {number}; a JSON object is accepted."
-            )
-        rows.append(row)
-        lines.append(number)
-    if not rows:
+    rows, lines, seen = [], [], False
+    for text, before, done in _text_blocks(path):
+        for number, line in enumerate(text.split("\n"), before + 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"Task file {path!r} has invalid JSON on line {number}, column {e.colno}: {e.msg}."
+                ) from None
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"Task file {path!r} has a {type(row).__name__} on line {number}; a JSON object is accepted."
+                )
+            rows.append(row)
+            lines.append(number)
+            if len(rows) == batch_rows:
+                yield _json_batch(rows, lines, done)
+                rows, lines, seen = [], [], True
+    if rows:
+        yield _json_batch(rows, lines, os.path.getsize(path))
+    elif not seen:
         raise ValueError(f"Task file {path!r} has no rows.")
-    names = list(dict.fromkeys(name for row in rows for name in row))
-    return {name: [row.get(name) for row in rows] for name in names}, lines
+
+
+def _json_batch(rows: list[dict], lines: list[int], done: int) -> _RawBatch:
+    names = dict.fromkeys(name for row in rows for name in row)
+    return _RawBatch({name: [row.get(name) for row in rows] for name in names}, len(rows), done, lines)
+
+
+def _read_csv(path: str, batch_rows: int) -> Iterator[_RawBatch]:
+    """A header, then one record a row; an empty cell is a missing value, every other cell text."""
+    state = {"done": 0}
+
+    def text_lines() -> Iterator[str]:
+        for text, _, done in _text_blocks(path):
+            state["done"] = done
+            yield from io.StringIO(text, newline="")  # lines end at \n, \r or \r\n, as the csv module wants
+
+    reader = csv.reader(text_lines())
+    header, line = None, 1
+    records, lines = [], []
+    try:
+        for record in reader:
+            start, line = line, reader.line_num + 1
+            if not record:
+                continue  # a blank line
+            if header is None:
+                header = record
+                continue
+            records.append(record)
+            lines.append(start)
+            if len(records) == batch_rows:
+                yield _csv_batch(header, records, lines, state["done"])
+                records, lines = [], []
+    except csv.Error as e:
+        raise ValueError(f"Task file {path!r} could not be read as .csv on line {reader.line_num}: {e}.") from None
+    if records:
+        yield _csv_batch(header, records, lines, state["done"])
+    elif header is None or not lines:
+        raise ValueError(f"Task file {path!r} has no rows.")
+
+
+def _csv_batch(header: list[str], records: list[list[str]], lines: list[int], done: int) -> _RawBatch:
+    columns = {name: [(r[j] if j < len(r) and r[j] != "" else None) for r in records] for j, name in enumerate(header)}
+    return _RawBatch(columns, len(records), done, lines)
+
+
+def _read_parquet(path: str, batch_rows: int) -> Iterator[_RawBatch]:
+    """Row groups a batch at a time; rows are named by their number (a Parquet file has no lines)."""
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types; the user needs only the reason
+        raise ValueError(f"Task file {path!r} could not be read as .parquet: {_root_reason(e)}.") from None
+    total, size, first = parquet.metadata.num_rows, os.path.getsize(path), 0
+    if total == 0:
+        raise ValueError(f"Task file {path!r} has no rows.")
+    for batch in parquet.iter_batches(batch_size=batch_rows):
+        columns = batch.to_pydict()
+        yield _RawBatch(columns, batch.num_rows, size * (first + batch.num_rows) // total, None, first)
+        first += batch.num_rows
+
+
+READERS = {".jsonl": _read_json_lines, ".json": _read_json_lines, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
 def _root_reason(error: BaseException) -> str:
@@ -233,13 +375,12 @@ def _clean(path: str, column: str, place: str, value: Any) -> Any:
     return text
 
 
-def _check_tag_counts(path: str, inputs: list[str], tags: list[list[str]], place: Callable[[int], str]) -> None:
-    for row, (text, row_tags) in enumerate(zip(inputs, tags)):
-        if len(text.split()) != len(row_tags):
-            raise ValueError(
-                f"Task file {path!r} has {len(row_tags)} tags for {len(text.split())} "
-                f"tokens {place(row)}; one tag per whitespace-separated token is accepted."
-            )
+def _check_tag_count(path: str, text: str, tags: list[str], place: str) -> None:
+    if len(text.split()) != len(tags):
+        raise ValueError(
+            f"Task file {path!r} has {len(tags)} tags for {len(text.split())} "
+            f"tokens {place}; one tag per whitespace-separated token is accepted."
+        )
 
 
 def _split_value(path: str, place: str, value: Any) -> str:

@@ -227,11 +227,16 @@ def _bad_file_cases(tmp_path):
     ]
 
 
+def _read(spec: str) -> datasets.DatasetDict:
+    """Resolves one task and reads all its rows: a file's start is read at resolve, every row at load."""
+    return tasks.resolve([spec])[0].load()
+
+
 def test_bad_files_get_one_sentence_naming_the_file(tmp_path):
     (tmp_path / "x.txt").write_text("input,target\na,b\n")
     for path, message in _bad_file_cases(tmp_path):
         with pytest.raises(ValueError) as info:
-            tasks.resolve([f"bad={path}"])
+            _read(f"bad={path}")
         text = str(info.value)
         assert repr(path) in text, text
         assert re.search(message, text), text
@@ -281,7 +286,7 @@ def test_file_without_train_rows_is_refused(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"input": "a", "label": "x", "split": "test"}\n')
     with pytest.raises(ValueError, match=f"{path}.*no rows in its train split"):
-        tasks.resolve([f"t={path}"])
+        _read(f"t={path}")
 
 
 def test_package_docstring_names_every_builtin_task():
@@ -307,7 +312,7 @@ def test_a_regress_value_float32_cannot_hold_stops_with_its_file_and_line(tmp_pa
     parquet = _write(tmp_path / "v.parquet", rows)
     for path, place in ((str(jsonl), "on line 6"), (str(csv_path), "on line 7"), (parquet, "in row 5")):
         with pytest.raises(ValueError) as info:
-            tasks.resolve([f"v={path}"])
+            _read(f"v={path}")
         text = str(info.value)
         assert text.startswith(f"Task file {path!r} has ") and re.search(rf"value\b.*{place}[,;]", text), text
 
@@ -316,7 +321,7 @@ def test_a_regress_value_float32_cannot_hold_stops_with_its_file_and_line(tmp_pa
 def test_a_classify_file_of_one_label_is_refused_in_one_line(tmp_path, ext):
     path = _write(tmp_path / f"one.{ext}", [{"input": f"t{i}", "label": "pos"} for i in range(20)])
     with pytest.raises(ValueError, match=rf"^Task file {re.escape(repr(path))} has only the label 'pos'; [^\n]*\.$"):
-        tasks.resolve([f"one={path}"])
+        _read(f"one={path}")
 
 
 def test_a_hub_classify_dataset_of_one_label_is_refused(tmp_path):

@@ -161,3 +161,44 @@ def test_a_frozen_backbone_run_reports_an_mfu_of_at_most_one(tmp_path):
     rates = [r["mfu"] for r in records if "split" not in r]
     assert len(rates) >= 3 and any(rates)
     assert all(rate is None or 0 < rate <= 1 for rate in rates), rates
+
+
+def test_a_task_file_is_tokenized_once_and_every_later_start_reads_the_same_batches(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    rows = [{"input": f"word {i} " * (1 + i % 5), "label": ["a", "b", "c"][i % 3]} for i in range(400)]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = trainer.configure("tiny", tasks=f"mine={path},langid", batch_size=8)
+    plans, logs = [], []
+    for _ in range(2):
+        out, log = io.StringIO(), []
+        plans.append(trainer.prepare(cfg, log=log.append, cache_dir=tmp_path / "c", console=Console(file=out)))
+        logs.append((out.getvalue(), log))
+    (piped, first), (piped_again, second) = logs
+    assert piped.startswith("tokenizing mine: 0.0 MB to read") and piped_again == ""  # a piped build: a line at once
+    assert "400 rows" in first[0] and "0 bad rows" in first[0] and "built in" in first[0] and "reused" in second[0]
+    assert first[1].startswith("task mine (classify): train ") and second[1].split(";")[:2] == first[1].split(";")[:2]
+    assert plans[0].config == plans[1].config
+    sampler = trainer.tasks.MixtureSampler({"mine": 360, "langid": 100}, {"mine": 0.5, "langid": 0.5}, 8, 0)
+    batches = [trainer.TrainBatches(cfg, plan.data, plan.mesh) for plan in plans]
+    for step in range(6):  # a resumed run's batches are these, bitwise
+        name, indices = sampler.batch_at(step)
+        indices = indices % len(plans[0].data[0].splits["train"])
+        a, b = batches[0]("mine", indices)[0], batches[1]("mine", indices)[0]
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_with_the_caches_off_a_task_file_is_tokenized_into_a_folder_removed_at_exit(tmp_path, monkeypatch):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(f'{{"input": "w{i}", "value": {i}}}\n' for i in range(60)))
+    cleanups = []
+    monkeypatch.setattr(trainer.atexit, "register", lambda fn, *args, **kw: cleanups.append((fn, args, kw)))
+    log = []
+    plan = trainer.prepare(trainer.configure("tiny", tasks=f"v={path}"), log=log.append, cache_dir="off")
+    (fn, args, kw), = cleanups
+    assert str(args[0]) in log[0] and "built in" in log[0] and len(plan.data[0].splits["train"]) > 40
+    fn(*args, **kw)
+    assert not args[0].exists()

@@ -106,14 +106,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.eval_only:
             if not args.out:
                 raise UsageError("--eval-only needs --out, the run folder to evaluate")
-            scores = trainer.eval_only(args.out, mesh=args.mesh, overrides=args.set)
+            scores = trainer.eval_only(args.out, mesh=args.mesh, overrides=args.set, cache_dir=args.cache_dir)
             if first:
                 print(json.dumps(scores))
             return 0
         cfg = config_from_args(args)
         out = args.out or trainer.default_out(cfg)
         RunFolder(out).check_path()  # before the data is read
-        plan = trainer.prepare(cfg, log=print if first else lambda *_: None)
+        plan = trainer.prepare(cfg, log=print if first else lambda *_: None, cache_dir=args.cache_dir)
         RunFolder(out).check_resumable(plan.config)  # before the model is built and compiled
         test = trainer.run(plan, out)
     except UsageError as e:
