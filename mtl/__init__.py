@@ -26,6 +26,8 @@ act_btkh = ("batch", "length", "kv_heads", "head_dim")  # keys and values of a s
 act_btf = ("batch", "length", "mlp")  # the MLP's hidden layer
 act_btv = ("batch", "length", "vocab")  # language-model logits
 
-# One layer's KV cache (``layers.KVCache``): keys [B, K, H, S] and values [B, K, S, H].
+# One layer's KV cache (``layers.KVCache``): keys [B, K, H, S] and values [B, K, S, H]; an int8 cache's
+# scales [B, K, S].
 cache_bkhs = ("batch", "kv_heads", "head_dim", "length")
 cache_bksh = ("batch", "kv_heads", "length", "head_dim")
+cache_bks = ("batch", "kv_heads", "length")

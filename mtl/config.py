@@ -136,6 +136,9 @@ class TrainConfig:
     fit_max_len: bool = False
 
 
+KV_DTYPES = ("float32", "bfloat16", "float16", "int8")  # how a KV cache may be stored (int8: with scales)
+
+
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
     """The serving engine: its mesh, decode slots, queue and batching (``serve.py``, evaluation)."""
@@ -150,6 +153,7 @@ class ServeConfig:
     max_classes: int = 0  # labels a spare row's classifier holds (added classify tasks); 0: spare rows generate only
     spare_kinds: str = ""  # head kinds of spare rows in turn, e.g. classify,regress,tag; "": classify if max_classes
     add_tasks: str = ""  # RUN:TASK,...: tasks of other runs added at start-up, as POST /v1/tasks adds them
+    kv_dtype: str = ""  # how the KV cache is stored: float32, bfloat16, float16 or int8; empty: model.dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +357,10 @@ def validate(config: Config) -> None:
         raise ValueError(f"train.seed={t.seed} must be below 2**32")
     if config.serve.scheduler not in ("fair", "fifo"):
         raise ValueError(f"serve.scheduler={config.serve.scheduler!r} must be fair or fifo")
+    if config.serve.kv_dtype not in ("", *KV_DTYPES):
+        raise ValueError(
+            f"serve.kv_dtype={config.serve.kv_dtype!r} must be empty (model.dtype) or one of {', '.join(KV_DTYPES)}"
+        )
     if config.serve.prefill_batch < 0:
         raise ValueError(f"serve.prefill_batch={config.serve.prefill_batch} must be at least 0 (0: min(max_batch, 8))")
     if m.n_heads % m.n_kv_heads:

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtl import cache_bkhs, cache_bksh
+from mtl import cache_bkhs, cache_bks, cache_bksh
 from mtl.config import ModelConfig
 from mtl.layers import KVCache
 from mtl.model import MultiTaskModel, last_position
@@ -97,7 +97,7 @@ class DecodeState(NamedTuple):
     Every leaf has the slots as its first axis.
     """
 
-    cache: tuple[KVCache, ...]  # one a layer: keys [B, K, H, S], values [B, K, S, H]
+    cache: tuple[KVCache, ...]  # one a layer: keys [B, K, H, S], values [B, K, S, H] (int8: and their scales)
     tokens: jax.Array  # [B] the last token, fed at the next step
     positions: jax.Array  # [B] the position ``tokens`` is written at
     task_ids: jax.Array  # [B]
@@ -125,16 +125,31 @@ def decode_weights(model: MultiTaskModel) -> DecodeWeights:
 def state_axes(state: DecodeState) -> DecodeState:
     """Logical axis names of every leaf: the cache's by its layout, the rest by slot."""
     per_slot = jax.tree.map(lambda a: ("batch",) + (None,) * (a.ndim - 1), state._replace(cache=()))
-    return per_slot._replace(cache=tuple(KVCache(cache_bkhs, cache_bksh) for _ in state.cache))
+    scales = lambda c: (cache_bks, cache_bks) if c.quantized else ()  # noqa: E731
+    return per_slot._replace(cache=tuple(KVCache(cache_bkhs, cache_bksh, *scales(c)) for c in state.cache))
 
 
-def empty_cache(cfg: ModelConfig, rows: int, zeros=jnp.zeros) -> tuple[KVCache, ...]:
-    """A zero decode cache of ``rows`` slots and ``cfg.max_len`` positions, one KVCache a layer,
-    in the compute dtype the model's keys and values have (``zeros=np.zeros`` builds it on the host)."""
+def kv_dtype(cfg: ModelConfig, setting: str = "") -> jnp.dtype:
+    """How the decode cache is stored: ``setting`` (``serve.kv_dtype``), or the model's compute dtype."""
+    return jnp.dtype(setting or cfg.dtype)
+
+
+def empty_cache(
+    cfg: ModelConfig, rows: int, zeros=jnp.zeros, dtype=None, length: int | None = None
+) -> tuple[KVCache, ...]:
+    """A zero decode cache of ``rows`` slots and ``length`` (default ``cfg.max_len``) positions, one
+    KVCache a layer, stored as ``dtype`` (default: the model's compute dtype); ``zeros=np.zeros``
+    builds it on the host."""
+    dtype, length = kv_dtype(cfg) if dtype is None else dtype, length or cfg.max_len
     return tuple(
-        KVCache.zeros(rows, cfg.n_kv_heads, cfg.head_dim, cfg.max_len, jnp.dtype(cfg.dtype), zeros=zeros)
-        for _ in range(cfg.n_layers)
+        KVCache.zeros(rows, cfg.n_kv_heads, cfg.head_dim, length, dtype, zeros=zeros) for _ in range(cfg.n_layers)
     )
+
+
+def cache_bytes_per_position(cfg: ModelConfig, dtype=None) -> int:
+    """Bytes one position of one slot takes in the decode cache (every layer) stored as ``dtype``."""
+    dtype = kv_dtype(cfg) if dtype is None else dtype
+    return cfg.n_layers * KVCache.bytes_per_position(cfg.n_kv_heads, cfg.head_dim, dtype)
 
 
 # Sampling.
@@ -277,6 +292,7 @@ def prefill(
     lengths: jax.Array,
     task_ids: jax.Array,
     cache_len: int,
+    cache_dtype=None,
 ) -> tuple[jax.Array, tuple[KVCache, ...], jax.Array]:
     """Runs right-padded prompts through the backbone once (:func:`forward`).
 
@@ -285,6 +301,7 @@ def prefill(
       lengths: [B] real prompt lengths (at least 1).
       task_ids: [B].
       cache_len: S, the cache length to allocate (T <= S).
+      cache_dtype: how the returned cache is stored (:meth:`KVCache.stored_as`); None: as computed.
 
     Returns:
       (hidden states [B, T, D], the rows' decode cache padded to S, the
@@ -294,6 +311,8 @@ def prefill(
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     hidden, cache = forward(model, weights, tokens, task_ids, positions)
     last = last_position(hidden, lengths)[:, None]  # [B, 1, D]
+    if cache_dtype is not None:
+        cache = tuple(c.stored_as(cache_dtype) for c in cache)
     return hidden, tuple(c.padded(cache_len) for c in cache), model.lm_logits(last, weights.w_dv)[:, 0]
 
 
@@ -309,6 +328,7 @@ def prefill_rows(
     eos_id: int | Sequence[int],
     cache_len: int,
     stops: jax.Array | None = None,
+    cache_dtype=None,
 ) -> tuple[DecodeState, jax.Array, dict[str, jax.Array]]:
     """Prefills a batch of prompts of any tasks and samples each row's first new token.
 
@@ -319,12 +339,13 @@ def prefill_rows(
       max_new: [P] each row's token budget (at least 1).
       eos_id: the id, or ids, that end a generation.
       stops: [P, STOP_SEQUENCES, STOP_TOKENS] (:func:`stop_array`); None: no stop sequences.
+      cache_dtype: how the rows' cache is stored (that of the slots they go into); None: the compute dtype.
 
     Returns:
       (the rows as a DecodeState ready for :func:`insert`, their first tokens
       [P], and ``model.head_outputs`` of every non-generation head by task).
     """
-    hidden, cache, logits = prefill(model, weights, tokens, lengths, task_ids, cache_len)
+    hidden, cache, logits = prefill(model, weights, tokens, lengths, task_ids, cache_len, cache_dtype)
     heads = model.head_outputs(hidden, lengths)
     first = sample(logits, sampling, lengths - 1, allowed)
     p = tokens.shape[0]
@@ -431,9 +452,17 @@ def decode_steps(
     max_steps: int,
     allowed: jax.Array,
     eos_id: int | Sequence[int],
+    span: int | None = None,
 ) -> tuple[DecodeState, jax.Array, jax.Array]:
     """Runs up to ``steps`` (at most ``max_steps``) decode steps in one program, ending early once
     ``stop_after`` slots live at its start are done, or every slot is.
+
+    With a ``span`` (static: one program each), the steps read and write only
+    the cache's first ``span`` positions, copied out before the first step and
+    back after the last: a step then costs what the filled part of the cache
+    costs, not its whole length. The caller keeps every live slot's positions
+    below ``span`` for the steps it asks for; the tokens are those of the
+    whole cache (masked positions weigh exactly 0), which ``tests/test_decode.py`` holds.
 
     One call amortises the dispatch and the host's read-back over the chunk; a
     slot that ends mid-chunk (EOS, a stop sequence, its budget) is done on device and stops
@@ -460,6 +489,11 @@ def decode_steps(
         state, new = decode_step(model, weights, state, allowed, eos_id)
         return i + 1, state, tokens.at[i].set(new)
 
+    whole = state.cache
+    if span is not None and span < whole[0].key.shape[-1]:
+        state = state._replace(cache=tuple(c.prefix(span) for c in whole))
     tokens = jnp.zeros((max_steps, state.tokens.shape[0]), jnp.int32)
     ran, state, tokens = jax.lax.while_loop(more, step, (jnp.int32(0), state, tokens))
+    if state.cache[0].key.shape != whole[0].key.shape:
+        state = state._replace(cache=tuple(w.with_prefix(c) for w, c in zip(whole, state.cache, strict=True)))
     return state, tokens, ran

@@ -25,7 +25,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from mtl import act_btd, act_btf, act_btkh, act_btnh, adapters, cache_bkhs, cache_bksh
+from mtl import act_btd, act_btf, act_btkh, act_btnh, adapters, cache_bkhs, cache_bks, cache_bksh
 from mtl.config import ModelConfig
 from sharding import constrain
 
@@ -302,44 +302,114 @@ def _attention_backward(scale, saved, d_out):
 _causal_attention.defvjp(_attention_forward, _attention_backward)
 
 
+def quantize(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """int8 values and their f32 scales, abs-max over ``axis`` (MaxText's KVQuant): ``x ~ values * scale``.
+
+    The scale is each slice's largest magnitude over 127 (a zero slice gets 0
+    and stores zeros), so every value rounds to within half a scale step.
+    """
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=axis, keepdims=True) / 127
+    values = jnp.round(x / jnp.where(scale > 0, scale, 1)).clip(-127, 127).astype(jnp.int8)
+    return values, jnp.squeeze(scale, axis)
+
+
 class KVCache(NamedTuple):
     """One layer's keys and values, the model's one cache layout: keys [B, K, H, S], values [B, K, S, H].
 
     Laid out so that both products of :func:`cached_attention` read the cache
     in place, each summing over its middle axis: a step transposes nothing of
     the cache (``docs/serving.md`` measures the layouts on XLA:CPU).
+
+    A float cache holds the values themselves. An int8 cache holds them
+    quantized with one f32 scale a position and kv head (abs-max over H,
+    :func:`quantize`): 2 (H + 4) bytes a position and kv head against 4 H for
+    bfloat16; attention applies the scales to its logits and probabilities,
+    never dequantizing the cache.
     """
 
     key: jax.Array
     value: jax.Array
+    key_scale: jax.Array | None = None  # [B, K, S] an int8 cache's scales, else None
+    value_scale: jax.Array | None = None  # [B, K, S]
 
     @classmethod
     def zeros(cls, rows: int, kv_heads: int, head_dim: int, length: int, dtype, zeros=jnp.zeros) -> KVCache:
-        """An empty cache of ``rows`` rows and ``length`` positions (``zeros=np.zeros`` builds it on the host)."""
-        return cls(zeros((rows, kv_heads, head_dim, length), dtype), zeros((rows, kv_heads, length, head_dim), dtype))
+        """An empty cache of ``rows`` rows and ``length`` positions stored as ``dtype`` (a float dtype
+        or int8, ``config.KV_DTYPES``; ``zeros=np.zeros`` builds it on the host)."""
+        dtype = jnp.dtype(dtype)
+        key, value = zeros((rows, kv_heads, head_dim, length), dtype), zeros((rows, kv_heads, length, head_dim), dtype)
+        if dtype != jnp.int8:
+            return cls(key, value)
+        return cls(key, value, zeros((rows, kv_heads, length), np.float32), zeros((rows, kv_heads, length), np.float32))
+
+    @staticmethod
+    def bytes_per_position(kv_heads: int, head_dim: int, dtype) -> int:
+        """Bytes one position of one row takes in one layer's cache stored as ``dtype``."""
+        dtype = jnp.dtype(dtype)
+        scales = 2 * kv_heads * 4 if dtype == jnp.int8 else 0
+        return 2 * kv_heads * head_dim * dtype.itemsize + scales
 
     @classmethod
     def of_sequence(cls, key: jax.Array, value: jax.Array) -> KVCache:
-        """The cache of a sequence's [B, T, K, H] keys and values, at positions 0 to T-1."""
+        """The cache of a sequence's [B, T, K, H] keys and values, at positions 0 to T-1 (in their dtype)."""
         return cls(
             constrain(rearrange(key, "B T K H -> B K H T"), cache_bkhs),
             constrain(rearrange(value, "B T K H -> B K T H"), cache_bksh),
         )
 
+    @property
+    def quantized(self) -> bool:
+        return self.key_scale is not None
+
+    def stored_as(self, dtype) -> KVCache:
+        """This (float) cache stored as ``dtype``: cast, or quantized to int8 with its scales."""
+        dtype = jnp.dtype(dtype)
+        if dtype != jnp.int8:
+            return KVCache(self.key.astype(dtype), self.value.astype(dtype))
+        key, key_scale = quantize(self.key, axis=2)  # [B, K, H, S] over H
+        value, value_scale = quantize(self.value, axis=3)  # [B, K, S, H] over H
+        return KVCache(key, value, constrain(key_scale, cache_bks), constrain(value_scale, cache_bks))
+
     def padded(self, length: int) -> KVCache:
         """The same cache with room for ``length`` positions (zeros after the filled ones)."""
         pad = (0, length - self.key.shape[-1])
+        scales = [None if s is None else constrain(jnp.pad(s, ((0, 0), (0, 0), pad)), cache_bks) for s in self[2:]]
         return KVCache(
             constrain(jnp.pad(self.key, ((0, 0), (0, 0), (0, 0), pad)), cache_bkhs),
             constrain(jnp.pad(self.value, ((0, 0), (0, 0), pad, (0, 0))), cache_bksh),
+            *scales,
         )
 
     def write(self, key: jax.Array, value: jax.Array, positions: jax.Array) -> KVCache:
         """Writes one token a row: its [B, 1, K, H] key and value at ``positions`` [B]."""
         rows = jnp.arange(key.shape[0])
+        key, value = key[:, 0], value[:, 0]  # [B, K, H]
+        scales = self[2:]
+        if self.quantized:
+            (key, key_scale), (value, value_scale) = quantize(key, axis=2), quantize(value, axis=2)  # scales [B, K]
+            scales = (
+                constrain(self.key_scale.at[rows, :, positions].set(key_scale), cache_bks),
+                constrain(self.value_scale.at[rows, :, positions].set(value_scale), cache_bks),
+            )
         return KVCache(
-            constrain(self.key.at[rows, :, :, positions].set(key[:, 0].astype(self.key.dtype)), cache_bkhs),
-            constrain(self.value.at[rows, :, positions].set(value[:, 0].astype(self.value.dtype)), cache_bksh),
+            constrain(self.key.at[rows, :, :, positions].set(key.astype(self.key.dtype)), cache_bkhs),
+            constrain(self.value.at[rows, :, positions].set(value.astype(self.value.dtype)), cache_bksh),
+            *scales,
+        )
+
+    def prefix(self, length: int) -> KVCache:
+        """Positions 0 to ``length`` - 1 (a copy): what a decode step over shorter rows reads."""
+        scales = (None if s is None else s[..., :length] for s in self[2:])  # [B, K, S]
+        return KVCache(self.key[..., :length], self.value[:, :, :length], *scales)
+
+    def with_prefix(self, part: KVCache) -> KVCache:
+        """This cache with its first positions replaced by ``part`` (of :meth:`prefix`'s shape)."""
+        n = part.key.shape[-1]
+        return KVCache(
+            constrain(self.key.at[..., :n].set(part.key), cache_bkhs),
+            constrain(self.value.at[:, :, :n].set(part.value), cache_bksh),
+            *(None if s is None else constrain(s.at[..., :n].set(p), cache_bks) for s, p in zip(self[2:], part[2:])),
         )
 
 
@@ -357,15 +427,22 @@ def cached_attention(
     (keys over H, values over S), not batched matmuls: with only G query rows a
     (row, kv head), a matmul costs per product, while XLA:CPU sums these in one
     vectorised pass over the cache (3x faster with the engine's reductions).
+    An int8 cache's key scales multiply the logits, its value scales the
+    probabilities: [B, K, S] each, far fewer than the cache's values.
     """
     f32 = jnp.float32
     h, s = cache.key.shape[2:]
     rows = _query_rows(query, cache.key.shape[1]).astype(f32)  # [B, K, M, H], M = G: one token a row
-    logits = jnp.sum(rows[..., None] * cache.key.astype(f32)[:, :, None], axis=3) * f32(scale or h**-0.5)  # [B,K,M,S]
+    logits = jnp.sum(rows[..., None] * cache.key.astype(f32)[:, :, None], axis=3)  # [B, K, M, S]
+    if cache.quantized:
+        logits = logits * cache.key_scale[:, :, None, :]
+    logits = logits * f32(scale or h**-0.5)
     distance = positions[:, None] - jnp.arange(s)  # [B, S]
     seen = distance >= 0 if window is None else (distance >= 0) & (distance < window)
     logits = jnp.where(seen[:, None, None, :], logits, -0.7 * jnp.finfo(f32).max)
     probs = jax.nn.softmax(logits, axis=-1)
+    if cache.quantized:
+        probs = probs * cache.value_scale[:, :, None, :]
     out = jnp.sum(probs[..., None] * cache.value.astype(f32)[:, :, None], axis=3)  # [B, K, M, H]
     return _from_query_rows(out.astype(query.dtype), 1)  # [B, 1, N, H]
 

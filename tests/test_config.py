@@ -161,6 +161,7 @@ def with_model(**changes) -> Config:
         (override(config.tiny(), "train.loss_weights=g2p=nan"), ["g2p=nan", "finite weight"]),
         (override(config.tiny(), "serve.max_batch=0"), ["serve.max_batch=0", "positive"]),
         (override(config.tiny(), "serve.prefill_batch=-2"), ["serve.prefill_batch=-2", "at least 0"]),
+        (override(config.tiny(), "serve.kv_dtype=int4"), ["serve.kv_dtype='int4'", "bfloat16", "int8"]),
     ],
 )
 def test_validate_rejects(cfg, fragments):

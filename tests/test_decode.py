@@ -86,6 +86,56 @@ def test_a_chunk_of_steps_equals_single_steps():
     np.testing.assert_array_equal(early.positions, [4 + 2, 3 + 2])
 
 
+@pytest.mark.parametrize("dtype,tolerance", [("bfloat16", 0.05), ("int8", 0.05)])
+def test_a_cache_stored_smaller_decodes_close_to_the_f32_cache(dtype, tolerance):
+    # Six decode steps over a cache stored as bfloat16 or int8 (per-head scales) against the f32 cache:
+    # logits within ``tolerance`` of the f32 path's largest logit (measured: about 0.4% for either).
+    model = make_model()
+    weights = decode.decode_weights(model)
+    tokens = jnp.array([[1, 40, 41, 42, 43], [1, 50, 51, 0, 0]])
+    lengths, task_ids = jnp.array([5, 3]), jnp.array([0, 2])
+    _, exact, _ = decode.prefill(model, weights, tokens, lengths, task_ids, cache_len=16)
+    _, small, _ = decode.prefill(model, weights, tokens, lengths, task_ids, cache_len=16, cache_dtype=dtype)
+    assert all(c.key.dtype == jnp.dtype(dtype) and c.key.shape == e.key.shape for c, e in zip(small, exact))
+    assert all(c.quantized == (dtype == "int8") for c in small)
+    feed = jnp.array([[60, 61, 62, 63, 64, 65], [70, 71, 72, 73, 74, 75]])
+    for t in range(feed.shape[1]):
+        want, exact = decode.decode_forward(model, weights, feed[:, t], task_ids, lengths + t, exact)
+        got, small = decode.decode_forward(model, weights, feed[:, t], task_ids, lengths + t, small)
+        assert float(jnp.max(jnp.abs(got - want))) <= tolerance * float(jnp.max(jnp.abs(want)))
+        assert small[0].key.dtype == jnp.dtype(dtype)
+    expected = {"float32": 4, "bfloat16": 2, "int8": 1}[dtype] * 2 * CFG.n_kv_heads * CFG.head_dim
+    expected += 2 * CFG.n_kv_heads * 4 if dtype == "int8" else 0
+    assert decode.cache_bytes_per_position(CFG, dtype) == CFG.n_layers * expected
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_a_span_decodes_what_the_whole_cache_does(dtype):
+    # Steps that read only the cache's first 16 of 32 positions give the same tokens, positions and
+    # cache as steps over all 32 (greedy and sampled rows), and leave the positions past the span alone.
+    model = make_model()
+    weights = decode.decode_weights(model)
+    tokens = jnp.array([[1, 40, 41, 3], [1, 50, 3, 0], [1, 60, 0, 0]])
+    lengths, task_ids = jnp.array([4, 3, 2]), jnp.array([0, 2, 0])
+    drawn = sampling(3, temperature=0.9, seed=5)._replace(temperature=jnp.array([0.0, 0.9, 0.0]))
+    no_eos = np.arange(CFG.vocab_size) > EOS
+    rows, _, _ = decode.prefill_rows(
+        model, weights, tokens, lengths, task_ids, drawn, jnp.array([12, 12, 4]), no_eos, EOS, 32, None, dtype
+    )
+    whole = decode.decode_steps(model, weights, rows, jnp.int32(11), jnp.int32(9), 12, no_eos, EOS)
+    spanned = decode.decode_steps(model, weights, rows, jnp.int32(11), jnp.int32(9), 12, no_eos, EOS, span=16)
+    np.testing.assert_array_equal(spanned[1], whole[1])  # every token of every step
+    assert int(spanned[2]) == int(whole[2]) == 11
+    np.testing.assert_array_equal(spanned[0].positions, whole[0].positions)
+    np.testing.assert_array_equal(spanned[0].done, whole[0].done)
+    for got, want in zip(spanned[0].cache, whole[0].cache, strict=True):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got.key[..., 16:], 0)  # the last write was at position 4 + 10
+        np.testing.assert_array_equal(got.value[:, :, 16:], 0)
+
+
 def test_a_stop_sequence_ends_its_slot_on_device():
     # Rows with no stop run 12 steps; given a stop sequence that their text reaches, a row is done
     # on device at the step that completes it and stops advancing, and a chunk told to end once one slot

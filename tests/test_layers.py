@@ -70,6 +70,49 @@ def test_cached_attention_matches_dot_product_attention(kv_heads):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_quantize_rounds_each_value_to_within_half_a_step():
+    x = inputs((B, T, K, H), seed=3)[0].at[0, 1, 0].set(0.0)  # a zero slice stores zeros
+    values, scale = layers.quantize(x, axis=3)
+    assert values.dtype == jnp.int8 and scale.shape == (B, T, K)
+    np.testing.assert_allclose(scale, jnp.max(jnp.abs(x), axis=3) / 127, rtol=1e-6)
+    error = jnp.abs(values * scale[..., None] - x)
+    assert bool(jnp.all(error <= scale[..., None] / 2 * (1 + 1e-5)))
+    assert int(jnp.max(jnp.abs(values))) == 127 and bool(jnp.all(values[0, 1, 0] == 0))
+
+
+@pytest.mark.parametrize("kv_heads", [K, 1])
+def test_int8_cached_attention_applies_its_scales(kv_heads):
+    # The int8 cache's attention equals f32 attention over the dequantized cache (the scales are folded
+    # into logits and probabilities, not multiplied into the cache), and is close to the f32 cache's.
+    query, key, value = inputs((B, 1, N, H), (B, T, kv_heads, H), (B, T, kv_heads, H), seed=1)
+    positions = jnp.array([3, T - 1])
+    exact = layers.KVCache.of_sequence(key, value)
+    cache = exact.stored_as(jnp.int8)
+    assert cache.quantized and cache.key.dtype == cache.value.dtype == jnp.int8
+    assert cache.key_scale.shape == cache.value_scale.shape == (B, kv_heads, T)
+    dequantized = layers.KVCache(cache.key * cache.key_scale[:, :, None], cache.value * cache.value_scale[..., None])
+    got = layers.cached_attention(query, cache, positions)
+    np.testing.assert_allclose(got, layers.cached_attention(query, dequantized, positions), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, layers.cached_attention(query, exact, positions), atol=0.02)
+
+
+def test_an_int8_cache_writes_and_pads_with_its_scales():
+    key, value = inputs((B, T, K, H), (B, T, K, H))
+    full = layers.KVCache.of_sequence(key, value).stored_as(jnp.int8)
+    cache = layers.KVCache.of_sequence(key[:, :5], value[:, :5]).stored_as(jnp.int8).padded(T)
+    assert cache.key_scale.shape == (B, K, T) and bool(jnp.all(cache.key_scale[..., 5:] == 0))
+    positions = jnp.array([5, 7])
+    rows = jnp.arange(B)
+    cache = cache.write(key[rows, positions][:, None], value[rows, positions][:, None], positions)
+    for b, p in enumerate(positions.tolist()):
+        for name in ("key", "key_scale"):
+            np.testing.assert_array_equal(getattr(cache, name)[b, ..., p], getattr(full, name)[b, ..., p])
+        for name in ("value", "value_scale"):
+            np.testing.assert_array_equal(getattr(cache, name)[b, :, p], getattr(full, name)[b, :, p])
+    assert layers.KVCache.bytes_per_position(K, H, jnp.int8) == 2 * K * (H + 4)
+    assert layers.KVCache.bytes_per_position(K, H, jnp.bfloat16) == 2 * K * H * 2
+
+
 def test_kv_cache_write_and_padding():
     key, value = inputs((B, T, K, H), (B, T, K, H))
     cache = layers.KVCache.of_sequence(key[:, :5], value[:, :5]).padded(T)
