@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtl import partition
+from mtl import gguf_import, partition
 from mtl.config import ModelConfig
 from mtl.model import MultiTaskModel
 
@@ -46,12 +46,18 @@ def resolve_source(source: str) -> tuple[str, str]:
     """Where ``--init SOURCE`` points: ``("hf", folder)`` or ``("run", folder)``.
 
     SOURCE is a local Hugging Face model folder, ``hf:ORG/NAME`` (downloaded
-    once by ``huggingface_hub`` into its cache, then found there offline), or
-    an mtl run folder (its ``config.json`` has a ``model`` section).
+    once by ``huggingface_hub`` into its cache, then found there offline), a
+    GGUF file (converted once into a Hugging Face folder: :mod:`mtl.gguf_import`),
+    or an mtl run folder (its ``config.json`` has a ``model`` section).
 
     Raises:
-      ValueError: one line: a missing folder, a failed download, or a folder of neither kind.
+      ValueError: one line: a missing folder, a failed download, a GGUF file that
+        cannot be imported, or a folder of neither kind.
     """
+    if gguf_import.is_gguf(source):
+        if not os.path.isfile(source):
+            raise ValueError(f"--init {source!r}: no such GGUF file")
+        return "hf", gguf_import.folder_of(source)
     if source.startswith("hf:"):
         try:
             from huggingface_hub import snapshot_download
@@ -67,7 +73,7 @@ def resolve_source(source: str) -> tuple[str, str]:
             ) from None
         return "hf", folder
     if not os.path.isdir(source):
-        raise ValueError(f"--init {source!r} is not a folder (nor hf:ORG/NAME)")
+        raise ValueError(f"--init {source!r} is not a folder (nor hf:ORG/NAME, nor a .gguf file)")
     config_path = os.path.join(source, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"--init {source!r} has no config.json: neither a Hugging Face model folder nor an mtl run")

@@ -3,6 +3,8 @@
 import json
 import os
 
+import numpy as np
+
 WORDS = (
     "the cat sat on a mat while dogs ran past quickly , and grüße from 東京 ! "
     "hyphenation tokenizers encode every word into sub word pieces . "
@@ -118,3 +120,103 @@ def tiny_model(family: str, folder: str, vocab_size: int = 320, seed: int = 0, *
     model.save_pretrained(folder)
     train_bpe(folder, vocab_size=vocab_size)
     return folder
+
+
+GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+}
+
+
+def write_gguf(hf_folder: str, path: str, family: str, qtype: str = "F32", arch: str | None = None, extra=None) -> str:
+    """The tiny model of ``hf_folder`` (llama, qwen2 or qwen3) as a GGUF file, as llama.cpp's converter writes it.
+
+    Tensors get llama.cpp's names (and, for Llama, its rotary row order); every
+    matrix is stored as ``qtype`` (F32, F16, or a type ``gguf.quants`` can
+    quantise, such as Q8_0 or Q4_1), norms and biases as F32; the byte-level BPE
+    tokenizer goes into the metadata. ``arch`` overrides ``general.architecture``;
+    ``extra`` maps more tensor names to (array, type name).
+    """
+    import gguf
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(hf_folder, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    with open(os.path.join(hf_folder, "tokenizer.json"), encoding="utf-8") as f:
+        tok = json.load(f)
+    tensors = load_file(os.path.join(hf_folder, "model.safetensors"))
+    arch = arch or family
+    w = gguf.GGUFWriter(path, arch)
+    n, k = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // n
+    w.add_name(f"tiny-{family}")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n)
+    w.add_head_count_kv(k)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    rope = cfg.get("rope_parameters") or {}
+    w.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
+    w.add_vocab_size(cfg["vocab_size"])
+    vocab = tok["model"]["vocab"]
+    added = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    tokens = [None] * cfg["vocab_size"]
+    for t, i in {**vocab, **added}.items():
+        tokens[i] = t
+    types = [3 if t in added else 1 for t in tokens]
+    # GPT-2's end of text under its own name: transformers' GGUF converter appends it to a vocabulary without it.
+    tokens = [{"<eot>": "<|endoftext|>", None: f"[PAD{i}]"}.get(t, t) for i, t in enumerate(tokens)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    w.add_pad_token_id(cfg["pad_token_id"])
+    w.add_add_bos_token(False)
+    q = getattr(gguf.GGMLQuantizationType, qtype)
+    for name, t in tensors.items():
+        t = t.astype(np.float32)
+        top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+        top["lm_head.weight"] = "output.weight"
+        if name in top:
+            out = top[name]
+        else:
+            parts = name.split(".")
+            i, rest, kind = parts[2], ".".join(parts[3:-1]), parts[-1]
+            out = f"blk.{i}.{GGUF_NAMES[rest]}.{kind}"
+            if family == "llama" and rest in ("self_attn.q_proj", "self_attn.k_proj"):  # llama.cpp's rotary layout
+                heads = n if rest == "self_attn.q_proj" else k
+                t = t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+        _add(w, out, t, q if t.ndim == 2 else gguf.GGMLQuantizationType.F32)
+    for name, (t, kind) in (extra or {}).items():
+        _add(w, name, t, getattr(gguf.GGMLQuantizationType, kind))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _add(writer, name, t, qtype):
+    import gguf
+
+    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        writer.add_tensor(name, t.astype(np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32))
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--init",
         metavar="SOURCE",
-        help="start from a pretrained model: a Hugging Face folder, hf:ORG/NAME, or an mtl run folder (warm start)",
+        help="start from a pretrained model: a Hugging Face folder, hf:ORG/NAME, a .gguf file, or an mtl run folder "
+        "(warm start)",
     )
     p.add_argument("--cache-dir", metavar="DIR", help=CACHE_DIR_HELP)
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
