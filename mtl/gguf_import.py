@@ -6,9 +6,10 @@ llama.cpp's tensor names back to its own, undoes llama.cpp's rotary layout of
 the query and key rows, dequantises every tensor to f32 and builds the
 tokenizer (chat template included) from the file's metadata. mtl saves that
 model and tokenizer as a folder in its cache (``gguf/`` under
-:func:`mtl.cache_dir.root`: ``$MTL_CACHE_DIR``, default ``~/.cache/mtl``), keyed by the file's path, size and modification time, and
-imports the folder as any other (:mod:`mtl.hf_import`), so a resumed run finds
-it again without converting twice.
+:func:`mtl.cache_dir.root`: ``$MTL_CACHE_DIR``, default ``~/.cache/mtl``),
+keyed by the file's path, size and modification time, and imports the folder
+as any other (:mod:`mtl.hf_import`), so a resumed run finds it again without
+converting twice.
 
 Before anything is converted, the file's architecture and every tensor's type
 are checked: an architecture mtl's backbone does not carry or a quantisation
