@@ -56,21 +56,25 @@ def generate(path: pathlib.Path, rows: int, seed: int = 0) -> None:
 
 
 def child_seconds(argv: list[str], env: dict, first_step: pathlib.Path | None = None) -> dict:
-    """Runs a command: its wall time and output, and when the file ``first_step`` first held a line."""
-    with tempfile.TemporaryFile("w+") as log:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-        first = None
-        while proc.poll() is None:
-            if first is None and first_step is not None and first_step.exists() and first_step.stat().st_size:
-                first = time.perf_counter() - t0
-            time.sleep(0.05)
-        seconds = time.perf_counter() - t0
-        log.seek(0)
-        out = log.read()
+    """Runs a command: its wall time and output, when its first progress line came, and when the file
+    ``first_step`` first held a line."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = pathlib.Path(folder) / "out"
+        with open(path, "a") as out:  # appends: reading it meanwhile never moves the child's writes
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+            first = progress = None
+            while proc.poll() is None:
+                if first is None and first_step is not None and first_step.exists() and first_step.stat().st_size:
+                    first = time.perf_counter() - t0
+                if progress is None and "tokenizing" in path.read_text(errors="replace"):
+                    progress = time.perf_counter() - t0  # the build's first line, piped
+                time.sleep(0.05)
+            seconds = time.perf_counter() - t0
+        text = path.read_text(errors="replace")
     if proc.returncode != 0:
-        raise SystemExit(f"{argv} failed ({proc.returncode}):\n{out[-3000:]}")
-    return {"seconds": seconds, "first_step_s": first, "output": out}
+        raise SystemExit(f"{argv} failed ({proc.returncode}):\n{text[-3000:]}")
+    return {"seconds": seconds, "first_step_s": first, "first_progress_s": progress, "output": text}
 
 
 def run_measured(argv: list[str], env: dict, first_step: pathlib.Path | None = None) -> dict:
@@ -95,7 +99,9 @@ def train(file: pathlib.Path, work: pathlib.Path, name: str, env: dict, steps: i
     result = run_measured(argv, env, first_step=out / "metrics.jsonl")
     shutil.rmtree(out, ignore_errors=True)
     lines = [line for line in result["output"].splitlines() if line.startswith("task big")]
-    return {k: v for k, v in result.items() if k != "output"} | {"lines": lines}
+    sizes = [line for line in lines if line.startswith("task big (")]
+    load = float(sizes[-1].rsplit(";", 1)[1].strip().rstrip("s")) if sizes else None  # prepare's time for the task
+    return {k: v for k, v in result.items() if k != "output"} | {"data_load_s": load, "lines": lines}
 
 
 TOKENIZE = r"""
