@@ -21,11 +21,12 @@ class UsageError(ValueError):
 
 
 HEAD_KINDS = ("generate", "classify", "regress", "tag")
-# Rematerialisation, per Transformer layer: "none" keeps every activation for
-# the backward pass; "layer" keeps only each layer's input and recomputes the
-# rest; "matmuls" keeps the matmul outputs and recomputes the cheap
+# Rematerialisation, per Transformer layer (MaxText's names): "none" keeps every
+# activation for the backward pass; "full" keeps only each layer's input and
+# recomputes the rest; "dots" keeps the matmul outputs and recomputes the cheap
 # element-wise work between them (norms, rotary, softmax, SwiGLU).
-REMAT_POLICIES = ("none", "layer", "matmuls")
+REMAT_POLICIES = ("none", "dots", "full")
+_OLD_REMAT = {"layer": "full", "matmuls": "dots"}  # the names of runs written before
 # Attention over whole sequences (training, prefill): "auto" picks cuDNN's fused flash attention on a GPU where it
 # applies (bfloat16/float16) and mtl's own elsewhere; "mtl" is mtl's own (custom backward, fastest on XLA:CPU);
 # "xla" and "cudnn" are jax.nn.dot_product_attention's implementations. Decoding always reads the KV cache.
@@ -297,6 +298,7 @@ def to_dict(config: Config) -> dict[str, Any]:
 def from_dict(data: dict[str, Any]) -> Config:
     """Rebuilds a :class:`Config` from :func:`to_dict`'s output (e.g. ``config.json``)."""
     model = dict(data["model"])
+    model["remat"] = _OLD_REMAT.get(model.get("remat", "none"), model.get("remat", "none"))
     model["heads"] = tuple(HeadConfig(**h) for h in model.get("heads", ()))
     train = dict(data["train"])
     train["tasks"] = tuple(train["tasks"])

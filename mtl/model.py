@@ -62,7 +62,7 @@ HEADS = {"classify": Classifier, "regress": Regressor, "tag": Classifier}
 # ``model.remat`` -> the policy of ``jax.checkpoint`` around each layer. Every
 # projection is one 2-D matmul (``contract``), which is what "dots with no
 # batch dims" saves.
-REMAT = {"layer": None, "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+REMAT = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class MultiTaskModel(nnx.Module):

@@ -37,7 +37,7 @@ from rich.console import Console
 
 import sharding
 import tasks
-from mtl import adapters, distributed, evaluator, hf_import, perf, training
+from mtl import adapters, distributed, evaluator, hf_import, memory, perf, training
 from mtl import cache_dir as cache_dir_module
 from mtl import config as C
 from mtl.checkpoint import Checkpoints, restore_newest, set_aside
@@ -93,8 +93,14 @@ def configure(
         if init:
             # A pretrained model's context (8,192 positions for SmolLM2) is far longer than most tasks' rows:
             # unless model.max_len is set, the run takes its tasks' real length (prepare), at most that context.
-            fit = hf_import.resolve_source(init)[0] == "hf" and not _sets(overrides, "model.max_len")
-            cfg = dataclasses.replace(cfg, model=source_model(init, hf_import.NO_LIMIT if fit else hf_import.MAX_LEN))
+            hf = hf_import.resolve_source(init)[0] == "hf"
+            fit = hf and not _sets(overrides, "model.max_len")
+            model = source_model(init, hf_import.NO_LIMIT if fit else hf_import.MAX_LEN)
+            if hf and not _sets(overrides, "model.param_dtype"):
+                # Master weights in f32 (MaxText's weight_dtype, optax's mixed precision): a bf16 checkpoint
+                # still computes in bf16 (model.dtype), but AdamW's small updates are not rounded away.
+                model = dataclasses.replace(model, param_dtype="float32")
+            cfg = dataclasses.replace(cfg, model=model)
             changes.setdefault("fit_max_len", fit)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
         for assignment in overrides:
@@ -258,10 +264,35 @@ def prepare(
         model = dataclasses.replace(model, max_len=fitted_max_len(data, cfg.model.max_len))
         width = cfg.train.pack_width or max(128, model.max_len)
         log(
-            f"max_len {model.max_len}: the tasks' longest row, rounded up to 32 (the model allows {cfg.model.max_len}); "
+            f"max_len {model.max_len}: the tasks' longest row, rounded up to 32 "
+            f"(the model allows {cfg.model.max_len}); "
             f"rows {'packed' if cfg.train.pack else 'padded'} to {width if cfg.train.pack else model.max_len} tokens"
         )
-    return Plan(dataclasses.replace(cfg, model=model), data, mesh, tokenizer)
+    cfg = dataclasses.replace(cfg, model=model)
+    check_memory(cfg, mesh, log)
+    return Plan(cfg, data, mesh, tokenizer)
+
+
+def check_memory(cfg: C.Config, mesh: jax.sharding.Mesh, log: Callable[[str], None] = print) -> memory.Estimate:
+    """Prints the step's estimated memory a device; raises UsageError, one line, when it cannot fit.
+
+    The widest step is estimated: ``train.batch_size`` rows of the pack width
+    (packed rows never outnumber the examples) or of ``model.max_len``.
+    """
+    width = (cfg.train.pack_width or max(128, cfg.model.max_len)) if cfg.train.pack else cfg.model.max_len
+    state = memory.state_bytes(cfg, mesh)
+    need = memory.estimate(cfg, cfg.train.batch_size, width, mesh, state)
+    budget, source = memory.available(mesh)
+    log(f"estimated memory {need.text()}; {budget / memory.GIB:.1f} GiB available ({source})")
+    if need.total > budget:
+        fits = memory.largest_batch(cfg, width, mesh, budget, state)
+        advice = f"the largest that fits is {fits}" if fits else "no batch fits: a larger mesh or a smaller model"
+        raise UsageError(
+            f"train.batch_size={cfg.train.batch_size} of {width}-token rows needs about {need.total / memory.GIB:.1f} "
+            f"GiB a device, more than the {budget / memory.GIB:.1f} GiB available ({source}); {advice} "
+            "(or set model.remat=full, train.grad_accum)"
+        )
+    return need
 
 
 def fitted_max_len(data: Sequence[TaskData], limit: int) -> int:

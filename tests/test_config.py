@@ -143,7 +143,7 @@ def with_model(**changes) -> Config:
         (override(config.tiny(), "train.batch_size=0"), ["train.batch_size=0", "positive"]),
         (override(config.tiny(), "train.learning_rate=-1e-3"), ["train.learning_rate=-0.001", "positive"]),
         (with_model(heads=(HeadConfig("x", "rank"),)), ["'x'", "'rank'", "classify"]),
-        (with_model(remat="full"), ["model.remat='full'", "none, layer, matmuls"]),
+        (with_model(remat="layer"), ["model.remat='layer'", "none, dots, full"]),
         (override(config.tiny(), "train.grad_accum=0"), ["train.grad_accum=0", "positive"]),
         (override(config.tiny(), "train.grad_accum=3"), ["train.batch_size=16", "train.grad_accum=3", "multiple"]),
         (override(config.tiny(), "train.learning_rate=nan"), ["train.learning_rate=nan", "finite"]),

@@ -67,6 +67,7 @@ def test_steps_0_checkpoint_is_the_pretrained_model_and_warm_starts(tmp_path):
     cfg = trainer.configure("small", tasks=[echo, size], steps=0, init=source, overrides=settings)
     assert (cfg.model.d_model, cfg.model.qk_norm, cfg.model.head_dim, cfg.train.learning_rate) == (64, True, 24, 2e-3)
     assert cfg.train.fit_max_len and cfg.model.max_len == 128  # the fixture's max_position_embeddings, until prepare
+    assert cfg.model.param_dtype == "float32"  # master weights in f32 whatever the checkpoint's dtype
     chosen = trainer.configure("small", tasks=[echo, size], steps=0, init=source, overrides=["model.max_len=64"])
     assert not chosen.train.fit_max_len and chosen.model.max_len == 64  # a length the user sets is kept
     plan = trainer.prepare(cfg, **QUIET)

@@ -38,7 +38,7 @@ def test_resuming_may_change_steps_mesh_and_serving_but_not_the_model_or_data(tm
     train, model = CFG.train, CFG.model
     for same in (
         dataclasses.replace(CFG, train=dataclasses.replace(train, steps=99, mesh="data=2", grad_accum=2)),
-        dataclasses.replace(CFG, model=dataclasses.replace(model, remat="layer")),
+        dataclasses.replace(CFG, model=dataclasses.replace(model, remat="full")),
         dataclasses.replace(CFG, serve=dataclasses.replace(CFG.serve, max_batch=3)),
     ):
         RunFolder(tmp_path).check_resumable(same)

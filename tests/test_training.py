@@ -174,7 +174,7 @@ def assert_same_training(got, want, rtol=1e-5):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # Adam amplifies f32 noise; see test_sharding
 
 
-@pytest.mark.parametrize("remat", ["layer", "matmuls"])
+@pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_gives_the_same_training(remat):
     assert_same_training(three_steps(dataclasses.replace(STEP_CFG, remat=remat)), three_steps())
 
@@ -196,8 +196,8 @@ def test_remat_saves_activation_memory():
         step = training.compile_train_step(graphdef, shardings, mesh, batch, task="spell", kind="generate")
         return step.lower(state, training.put_batch(batch, mesh)).compile().memory_analysis().temp_size_in_bytes
 
-    none, matmuls, layer = scratch("none"), scratch("matmuls"), scratch("layer")
-    assert layer < matmuls < none, (none, matmuls, layer)
+    none, dots, full = scratch("none"), scratch("dots"), scratch("full")
+    assert full < dots < none, (none, dots, full)
 
 
 @pytest.mark.parametrize("grad_accum, spec", [(2, "data=1"), (4, "data=1"), (2, "data=2,fsdp=2,tensor=2")])
