@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from typing import Any
 
@@ -155,6 +156,7 @@ class ServeConfig:
     spare_kinds: str = ""  # head kinds of spare rows in turn, e.g. classify,regress,tag; "": classify if max_classes
     add_tasks: str = ""  # RUN:TASK,...: tasks of other runs added at start-up, as POST /v1/tasks adds them
     kv_dtype: str = ""  # how the KV cache is stored: float32, bfloat16, float16 or int8; empty: model.dtype
+    kv_memory: str = ""  # the decode slots' KV cache budget, e.g. 2GiB: slots = what fits, at most max_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +365,7 @@ def validate(config: Config) -> None:
         raise ValueError(
             f"serve.kv_dtype={config.serve.kv_dtype!r} must be empty (model.dtype) or one of {', '.join(KV_DTYPES)}"
         )
+    parse_bytes(config.serve.kv_memory, "serve.kv_memory")
     if config.serve.prefill_batch < 0:
         raise ValueError(f"serve.prefill_batch={config.serve.prefill_batch} must be at least 0 (0: min(max_batch, 8))")
     if m.n_heads % m.n_kv_heads:
@@ -457,3 +460,21 @@ def parse_weights(spec: str) -> dict[str, float]:
         if not sep or not name or not 0 <= weights.get(name, -1.0) < math.inf:
             raise ValueError(f"train.loss_weights part {part!r} must be TASK=WEIGHT with a finite weight of at least 0")
     return weights
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str, name: str) -> int:
+    """A size such as ``2GiB``, ``512MiB``, ``1.5GB`` or ``1000000`` in bytes; empty is 0 (not set).
+
+    Raises:
+      ValueError: anything else, or a size that is not positive.
+    """
+    if not text.strip():
+        return 0
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match and match.group(2).lower()
+    if not match or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
+        raise ValueError(f"{name}={text!r} must be a positive size such as 512MiB, 2GiB or 1.5GB")
+    return int(float(match.group(1)) * _UNITS[unit])

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mtl import config as C
 from mtl import decode
 from mtl.model import MultiTaskModel
-from mtl.serving.engine import length_buckets
+from mtl.serving.engine import length_buckets, slots_that_fit
 from mtl.serving.requests import Request
 from sharding import make_mesh
 from tests.helpers import randomise_adapters, scheduler_over, tiny_model_config
@@ -357,3 +358,61 @@ def test_no_retrace_after_warm_up():
         engine.generate(reqs)
         engine.score([Request(task="lang", prompt=[1, 5 + i, 3])] * n)
     assert engine.engine.traces == {"prefill": 1, "insert": 1, "step": 1}
+
+
+def test_engine_spans_give_the_whole_caches_tokens_without_recompiling():
+    # max_len 256: decode spans of 128 and 256 positions, both compiled at warm-up. Rows that cross
+    # position 128 mid-run, next to short ones, get the tokens an engine reading the whole cache gets.
+    cfg = dataclasses.replace(CFG, max_len=256)
+    model = MultiTaskModel(cfg, rngs=nnx.Rngs(0))
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    spanned = scheduler_over(model, mesh, max_batch=4, allowed_tokens=ALLOWED, eos_id=EOS, pad_id=0)
+    whole = scheduler_over(model, mesh, max_batch=4, allowed_tokens=ALLOWED, eos_id=EOS, pad_id=0)
+    whole.engine.spans = (256,)
+    assert spanned.engine.spans == (128, 256)
+    spanned.warmup()
+    assert spanned.engine.traces["step"] == 2
+    traces = dict(spanned.engine.traces)
+    requests = [
+        Request(task="spell", prompt=[1] + list(range(10, 130)) + [3], max_new_tokens=20),  # 122 + 20
+        Request(task="echo", prompt=[1, 40, 41, 3], max_new_tokens=30, temperature=0.8, seed=2),
+        Request(task="spell", prompt=[1] + list(range(50, 160)) + [3], max_new_tokens=24, temperature=1.0, seed=7),
+        Request(task="echo", prompt=[1, 90, 3], max_new_tokens=6),
+        Request(task="spell", prompt=[1, 60, 61, 62, 3], max_new_tokens=9),
+    ]
+    got, want = spanned.generate(requests), whole.generate(requests)
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    assert [g.finish_reason for g in got] == [w.finish_reason for w in want]
+    assert spanned.engine.traces == traces  # nothing compiled after warm-up
+
+
+def test_an_int8_cache_engine_serves_without_recompiling():
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    sched = scheduler_over(
+        make_model(), mesh, max_batch=4, allowed_tokens=ALLOWED, eos_id=EOS, pad_id=0, kv_dtype="int8"
+    )
+    sched.warmup()
+    traces = dict(sched.engine.traces)
+    cache = sched.engine.state.cache[0]
+    assert cache.key.dtype == jnp.int8 and cache.key_scale.shape == (4, CFG.n_kv_heads, CFG.max_len)
+    out = sched.generate([Request(task="spell", prompt=[1, 40 + i, 3], max_new_tokens=8) for i in range(6)])
+    assert all(len(g.tokens) >= 1 for g in out)
+    assert sched.engine.traces == traces
+    per_slot = CFG.max_len * decode.cache_bytes_per_position(CFG, jnp.int8)
+    assert sched.engine.cache_bytes() == 4 * per_slot
+
+
+def test_slots_are_sized_from_the_kv_budget():
+    per_slot = CFG.max_len * decode.cache_bytes_per_position(CFG, jnp.bfloat16)
+    assert slots_that_fit(CFG, 32, "bfloat16", 0) == 32  # no budget: max_batch
+    assert slots_that_fit(CFG, 32, "bfloat16", 5 * per_slot + per_slot // 2) == 5
+    assert slots_that_fit(CFG, 4, "bfloat16", 100 * per_slot) == 4
+    int8_slot = CFG.max_len * decode.cache_bytes_per_position(CFG, jnp.int8)
+    assert slots_that_fit(CFG, 32, "int8", 5 * per_slot) == 5 * per_slot // int8_slot > 5
+    with pytest.raises(ValueError, match=r"serve.kv_memory=0.0MiB holds no decode slot: one of 32 positions takes"):
+        slots_that_fit(CFG, 32, "float32", 100)
+    assert C.parse_bytes("2GiB", "x") == 2 << 30 and C.parse_bytes("1.5GB", "x") == 1_500_000_000
+    assert C.parse_bytes("", "x") == 0 and C.parse_bytes("4096", "x") == 4096
+    for bad in ("lots", "-1GiB", "2TiB", "0", "1e9"):
+        with pytest.raises(ValueError, match=f"serve.kv_memory={bad!r} must be a positive size"):
+            C.parse_bytes(bad, "serve.kv_memory")

@@ -11,15 +11,22 @@ into which slots, and how many steps to run, and calls
   of a few length buckets; its generation rows inserted into free slots;
 - :meth:`Engine.decode`: one chunk of up to ``steps_per_call`` decode steps for
   every slot (decode state donated), ending early once ``stop_after`` slots are
-  done on device;
+  done on device, reading only the cache's first ``span`` positions, the
+  smallest of :attr:`Engine.spans` that holds every position the chunk writes;
 - :meth:`Engine.fetch`: the host's copy of what a dispatched call returned.
 
 Dispatch is asynchronous: each call returns at once with its outputs already
 copying to the host, so the scheduler reads one chunk while the next runs.
 
-Shapes are fixed by ``max_batch``, ``prefill_batch``, the buckets and the
-model's ``max_len``; :meth:`Engine.warmup` compiles every one of them, and
-nothing compiles afterwards. The decode state is partitioned over the serving
+Shapes are fixed by ``max_batch``, ``prefill_batch``, the buckets, the spans
+and the model's ``max_len``; :meth:`Engine.warmup` compiles every one of them,
+and nothing compiles afterwards. Spans (length buckets of the decode step,
+powers of two from 128, compiled at warm-up) rather than a paged or ragged
+layout: on XLA:CPU a step is a few fused loops over the cache, so what it costs
+is what it reads, and a contiguous prefix is read by the same program as the
+whole cache; pages would need a gather (or a Pallas kernel, which XLA:CPU
+lacks) to read the same bytes. The KV cache is stored as ``kv_dtype``
+(``serve.kv_dtype``: the compute dtype, or int8 with per-head scales). The decode state is partitioned over the serving
 mesh like the model: slots over ``data`` (and ``fsdp``), kv heads over
 ``tensor``.
 """
@@ -50,6 +57,28 @@ def length_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
     return (*buckets, max_len)
 
 
+def slots_that_fit(cfg, max_batch: int, kv_dtype: str, kv_memory: int) -> int:
+    """Decode slots of ``cfg.max_len`` positions whose KV cache fits ``kv_memory`` bytes, at most ``max_batch``
+    (``kv_memory`` 0: ``max_batch``).
+
+    Raises:
+      ValueError: not one slot fits, naming what one takes.
+    """
+    if not kv_memory:
+        return max_batch
+    slot = cfg.max_len * decode.cache_bytes_per_position(cfg, decode.kv_dtype(cfg, kv_dtype))
+    if kv_memory < slot:
+        raise ValueError(
+            f"serve.kv_memory={kv_memory / 2**20:.1f}MiB holds no decode slot: one of {cfg.max_len} positions takes "
+            f"{slot / 2**20:.1f}MiB as {decode.kv_dtype(cfg, kv_dtype).name}; give at least that, "
+            "a smaller serve.kv_dtype (bfloat16, int8) or a shorter model.max_len"
+        )
+    return min(max_batch, kv_memory // slot)
+
+
+SMALLEST_SPAN = 128  # the shortest cache prefix a decode step reads; shorter ones save little on CPU
+
+
 class Engine:
     """The compiled programs and device state that serve one sharded model.
 
@@ -64,6 +93,7 @@ class Engine:
       prefill_batch: prompts prefilled together (default ``min(max_batch, 8)``).
       steps_per_call: the most decode steps one jitted call runs; more
         amortises dispatch and read-back, fewer lets arrivals in sooner.
+      kv_dtype: how the KV cache is stored (``config.KV_DTYPES``); empty: the model's compute dtype.
     """
 
     def __init__(
@@ -77,6 +107,7 @@ class Engine:
         pad_id: int,
         prefill_batch: int | None = None,
         steps_per_call: int = 8,
+        kv_dtype: str = "",
     ):
         if steps_per_call < 1:
             raise ValueError(f"steps_per_call {steps_per_call} must be at least 1")
@@ -88,6 +119,8 @@ class Engine:
         self.eos_ids = tuple(int(i) for i in np.atleast_1d(eos_id))
         self.pad_id = pad_id
         self.buckets = length_buckets(self.cfg.max_len)
+        self.spans = length_buckets(self.cfg.max_len, smallest=SMALLEST_SPAN)
+        self.kv_dtype = decode.kv_dtype(self.cfg, kv_dtype)
         self.graphdef, params = nnx.split(model)
         self._weights = jax.jit(lambda p: decode.decode_weights(nnx.merge(self.graphdef, p)))
         self.params = params  # lays out the decode weights too
@@ -105,7 +138,11 @@ class Engine:
         self._prefill = jax.jit(self._prefill_fn, out_shardings=(rows_shardings, host, host), compiler_options=options)
         self._insert = jax.jit(self._insert_fn, donate_argnums=0, out_shardings=state_shardings)
         self._step = jax.jit(
-            self._step_fn, donate_argnums=2, out_shardings=(state_shardings, host, host), compiler_options=options
+            self._step_fn,
+            donate_argnums=2,
+            static_argnums=5,
+            out_shardings=(state_shardings, host, host),
+            compiler_options=options,
         )
         # Whether a slot can end before its budget on device: then a chunk may end early for waiting requests.
         self.eos_allowed = bool(np.asarray(allowed_tokens)[list(self.eos_ids)].any())
@@ -117,18 +154,19 @@ class Engine:
         model = nnx.merge(self.graphdef, params)
         s = self.cfg.max_len
         return decode.prefill_rows(
-            model, weights, tokens, lengths, task_ids, sampling, max_new, self.allowed, self.eos_ids, s, stops
+            model, weights, tokens, lengths, task_ids, sampling, max_new, self.allowed, self.eos_ids, s, stops,
+            self.kv_dtype,
         )
 
     def _insert_fn(self, state, rows, slots):
         self.traces["insert"] += 1
         return decode.insert(state, rows, slots)
 
-    def _step_fn(self, params, weights, state, steps, stop_after):
+    def _step_fn(self, params, weights, state, steps, stop_after, span):
         self.traces["step"] += 1
         model = nnx.merge(self.graphdef, params)
         return decode.decode_steps(
-            model, weights, state, steps, stop_after, self.steps_per_call, self.allowed, self.eos_ids
+            model, weights, state, steps, stop_after, self.steps_per_call, self.allowed, self.eos_ids, span
         )
 
     @property
@@ -150,7 +188,7 @@ class Engine:
         """``n`` free (done) rows with a zero cache, as numpy arrays."""
         cfg = self.cfg
         return decode.DecodeState(
-            cache=decode.empty_cache(cfg, n, zeros=np.zeros),
+            cache=decode.empty_cache(cfg, n, zeros=np.zeros, dtype=self.kv_dtype),
             tokens=np.zeros(n, np.int32),
             positions=np.zeros(n, np.int32),
             task_ids=np.zeros(n, np.int32),
@@ -222,15 +260,27 @@ class Engine:
             a.copy_to_host_async()
         return first, heads
 
-    def decode(self, steps: int, stop_after: int) -> Any:
+    def cache_bytes(self) -> int:
+        """Bytes of the decode slots' KV cache."""
+        return self.max_batch * self.cfg.max_len * decode.cache_bytes_per_position(self.cfg, self.kv_dtype)
+
+    def span(self, reach: int) -> int:
+        """The smallest span that holds positions 0 to ``reach`` - 1."""
+        return next((s for s in self.spans if s >= reach), self.spans[-1])
+
+    def decode(self, steps: int, stop_after: int, reach: int | None = None) -> Any:
         """Dispatches ``steps`` decode steps for every slot, ending early once ``stop_after`` slots are done.
+
+        ``reach``: one past the last position a live slot writes in these steps
+        (None: the whole cache); the steps read only :meth:`span` of it.
 
         Returns:
           What :meth:`fetch` reads: ``(tokens, ran)``, tokens [steps_per_call, B] and the steps run.
         """
         with jax.set_mesh(self.mesh):
+            span = self.span(self.cfg.max_len if reach is None else reach)
             self.state, tokens, ran = self._step(
-                self._arrays, self.weights, self.state, np.int32(steps), np.int32(stop_after)
+                self._arrays, self.weights, self.state, np.int32(steps), np.int32(stop_after), span
             )
         tokens.copy_to_host_async()
         return tokens, ran
@@ -268,7 +318,10 @@ class Engine:
         with jax.set_mesh(self.mesh):
             self.state = self._insert(self.state, rows, drop)
             # Every slot is done: nothing changes.
-            self.state, tokens, _ = self._step(self._arrays, self.weights, self.state, np.int32(1), np.int32(1))
+            for span in self.spans:
+                self.state, tokens, _ = self._step(
+                    self._arrays, self.weights, self.state, np.int32(1), np.int32(1), span
+                )
         jax.device_get(tokens)
 
 

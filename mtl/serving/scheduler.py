@@ -430,7 +430,10 @@ class Scheduler:
         """
         steps, stop_after = self._chunk()
         early = stop_after <= self.max_batch
-        outputs = self.engine.decode(steps, stop_after)
+        # One past the last position a slot may write in these steps: a slot's position is its prompt's
+        # length plus the tokens it was scheduled before this chunk, less one (its first came from the prefill).
+        reach = max(len(a.ticket.request.prompt) + a.scheduled - 1 + steps for a in self.slots if a is not None)
+        outputs = self.engine.decode(steps, stop_after, reach)
         self._in_flight.append(_Decoded(outputs, steps, list(self.slots)))
         self.stats["calls"] += 1
         self.stats["steps"] += steps

@@ -34,7 +34,7 @@ from mtl.config import UsageError
 from mtl.model import MultiTaskModel
 from mtl.partition import abstract_state
 from mtl.serving import chat, schemas, task_loader
-from mtl.serving.engine import Engine
+from mtl.serving.engine import Engine, slots_that_fit
 from mtl.serving.requests import DeadlineExceeded, Generation, Request
 from mtl.serving.scheduler import Scheduler
 from mtl.serving.task_table import Task, TaskTable
@@ -66,15 +66,17 @@ def make_scheduler(
 ) -> Scheduler:
     """The scheduler and engine that serve ``model`` on ``mesh`` as ``settings`` say, with ``tokenizer``'s
     special tokens; ``table`` (default: the model's own tasks) says which task holds each row."""
+    kv_memory = C.parse_bytes(settings.kv_memory, "serve.kv_memory")
     engine = Engine(
         model,
         mesh,
-        max_batch=settings.max_batch,
+        max_batch=slots_that_fit(model.cfg, settings.max_batch, settings.kv_dtype, kv_memory),
         allowed_tokens=allowed_tokens(tokenizer, model.cfg.vocab_size),
         eos_id=tokenizer.eos_ids,
         pad_id=tokenizer.pad_id,
         prefill_batch=settings.prefill_batch or None,
         steps_per_call=settings.steps_per_call,
+        kv_dtype=settings.kv_dtype,
     )
     return Scheduler(engine, table, max_queue=settings.max_queue, scheduler=settings.scheduler)
 
@@ -154,13 +156,25 @@ class Server:
         log(f"restored step {step} from {folder} onto mesh {dict(mesh.shape)} in {time.perf_counter() - t0:.1f}s")
         tokenizer = tasks.load_tokenizer(folder.parent)  # the run's own (--init), else the byte tokenizer
         table = TaskTable(task_loader.with_room(cfg).model.heads, {t["name"]: t for t in meta["tasks"]})
-        scheduler = make_scheduler(nnx.merge(graphdef, params), mesh, cfg.serve, tokenizer, table)
+        try:
+            scheduler = make_scheduler(nnx.merge(graphdef, params), mesh, cfg.serve, tokenizer, table)
+        except ValueError as e:  # a KV budget that holds no slot
+            raise UsageError(str(e)) from None
+        engine = scheduler.engine
+        log(
+            f"KV cache: {engine.max_batch} slots of {cfg.model.max_len} positions "
+            f"({engine.max_batch * cfg.model.max_len:,} tokens) as {engine.kv_dtype.name}, "
+            f"{engine.cache_bytes() / 2**20:.1f} MiB"
+            + (f" of serve.kv_memory={cfg.serve.kv_memory}" if cfg.serve.kv_memory else "")
+            + f"; decode spans {','.join(map(str, engine.spans))}"
+        )
         server = cls(scheduler, tokenizer)
         server.loader = task_loader.TaskLoader(table, scheduler.engine, cfg, folder.parent)
         task_loader.add_at_start(server.loader, cfg.serve.add_tasks)
         t0 = time.perf_counter()
         scheduler.warmup()  # every shape compiled now, so no request waits for a compilation
-        log(f"compiled {len(scheduler.engine.buckets) + 2} programs in {time.perf_counter() - t0:.1f}s")
+        programs = len(engine.buckets) + 1 + len(engine.spans)
+        log(f"compiled {programs} programs in {time.perf_counter() - t0:.1f}s")
         return server
 
     # Requests in, responses out.
