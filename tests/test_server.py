@@ -160,6 +160,21 @@ def test_batch_mode_keeps_every_good_line(run_folder, tmp_path):
     assert [r["id"] for r in responses] == [1, None, None, 2]
     assert "not UTF-8" in responses[1]["error"] and "lone surrogate" in responses[2]["error"]
     assert not list(tmp_path.glob(".responses.jsonl.*"))  # the temporary file was renamed
+    assert " slots of " in served.stderr.decode() and "KV cache: " in served.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("serve.kv_memory=1KiB", "serve.kv_memory=0.0MiB holds no decode slot: one of"),
+        ("serve.kv_memory=lots", "serve.kv_memory='lots' must be a positive size"),
+        ("serve.kv_dtype=int4", "serve.kv_dtype='int4' must be empty (model.dtype) or one of"),
+    ],
+)
+def test_a_kv_cache_that_cannot_be_made_is_one_line(run_folder, setting, message):
+    served = serve_cli("--ckpt", str(run_folder), "--set", setting, stdin=b'{"id": 1}\n')
+    stderr = served.stderr.decode()
+    assert served.returncode == 2 and message in stderr and "Traceback" not in stderr, stderr[-2000:]
 
 
 @pytest.mark.parametrize("out, message", [("{tmp}", "is a directory"), ("{tmp}/no/such/file", "cannot be written")])
