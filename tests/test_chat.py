@@ -18,6 +18,7 @@ from sharding import make_mesh
 from tasks.hf_tokenizer import HFTokenizer
 from tests import hf_fixtures
 from tests.helpers import served_over_http, tiny_model_config
+from tests.test_http import call
 
 pytest.importorskip("jinja2")
 
@@ -158,6 +159,7 @@ def test_chat_completions_generate_from_the_rendered_messages(server):
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "BadRequestError", "tools="),
         ({"messages": [{"role": "tool", "content": "x"}]}, "BadRequestError", "Only system, user and assistant"),
         ({"messages": [{"role": "user", "content": "cat " * 150}]}, "BadRequestError", "tokens in the chat template"),
+        ({"messages": "hi"}, "BadRequestError", "messages 'hi' must be a non-empty list of message objects"),
         ({"max_tokens": 0}, "BadRequestError", "max_tokens 0 must be"),
     ],
 )
@@ -166,6 +168,18 @@ def test_chat_errors_have_openais_shape(server, kwargs, error, fragment):
     with pytest.raises(getattr(openai, error)) as raised:
         client.chat.completions.create(**{"model": "spell", "messages": MESSAGES[1:2], **kwargs})
     assert fragment in raised.value.body["message"]
+
+
+def test_routine_openai_fields_are_accepted_and_a_lone_surrogate_is_refused(server):
+    _, client = client_of(server)
+    extra = {"store": True, "metadata": {"a": "b"}, "user": "u", "parallel_tool_calls": False}
+    done = client.chat.completions.create(
+        model="spell", messages=MESSAGES[1:2], max_tokens=3, extra_body={"top_k": 3}, **extra
+    )
+    assert done.choices[0].finish_reason in ("stop", "length")
+    body = b'{"model": "spell", "messages": [{"role": "user", "content": "a\\udc00"}]}'
+    status, answer = call(server, "POST", "/v1/chat/completions", body)
+    assert status == 400 and "messages[0] holds a lone surrogate \\udc00" in answer["error"]["message"], answer
 
 
 def test_no_template_no_chat(server):

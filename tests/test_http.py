@@ -102,6 +102,10 @@ def test_concurrent_requests_share_batches_and_match_batch_mode(server):
         (b'{"id": "a\\udfffb", "task": "spell", "input": "a"}', None, "id holds a lone surrogate"),
         (b'{"id": "n", "task": "spell", "input": "a", "temperature": NaN}', None, "NaN is not a JSON number"),
         (b'{"id": "u", "task": "spell", "input": "\xff"}', None, "not valid JSON"),
+        ({"id": 7, "task": ["spell"], "input": "a"}, 7, "task ['spell'] must be a task's name (a string)"),
+        (b'{"id": 8, "task": "spell", "input": "a", "stop": ["\\udc00"]}', 8, "stop[0] holds a lone surrogate"),
+        (b"[" * 100_000 + b"]" * 100_000, None, "nested too deeply"),
+        ({"id": 9, "task": "spell", "input": "a", "top_k": 2**31}, 9, "top_k 2147483648 must be an integer in"),
     ],
 )
 def test_bad_requests_get_400_with_an_error_object(server, body, rid, message):
