@@ -147,7 +147,7 @@ class ServeConfig:
 
     mesh: str = ""  # empty: every device on the data axis
     max_batch: int = 32  # decode slots: generation requests decoded together
-    max_queue: int = 1024  # requests that may wait; beyond, HTTP answers 503
+    max_queue: int = 1024  # requests that may wait; beyond, a task above its share of them gets 429
     prefill_batch: int = 0  # prompts prefilled together; 0: min(max_batch, 8)
     steps_per_call: int = 8  # the most decode steps one jitted call runs
     scheduler: str = "fair"  # admission order after priority: fair (slot shares between tasks) or fifo

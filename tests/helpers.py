@@ -67,15 +67,17 @@ def scheduler_over(model, mesh, *, max_queue=1024, batching="continuous", schedu
 
 
 @contextlib.contextmanager
-def served_over_http(server):
+def served_over_http(server, settings=None):
     """Serves ``server`` (an ``mtl.serving.server.Server``) on a free localhost port during the block; sets
-    ``server.port``."""
+    ``server.port``. ``settings``: an ``mtl.serving.http_app.HttpSettings`` (default: its defaults)."""
     from mtl.serving import http_app
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    runner, server.port = asyncio.run_coroutine_threadsafe(http_app.start_http(server, "127.0.0.1", 0), loop).result(60)
+    runner, server.port = asyncio.run_coroutine_threadsafe(
+        http_app.start_http(server, "127.0.0.1", 0, settings or http_app.HttpSettings()), loop
+    ).result(60)
     try:
         yield server
     finally:

@@ -410,3 +410,93 @@ def test_a_request_past_its_deadline_is_answered_with_an_error_naming_it(server)
 def test_priority_and_deadline_are_checked(server, field, value, message):
     status, answer = call(server, "POST", "/v1/infer", {"id": "p", "task": "spell", "input": "a", field: value})
     assert status == 400 and message in answer["error"], answer
+
+
+# A second app on the same scheduler: an API key, no task admin, a short read timeout.
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def guarded(server):
+    from mtl.serving.http_app import HttpSettings
+
+    other = serving.Server(server.scheduler, server.tokenizer)
+    with served_over_http(other, HttpSettings(api_key=KEY, task_admin=False, read_timeout=1.0)):
+        yield other
+
+
+def call_with(server, method, path, body=None, headers=()):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        connection.request(method, path, body=data, headers={"Content-Type": "application/json", **dict(headers)})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), json.loads(response.read() or b"null")
+    finally:
+        connection.close()
+
+
+def test_an_api_key_guards_every_v1_route_and_leaves_health_and_metrics_open(guarded):
+    body = {"id": "k", "task": "spell", "input": "a", "max_new_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}):
+        status, sent, answer = call_with(guarded, "POST", "/v1/infer", body, headers)
+        assert status == 401 and sent["WWW-Authenticate"] == "Bearer", (headers, status)
+        assert answer == {"id": None, "error": "this server needs an API key: send Authorization: Bearer KEY"}
+    status, _, answer = call_with(guarded, "POST", "/v1/infer", body, {"Authorization": f"Bearer {KEY}"})
+    assert status == 200 and answer["tokens"] == 2
+    status, _, answer = call_with(guarded, "GET", "/v1/models")
+    assert status == 401 and answer["error"]["type"] == "invalid_request_error"  # OpenAI's shape on its routes
+    for path in ("/health", "/openapi.json"):
+        assert call_with(guarded, "GET", path)[0] == 200
+    assert call(guarded, "GET", "/metrics")[0] == 200
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{guarded.port}/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["echo", "lang", "spell"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"http://127.0.0.1:{guarded.port}/v1", api_key="no", max_retries=0).models.list()
+
+
+def test_without_task_admin_the_admin_routes_are_not_served(guarded):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    status, _, answer = call_with(guarded, "POST", "/v1/tasks", {"run": "x", "task": "y"}, auth)
+    assert status == 404 and answer == {"id": None, "error": "POST /v1/tasks: Not Found"}
+    assert call_with(guarded, "DELETE", "/v1/tasks/spell", None, auth)[0] in (404, 405)
+    assert "/v1/tasks" not in call_with(guarded, "GET", "/openapi.json")[2]["paths"]
+
+
+def test_a_body_that_stalls_is_answered_408_and_its_connection_closed(guarded):
+    scheduler = guarded.scheduler
+    with socket.create_connection(("127.0.0.1", guarded.port)) as client:
+        client.settimeout(30)
+        t0 = time.monotonic()
+        client.sendall(
+            b"POST /v1/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {KEY}\r\nContent-Length: 100\r\n\r\n".encode()
+            + b'{"id": "slow", "task": "spell", '
+        )
+        received = client.recv(4096)
+        answered = time.monotonic() - t0
+        while chunk := client.recv(4096):  # the server closes the connection
+            received += chunk
+        closed = time.monotonic() - t0
+    assert received.startswith(b"HTTP/1.1 408") and b"did not arrive within 1s" in received, received
+    assert 1.0 <= answered < 5 and closed < answered + 5 and not scheduler.busy(), (answered, closed)
+
+
+def test_openapi_describes_every_route_and_its_bodies(server):
+    status, document = call(server, "GET", "/openapi.json")
+    assert status == 200 and document["openapi"].startswith("3.1")
+    assert set(document["paths"]) == {
+        "/health",
+        "/metrics",
+        "/v1/models",
+        "/v1/infer",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/tasks",
+        "/v1/tasks/{name}",
+    }
+    infer = document["components"]["schemas"]["InferRequest"]
+    assert infer["required"] == ["id", "task", "input"] and infer["additionalProperties"] is False
+    assert infer["properties"]["top_p"]["exclusiveMinimum"] == 0

@@ -368,3 +368,42 @@ def test_background_thread_serves_concurrent_submissions(sched):
         sched.stop()
     assert [len(g.tokens) for g in results] == [3 + i for i in range(6)]
     assert all(g.ttft_ms <= g.latency_ms for g in results)
+
+
+def test_a_flood_fills_the_queue_but_never_refuses_another_tasks_trickle(sched):
+    # 8 places: the flood takes them all, then is refused (429); the trickle is still admitted up to its share
+    # (8 over 2 tasks), and only past it refused. A request of several prompts is admitted or refused whole.
+    sched.max_queue = 8
+    try:
+        flood = [sched.submit(gen([40 + i], 3)) for i in range(8)]
+        with pytest.raises(QueueFull, match="task 'spell' holds its share of it"):
+            sched.submit(gen([50], 3))
+        trickle = [sched.submit(gen([60 + i], 3, task="echo")) for i in range(4)]
+        with pytest.raises(QueueFull, match="task 'echo' holds its share"):
+            sched.submit(gen([70], 3, task="echo"))
+        waiting = len(sched.queue)
+        with pytest.raises(QueueFull):
+            sched.submit_all([gen([80], 3, task="lang"), gen([81], 3, task="spell")])  # spell's part is over
+        assert len(sched.queue) == waiting == 12  # nothing of the refused request was queued
+        with pytest.raises(ValueError, match="9 prompts in one request are more than the queue holds"):
+            sched.submit_all([gen([90], 3, task="lang")] * 9)
+    finally:
+        sched.max_queue = 1024
+    whole = sched.submit_all([gen([91 + i], 2, task="echo") for i in range(3)])
+    while sched.busy():
+        sched.run_once()
+    assert all(len(t.wait().tokens) == 3 for t in flood + trickle)
+    assert all(len(t.wait().tokens) == 2 for t in whole)
+    assert all(sched.table.in_use(row) == 0 for row in range(3))  # every finished request gave its row back
+
+
+def test_abort_cancels_what_waits_and_what_runs(sched):
+    running = [sched.submit(gen([40 + i], 20)) for i in range(4)]
+    sched.run_once()
+    waiting = sched.submit(gen([60], 5))
+    sched.abort("the server shut down")
+    for ticket in [*running, waiting]:
+        with pytest.raises(Cancelled, match="the server shut down"):
+            ticket.wait(0)
+    assert not sched.busy() and not any(sched.slots)
+    assert len(sched.generate([gen([61], 4)])[0].tokens) == 4  # and it serves on

@@ -2,6 +2,7 @@
 the other tasks' answers unchanged, running requests finished, incompatible runs refused in one line."""
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -135,3 +136,120 @@ def test_add_and_remove_tasks_over_http_while_serving(setup):
     assert 'task="rev3"' in call(server, "GET", "/metrics")[1]  # an added task has its own metrics
     assert {(task, t): infer(server, task, t) for task, t in before} == before
     assert server.scheduler.engine.traces == traces  # no program compiled again
+
+
+# Every kind live, the runs root, and DELETE/POST of one name under traffic.
+
+KIND_HEADS = (
+    HeadConfig("rev", "generate"),
+    HeadConfig("score", "regress", 0, 3.0, 2.0),
+    HeadConfig("pos", "tag", 3),
+    HeadConfig("size", "classify", 3),
+)
+
+
+@pytest.fixture(scope="module")
+def kinds(tmp_path_factory):
+    """Run A served from ROOT/a with spare rows of every head kind; run B (ROOT/b) on its backbone with a task
+    of each kind; a copy of B outside the root, and a symlink to it inside."""
+    root, outside = tmp_path_factory.mktemp("root"), tmp_path_factory.mktemp("outside")
+    served = randomise_adapters(MultiTaskModel(CFG, rngs=nnx.Rngs(0)), seed=1)
+    other_cfg = dataclasses.replace(CFG, heads=KIND_HEADS)
+    other = randomise_adapters(MultiTaskModel(other_cfg, rngs=nnx.Rngs(0)), seed=4, std=0.3)
+    other.task_embed[...] = 0.3 * jax.random.normal(jax.random.key(5), other.task_embed.shape)
+    other.heads["score"].w_d[...] = 0.5 * jax.random.normal(jax.random.key(6), other.heads["score"].w_d.shape)
+    other.heads["score"].b[...] = jnp.asarray(0.25)
+    other.heads["pos"].b_c[...] = jnp.array([0.3, -0.1, 0.0])
+    run_of(root / "a", CFG, served)
+    run_of(root / "b", other_cfg, other)
+    run_of(outside / "c", other_cfg, other)
+    (root / "link").symlink_to(outside / "c")
+    settings = ["serve.max_tasks=7", "serve.max_classes=4", "serve.spare_kinds=classify,regress,tag,generate"]
+    server = serving.Server.load(str(root / "a"), [*settings, "serve.max_batch=4"])
+    with served_over_http(server):
+        yield server, root, outside, other
+
+
+def test_tasks_of_every_kind_are_added_live_and_answer_as_their_run(kinds):
+    server, root, _, other = kinds
+    traces = dict(server.scheduler.engine.traces)
+    for task in ("score", "pos", "size", "rev"):
+        status, body = call(server, "POST", "/v1/tasks", {"run": "b", "task": task})  # relative: under the root
+        assert status == 200 and body["run"] == "b", body
+    tokenizer = tasks.ByteTokenizer()
+    text = "the cat sat"
+    prompt = jnp.array([tokenizer.prompt_ids(text)])
+    lengths = jnp.array([prompt.shape[1]])
+    want = {
+        name: np.asarray(other.head_outputs(other(prompt, jnp.array([row])), lengths)[name])[0]
+        for row, name in ((1, "score"), (2, "pos"), (3, "size"))
+    }
+    status, answer = call(server, "POST", "/v1/infer", {"id": 1, "task": "score", "input": text})
+    assert status == 200 and answer["value"] == pytest.approx(float(want["score"]), abs=1e-4), answer
+    status, answer = call(server, "POST", "/v1/infer", {"id": 2, "task": "pos", "input": text})
+    assert answer["tags"] == [f"l{i}" for i in tasks.tags_at_word_ends(want["pos"], text, tokenizer)], answer
+    status, answer = call(server, "POST", "/v1/infer", {"id": 3, "task": "size", "input": text})
+    np.testing.assert_allclose([answer["scores"][f"l{i}"] for i in range(3)], want["size"], atol=2e-6)
+    assert call(server, "POST", "/v1/infer", {"id": 4, "task": "rev", "input": text})[0] == 200
+    assert server.scheduler.engine.traces == traces  # rows written, nothing compiled again
+    for task in ("score", "pos", "size", "rev"):
+        assert call(server, "DELETE", f"/v1/tasks/{task}") == (200, {"task": task, "removed": True})
+    status, body = call(server, "POST", "/v1/infer", {"id": 5, "task": "score", "input": text})
+    assert status == 404 and body == {"id": 5, "error": "unknown task 'score'; this model serves echo, lang, spell"}
+
+
+def test_runs_are_added_only_from_under_the_runs_root(kinds):
+    server, root, outside, _ = kinds
+    refusals = {
+        str(outside / "c"): True,  # exists, outside
+        str(outside / "nothing"): False,  # does not exist, outside
+        "../" + outside.name + "/c": True,  # climbs out with ..
+        "b/../../" + outside.name + "/c": True,
+        "link": True,  # a symlink inside the root to a run outside
+        "/etc": True,
+    }
+    for run, exists in refusals.items():
+        status, body = call(server, "POST", "/v1/tasks", {"run": run, "task": "rev"})
+        assert status == 403, (run, body)
+        assert body == {
+            "id": None,
+            "error": f"run {run!r} is not under the server's runs root; only runs there can be added",
+        }
+    status, body = call(server, "POST", "/v1/tasks", {"run": "nothing-here", "task": "rev"})
+    assert status == 400 and "holds no" in body["error"]  # inside the root: said plainly
+    assert "rev" not in server.table
+
+
+def test_delete_then_post_of_one_name_under_four_client_threads(kinds):
+    import concurrent.futures
+    import threading
+
+    server, *_ = kinds
+    assert call(server, "POST", "/v1/tasks", {"run": "b", "task": "rev"})[0] == 200
+    expected = infer(server, "rev", "abc", 5)
+    stop, seen = threading.Event(), []
+
+    def client(task):
+        while not stop.is_set():
+            status, body = call(
+                server, "POST", "/v1/infer", {"id": 1, "task": task, "input": "abc", "max_new_tokens": 5}
+            )
+            seen.append((task, status, body.get("output") if isinstance(body, dict) else body))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client, task) for task in ("rev", "rev", "spell", "lang")]
+        for _ in range(4):
+            assert call(server, "DELETE", "/v1/tasks/rev")[0] == 200
+            status, body = call(server, "POST", "/v1/tasks", {"run": "b", "task": "rev"})
+            assert status == 200, body
+            assert infer(server, "rev", "abc", 5) == expected  # served fully again at once
+        stop.set()
+        for f in futures:
+            f.result(60)
+    statuses = {(task, status) for task, status, _ in seen}
+    assert statuses <= {("rev", 200), ("rev", 404), ("spell", 200), ("lang", 200)}, statuses
+    assert all(out == expected["output"] for task, status, out in seen if task == "rev" and status == 200)
+    assert ("rev", 200) in statuses and sum(t == "spell" for t, _, _ in seen) > 4
+    time.sleep(0.2)
+    table = server.table
+    assert all(table.in_use(row) == 0 for row in range(len(table.heads))), "a finished request still holds its row"

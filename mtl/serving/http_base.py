@@ -19,6 +19,11 @@ from mtl.serving.metrics import ServerMetrics
 from mtl.serving.requests import DeadlineExceeded, Draining, QueueFull, UnknownTask
 from mtl.serving.server import Parsed, Server, TextStream, refuse_constant, to_json
 
+
+class BodyTimeout(Exception):
+    """A request body that did not arrive within the read timeout (answered 408, its connection closed)."""
+
+
 # What the scheduler may answer a submission with instead of tickets (see Api.refused).
 REFUSALS = (QueueFull, Draining, UnknownTask, ValueError)
 
@@ -26,11 +31,14 @@ REFUSALS = (QueueFull, Draining, UnknownTask, ValueError)
 class Api:
     """The server behind the routes, its metrics, and the helpers the route modules share."""
 
-    def __init__(self, server: Server):
+    def __init__(self, server: Server, read_timeout: float = 30.0):
         self.server = server
         self.metrics = ServerMetrics(server.scheduler, server.table)
         self.started = int(time.time())
         self.openai_paths: set[str] = set()  # paths whose errors take OpenAI's shape
+        self.read_timeout = read_timeout
+        self.draining = False  # stopping: new requests get 503
+        self.in_flight = 0  # requests being handled (each handler, from its start to its last byte)
 
     def kinds(self) -> dict[str, str]:
         """Each served task's kind, now (tasks come and go)."""
@@ -57,9 +65,17 @@ class Api:
         return self.error(request, 400, str(e), rid=rid)
 
     async def read_json(self, request):
-        """The request's body as JSON; ValueError names what is wrong (413 passes through)."""
+        """The request's body as JSON; ValueError names what is wrong (413 and 408 pass through).
+
+        A body that takes longer than ``read_timeout`` seconds to arrive is answered 408 and its
+        connection closed: a client that stalls holds no slot and no connection for long.
+        """
         try:
-            return await request.json(loads=lambda text: json.loads(text, parse_constant=refuse_constant))
+            raw = await asyncio.wait_for(request.read(), self.read_timeout)
+        except asyncio.TimeoutError:
+            raise BodyTimeout(f"the request body did not arrive within {self.read_timeout:g}s") from None
+        try:
+            return json.loads(raw.decode("utf-8"), parse_constant=refuse_constant)
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"the request body is not valid JSON: {e}") from None
         except RecursionError:

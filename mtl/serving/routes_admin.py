@@ -1,11 +1,17 @@
 """The admin routes: ``POST /v1/tasks`` and ``DELETE /v1/tasks/{name}`` change the served tasks
-(:mod:`mtl.serving.task_loader`, through the task table)."""
+(:mod:`mtl.serving.task_loader`, through the task table).
+
+``POST /v1/tasks`` reads runs only from under the server's runs root
+(``serve.py --runs-root``): a path outside it, after symlinks and ``..`` are
+resolved, is answered 403 with the same words whether or not it exists. With
+``serve.py --no-task-admin`` neither route is served (404).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 
+from mtl.serving import schemas
 from mtl.serving.http_base import Api
 from mtl.serving.task_table import TaskError
 
@@ -25,14 +31,12 @@ def add_routes(app, api: Api) -> None:
 
     async def post_task(request):
         try:
-            body = json.loads(await request.read() or b"null")
-        except ValueError:
-            return failed(TaskError('the body is not JSON; send {"run": RUN_DIR, "task": NAME}'))
-        if not isinstance(body, dict) or not all(isinstance(body.get(k), str) for k in ("run", "task")):
-            return failed(TaskError('the body must be {"run": RUN_DIR, "task": NAME}, both strings'))
+            body = schemas.check(schemas.AddTask, await api.read_json(request))
+        except ValueError as e:  # not JSON, or not {"run": RUN_DIR, "task": NAME}
+            return failed(TaskError(f'{e}; send {{"run": RUN_DIR, "task": NAME}}'))
         loop = asyncio.get_running_loop()
         try:  # restoring a checkpoint takes a while: off the event loop, which keeps answering requests
-            added = await loop.run_in_executor(None, loader().add, body["run"], body["task"])
+            added = await loop.run_in_executor(None, loader().add_confined, body.run, body.task)
         except TaskError as e:
             return failed(e)
         return web.json_response(added)

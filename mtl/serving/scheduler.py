@@ -143,7 +143,8 @@ class Scheduler:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.draining = False  # set by drain(): nothing new is admitted
+        self.draining = False  # stopping: nothing new is admitted
+        self._aborting: Cancelled | None = None  # abort(): what the loop fails everything with
         self.stats = collections.Counter()  # steps, calls, prefills, tokens, cancelled: for benchmarks and tests
 
     # Admission.
@@ -232,6 +233,23 @@ class Scheduler:
                 self.queue.remove(ticket)
                 self.stats["cancelled"] += 1
                 ticket.finish(error=Cancelled("the request was cancelled"))
+
+    def abort(self, reason: str) -> None:
+        """Cancels every request, waiting or running, with ``reason`` (a stop that cannot wait); thread-safe.
+
+        The queue is emptied at once; what is in slots or in flight is failed by the loop's thread at its
+        next turn (at once if no loop runs).
+        """
+        error = Cancelled(reason)
+        with self._lock:
+            waiting, self.queue = list(self.queue), collections.deque()
+            if self._thread is not None:
+                self._aborting = error
+                self._lock.notify()
+        for ticket in waiting:
+            ticket.finish(error=error)
+        if self._thread is None:
+            self._fail_all(error)
 
     def busy(self) -> bool:
         return bool(self.queue) or any(self.slots) or bool(self._in_flight)
@@ -543,12 +561,17 @@ class Scheduler:
                     self._lock.wait()
                 if self._stopping:
                     return
+                aborting, self._aborting = self._aborting, None
+            if aborting is not None:
+                self._fail_all(aborting)
+                continue
             try:
                 self.run_once()
             except Exception as e:  # a bug: fail what is in flight, keep serving
                 self._fail_all(e)
 
     def _fail_all(self, error: BaseException) -> None:
+        """Fails every request in a slot or a dispatched call, and starts the device state afresh."""
         for done in self._in_flight:
             for t in done.picked if isinstance(done, _Prefilled) else [a.ticket for a in done.occupants if a]:
                 t.finish(error=error)

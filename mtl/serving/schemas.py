@@ -72,9 +72,9 @@ class InferRequest(Body):
     id: StrictInt | Text
     task: Text = Field(description="a served task's name (GET /health lists them)")
     input: Text
-    max_new_tokens: Int | None = Field(None, ge=1, description="default: the task's own, else 32")
-    temperature: Number = Field(0.0, ge=0)
-    top_k: Int = Field(0, ge=0)
+    max_new_tokens: Int | None = Field(None, ge=1, lt=INT32, description="default: the task's own, else 32")
+    temperature: Number = Field(0.0, ge=0, le=1e6)
+    top_k: Int = Field(0, ge=0, lt=INT32, description="0: no top-k")
     top_p: Number = Field(1.0, gt=0, le=1)
     seed: Int = Field(0, ge=0, lt=2**32)
     stop: Stop = Field([], description="a non-empty string or a list of them; ends a generation (not returned)")
@@ -91,11 +91,11 @@ ACCEPTED = {
     "model": "a served model's name (a string)",
     "prompt": "a string or a non-empty list of strings",
     "messages": "a non-empty list of message objects",
-    "max_new_tokens": "an integer of at least 1",
-    "max_tokens": "an integer of at least 1",
-    "max_completion_tokens": "an integer of at least 1",
-    "temperature": "a number of at least 0",
-    "top_k": "an integer of at least 0",
+    "max_new_tokens": "an integer in [1, 2**31)",
+    "max_tokens": "an integer in [1, 2**31)",
+    "max_completion_tokens": "an integer in [1, 2**31)",
+    "temperature": "a number in [0, 1e6]",
+    "top_k": "an integer in [0, 2**31) (0: no top-k)",
     "top_p": "a number in (0, 1]",
     "seed": "an integer in [0, 2**32)",
     "stop": "a non-empty string or a list of them",
@@ -120,10 +120,10 @@ class OpenAIBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     model: Text
-    max_tokens: Int | None = Field(None, ge=1)
-    temperature: Number | None = Field(None, ge=0, description="default 1, as OpenAI's")
+    max_tokens: Int | None = Field(None, ge=1, lt=INT32)
+    temperature: Number | None = Field(None, ge=0, le=1e6, description="default 1, as OpenAI's")
     top_p: Number | None = Field(None, gt=0, le=1)
-    top_k: Int | None = Field(None, ge=0, description="an extension, as vLLM's")
+    top_k: Int | None = Field(None, ge=0, lt=INT32, description="an extension, as vLLM's")
     seed: Int | None = Field(None, ge=0, lt=2**32)
     stop: Stop | None = None
     stream: StrictBool | None = False
@@ -176,7 +176,7 @@ class ChatCompletionRequest(OpenAIBody):
     """``POST /v1/chat/completions``."""
 
     messages: Annotated[list[Message], Field(min_length=1)]
-    max_completion_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1, lt=INT32)
     top_logprobs: Int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None

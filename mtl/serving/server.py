@@ -116,7 +116,7 @@ class Server:
         self.chat = chat.ChatTemplate.from_tokenizer(tokenizer)  # None: no chat template, no chat completions
 
     @classmethod
-    def load(cls, ckpt: str, overrides: Sequence[str] = (), log=lambda *_: None) -> Server:
+    def load(cls, ckpt: str, overrides: Sequence[str] = (), log=lambda *_: None, runs_root=None) -> Server:
         """Restores the model of ``ckpt`` (a run folder or a step folder) and compiles the engine
         for every shape it will run.
 
@@ -125,6 +125,7 @@ class Server:
           overrides: ``serve.FIELD=VALUE`` changes to the run's own serving config
             (its mesh, slots, queue, prefill batch, steps a call).
           log: called with progress lines.
+          runs_root: the folder ``POST /v1/tasks`` may read runs from (default: the one holding the run).
 
         Raises:
           UsageError: no checkpoint there, a bad override, or a mesh that does not fit the devices.
@@ -169,7 +170,7 @@ class Server:
             + f"; decode spans {','.join(map(str, engine.spans))}"
         )
         server = cls(scheduler, tokenizer)
-        server.loader = task_loader.TaskLoader(table, scheduler.engine, cfg, folder.parent)
+        server.loader = task_loader.TaskLoader(table, scheduler.engine, cfg, folder.parent, runs_root)
         task_loader.add_at_start(server.loader, cfg.serve.add_tasks)
         t0 = time.perf_counter()
         scheduler.warmup()  # every shape compiled now, so no request waits for a compilation

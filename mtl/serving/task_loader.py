@@ -122,17 +122,38 @@ class TaskLoader:
       engine: the device engine whose ``params`` hold the rows.
       cfg: the served run's config, as restored (without the spare rows).
       run_dir: the served run's folder (its tokenizer files).
+      runs_root: the folder clients' adds may read runs from (:meth:`add_confined`); default: the
+        folder that holds ``run_dir``.
     """
 
-    def __init__(self, table: TaskTable, engine, cfg: C.Config, run_dir: pathlib.Path):
+    def __init__(
+        self, table: TaskTable, engine, cfg: C.Config, run_dir: pathlib.Path, runs_root: pathlib.Path | None = None
+    ):
         self.table = table
         self.engine = engine
         self.cfg = cfg
         self.run_dir = pathlib.Path(run_dir)
+        self.runs_root = pathlib.Path(runs_root or self.run_dir.resolve().parent).resolve()
         self._lock = threading.Lock()  # one add at a time: each rewrites the served parameters
 
-    def add(self, run: str, task: str) -> dict:
-        """Serves task ``task`` of run ``run`` in a free row; returns ``{"task", "row", "run"}``.
+    def add_confined(self, run: str, task: str) -> dict:
+        """:meth:`add` for a client (``POST /v1/tasks``): ``run`` must lie under ``runs_root``.
+
+        A relative ``run`` is read from ``runs_root``. Symlinks and ``..`` are resolved first, and a
+        path outside is refused in the same words whether or not it exists, so that the answers tell
+        a client nothing about the server's disk.
+
+        Raises:
+          TaskError: as :meth:`add`; a run outside the root with status 403.
+        """
+        path = (self.runs_root / run).resolve()  # an absolute run replaces the root
+        if not path.is_relative_to(self.runs_root):
+            raise TaskError(f"run {run!r} is not under the server's runs root; only runs there can be added", 403)
+        return self.add(str(path), task, name=run)
+
+    def add(self, run: str, task: str, name: str | None = None) -> dict:
+        """Serves task ``task`` of run ``run`` in a free row; returns ``{"task", "row", "run"}``
+        (``name``: how the answers name the run, if not as ``run``).
 
         One transaction: the row is reserved, written, then published; if anything fails the
         row is given back and the task is not served.
@@ -141,20 +162,21 @@ class TaskLoader:
           TaskError: the task is served already, or absent from that run; the run has another
             backbone or tokenizer; or no free row fits it.
         """
+        label = str(run) if name is None else name
         with self._lock:
             folder, step, meta = _read_run(run)
             other = C.from_dict(meta["config"]).model
-            self._check_backbone_shape(run, other)
+            self._check_backbone_shape(label, other)
             if _tokenizer_files(folder.parent) != _tokenizer_files(self.run_dir):
-                raise TaskError(f"run {run!r} has another tokenizer than the served model")
+                raise TaskError(f"run {label!r} has another tokenizer than the served model")
             info = {t["name"]: t for t in meta.get("tasks", [])}.get(task)
             if task not in other.task_names or info is None:
-                raise TaskError(f"run {run!r} has no task {task!r}; it has {', '.join(other.task_names) or 'none'}")
+                raise TaskError(f"run {label!r} has no task {task!r}; it has {', '.join(other.task_names) or 'none'}")
             head = other.head(task)
             row = self.table.reserve(task, head.kind, head.num_classes)
             try:
                 params = self._restored(folder, step, other)
-                self._check_backbone_weights(run, params)
+                self._check_backbone_weights(label, params)
                 spare = self.table.heads[row]
                 self._write(row, spare, params, other.task_names.index(task), head)
             except BaseException:
@@ -163,7 +185,7 @@ class TaskLoader:
             labels, max_new = tuple(info.get("labels", ())), int(info.get("max_new_tokens", 0) or 0)
             record = Task(task, head.kind, row, spare.task, labels, max_new, head.value_mean, head.value_std, str(run))
             self.table.commit(record)
-            return {"task": task, "row": row, "run": str(run)}
+            return {"task": task, "row": row, "run": label}
 
     def remove(self, task: str) -> dict:
         """Stops serving ``task``: new requests for it are refused; those queued or running finish.
