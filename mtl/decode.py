@@ -1,6 +1,6 @@
 """Prefill, insertion into decode slots, chunks of decode steps over a KV cache, and per-row sampling.
 
-These are pure functions of (model, arrays); :mod:`mtl.engine` jits them once
+These are pure functions of (model, arrays); :mod:`mtl.serving.engine` jits them once
 per shape and drives them, in the spirit of JetStream:
 
 - :func:`prefill_rows` runs a batch of right-padded prompts (any mix of tasks)
