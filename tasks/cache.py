@@ -41,6 +41,7 @@ import pathlib
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import numpy as np
@@ -455,13 +456,22 @@ def build_file(
       ValueError: a bad file or row, a cache folder that cannot be written, a full disk.
     """
     _check_space(root, task_file.size, tokenizer)
-    with CacheBuild(root, key, task_file.kind, tokenizer) as build:
+    # One batch is encoded and written on a second thread while the next is read and checked: a Hugging Face
+    # tokenizer encodes on every core without the GIL, so the reading no longer leaves a core idle. The pool
+    # is left (its thread finished) before the build is, so an interrupted build's folder is removed last.
+    with CacheBuild(root, key, task_file.kind, tokenizer) as build, ThreadPoolExecutor(1) as encoder:
         if not build.needed:
             return find(root, key), False
+        pending, rows = None, 0
         for columns, splits, done in task_file.batches(warn):
-            build.add(columns, splits)
+            if pending is not None:
+                pending.result()
+            pending = encoder.submit(build.add, columns, splits)
+            rows += len(splits)
             if progress:
-                progress(done, task_file.size, build.rows)
+                progress(done, task_file.size, rows)
+        if pending is not None:
+            pending.result()
         return build.finish({"file": os.path.abspath(task_file.path), "bytes": task_file.size}), True
 
 
