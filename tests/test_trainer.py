@@ -202,3 +202,23 @@ def test_with_the_caches_off_a_task_file_is_tokenized_into_a_folder_removed_at_e
     assert str(args[0]) in log[0] and "built in" in log[0] and len(plan.data[0].splits["train"]) > 40
     fn(*args, **kw)
     assert not args[0].exists()
+
+
+def test_tokenizing_piped_prints_a_line_at_once_then_one_an_interval_with_the_rate_and_time_left():
+    import io
+
+    from rich.console import Console
+
+    from mtl import data_progress
+
+    text = io.StringIO()
+    display = data_progress.tokenize_progress(Console(file=text, force_terminal=False, width=30), "big", 2_000_000)
+    assert isinstance(display, data_progress.TokenizeLines)
+    with display:
+        display.update(500_000, 2_000_000, 5_000)  # within the interval: nothing
+        display.every = 0.0
+        display.update(1_000_000, 2_000_000, 10_000)
+    lines = text.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0] == "tokenizing big: 2.0 MB to read (a line every 10s)"
+    assert lines[1].startswith("tokenizing big: 50%  10,000 rows  ") and "rows/s" in lines[1]
+    assert lines[1].endswith(" left")
