@@ -171,7 +171,9 @@ def train_bpe(file: pathlib.Path, folder: pathlib.Path, vocab: int = 8192) -> No
     tok.decoder = decoders.ByteLevel()
     specials = ["<pad>", "<s>", "</s>"]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, initial_alphabet=alphabet))
+    tok.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, initial_alphabet=alphabet)
+    )
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
     config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -192,7 +194,9 @@ def main(argv=None) -> None:
     need = args.rows * 100 * 6  # the file, two caches (2 bytes a token), datasets' Arrow copies
     free = shutil.disk_usage(work).free
     if free < need:
-        raise SystemExit(f"{work} has {free / 2**30:.1f} GiB free; {args.rows:,} rows need about {need / 2**30:.1f} GiB")
+        raise SystemExit(
+            f"{work} has {free / 2**30:.1f} GiB free; {args.rows:,} rows need about {need / 2**30:.1f} GiB"
+        )
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1"}
     report = {"rows": args.rows, "small": args.small, "cpus": os.cpu_count(), "load": os.getloadavg()}
     try:

@@ -43,10 +43,10 @@ from mtl import config as C
 from mtl.checkpoint import Checkpoints, restore_newest, set_aside
 from mtl.checkpoint import find as find_checkpoint
 from mtl.config import UsageError
+from mtl.data_progress import rate_text, tokenize_progress
 from mtl.model import MultiTaskModel, count_params
 from mtl.partition import abstract_state, create_sharded
 from mtl.run_folder import BestCheckpoint, RunFolder
-from mtl.data_progress import rate_text, tokenize_progress
 from mtl.train_progress import Window, losses_text, make_progress
 from sharding import make_mesh
 from sharding.mesh import process_rows

@@ -102,15 +102,24 @@ class Cached:
         labels = tuple(self.meta["labels"])
         out = {}
         for split in SPLITS:
-            arrays = {name: _map(self.path / f"{split}.{name}.bin", *info) for name, info in self.meta["splits"][split].items()}
+            arrays = {
+                name: _map(self.path / f"{split}.{name}.bin", *info)
+                for name, info in self.meta["splits"][split].items()
+            }
             store = {k: v for k, v in arrays.items() if not k.startswith(("input_", "target_", "word_"))}
             inputs = references = None
             if "input_text" in arrays:
                 inputs = _Texts(arrays["input_text"], arrays["input_offsets"])
                 references = _references(self.meta["kind"], arrays, labels)
             out[split] = EncodedSplit(
-                self.meta["kind"], store, labels, pad_id=pad_id, max_len=max_len, task_id=task_id,
-                inputs=inputs, references=references,
+                self.meta["kind"],
+                store,
+                labels,
+                pad_id=pad_id,
+                max_len=max_len,
+                task_id=task_id,
+                inputs=inputs,
+                references=references,
             )
         return out
 
@@ -152,7 +161,9 @@ class CacheBuild:
             self.root.mkdir(parents=True, exist_ok=True)
             self._lock = open(self.root / f".{self.key}.lock", "w")
         except OSError as e:
-            raise ValueError(f"the data cache {str(self.root)!r} cannot be written: {e.strerror}; set --cache-dir or MTL_CACHE_DIR") from None
+            raise ValueError(
+                f"the data cache {str(self.root)!r} cannot be written: {e.strerror}; set --cache-dir or MTL_CACHE_DIR"
+            ) from None
         fcntl.flock(self._lock, fcntl.LOCK_EX)  # a second builder of this key waits here, then finds it built
         if find(self.root, self.key) is None:
             for stale in self.root.glob(f".{self.key}.*.tmp"):  # left by a build that was killed (we hold the lock)
@@ -286,7 +297,9 @@ class _SplitWriter:
     def add(self, encoded, starts: np.ndarray, here: np.ndarray, columns: dict[str, list]) -> None:
         """Appends the rows ``here`` of one encoded batch."""
         lengths = encoded.lengths[here]
-        source = np.repeat(starts[here], lengths) + (np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+        source = np.repeat(starts[here], lengths) + (
+            np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        )
         self._jagged("tokens", "offsets", encoded.tokens[source], lengths)
         for name, values in encoded.columns.items():
             if name == "tags":

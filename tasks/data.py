@@ -118,7 +118,9 @@ def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], dtype=np.int32) -> 
     if isinstance(tokenizer, ByteTokenizer):
         encoded = [t.encode("utf-8") for t in texts]
         lens = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-        flat = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(dtype) + np.dtype(dtype).type(ByteTokenizer.OFFSET)
+        flat = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(dtype) + np.dtype(dtype).type(
+            ByteTokenizer.OFFSET
+        )
         return flat, lens
     batch = getattr(tokenizer, "encode_batch", None)
     return _jagged(batch(list(texts)) if batch else [tokenizer.encode(t) for t in texts], dtype)
@@ -250,7 +252,10 @@ class EncodedSplit:
         self._rows = None
         if self.dropped:
             self._rows = np.concatenate(
-                [np.flatnonzero(keep) + start for start, (keep, _) in zip(range(0, stored, CHUNK_ROWS), self._chunks_kept(max_len))]
+                [
+                    np.flatnonzero(keep) + start
+                    for start, (keep, _) in zip(range(0, stored, CHUNK_ROWS), self._chunks_kept(max_len))
+                ]
             )
         self._len = kept
         self.longest = longest  # the longest kept row's tokens
@@ -353,7 +358,7 @@ class EncodedSplit:
         return out
 
     def scan(self, name: str) -> Iterator[np.ndarray]:
-        """A per-example array (``value``, ``label``, ``prefix`` or ``seq_lengths``) of the kept rows, a chunk at a time."""
+        """A per-example array of the kept rows (``value``, ``label``, ``prefix``, ``seq_lengths``), a chunk at a time."""
         offsets = self.store["offsets"]
         for start in range(0, len(self), CHUNK_ROWS):
             rows = self._stored(np.arange(start, min(len(self), start + CHUNK_ROWS)))

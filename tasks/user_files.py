@@ -11,8 +11,8 @@ names the file and, for a bad value, its line (``.jsonl``, ``.csv``) or row (``.
 
 import csv
 import dataclasses
-import io
 import functools
+import io
 import json
 import json.scanner
 import math
@@ -103,7 +103,8 @@ class TaskFile:
         ext = os.path.splitext(path)[1].lower()
         if ext not in READERS:
             raise ValueError(
-                f"Task file {path!r} has extension {ext or '(none)'!r}; accepted extensions are .jsonl, .csv and .parquet."
+                f"Task file {path!r} has extension {ext or '(none)'!r}; "
+                "accepted extensions are .jsonl, .csv and .parquet."
             )
         if not os.path.isfile(path):
             raise ValueError(f"Task file {path!r} does not exist.")
@@ -144,7 +145,10 @@ class TaskFile:
             for i in range(raw.rows):
                 place = raw.place(i)
                 try:
-                    cells = [_clean(path, name, place, column[i] if column is not None else None) for name, column in zip(names, values)]
+                    cells = [
+                        _clean(path, name, place, column[i] if column is not None else None)
+                        for name, column in zip(names, values)
+                    ]
                     if kind == "tag":
                         _check_tag_count(path, cells[0], cells[1], place)
                     split = split_of(cells[0])
@@ -376,8 +380,7 @@ def _clean(path: str, column: str, place: str, value: Any) -> Any:
         if isinstance(value, (list, tuple)):
             return [str(tag) for tag in value]
         raise ValueError(
-            f"Task file {path!r} has tags {value!r} {place}; "
-            f"a list or a whitespace-separated string is accepted."
+            f"Task file {path!r} has tags {value!r} {place}; " f"a list or a whitespace-separated string is accepted."
         )
     # input, target, label are text; numeric labels (0/1 in a CSV) become text.
     if isinstance(value, (list, dict)):
@@ -402,9 +405,7 @@ def _check_tag_count(path: str, text: str, tags: list[str], place: str) -> None:
 
 def _split_value(path: str, place: str, value: Any) -> str:
     if value not in SPLITS:
-        raise ValueError(
-            f"Task file {path!r} has split {value!r} {place}; accepted splits are {', '.join(SPLITS)}."
-        )
+        raise ValueError(f"Task file {path!r} has split {value!r} {place}; accepted splits are {', '.join(SPLITS)}.")
     return value
 
 

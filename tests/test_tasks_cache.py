@@ -84,7 +84,9 @@ def test_a_second_start_reuses_the_entry_and_a_changed_file_or_tokenizer_rebuild
     other, built = cache.cached_file(changed, hf, root)
     assert built and other.path not in (first.path, rebuilt.path)
     split = other.splits(64, 0, hf.pad_id)["validation"]
-    np.testing.assert_array_equal(split.batch([0])["tokens"][0, : split.lengths_of([0])[0]], hf.prompt_ids(split.inputs[0]))
+    np.testing.assert_array_equal(
+        split.batch([0])["tokens"][0, : split.lengths_of([0])[0]], hf.prompt_ids(split.inputs[0])
+    )
 
 
 def test_an_interrupted_build_leaves_no_entry_and_the_next_start_builds_it(tmp_path, monkeypatch):
@@ -119,13 +121,19 @@ def test_two_processes_building_one_entry_share_it(tmp_path):
     write(path, rows_of("tag", 3000))
     script = (
         "import sys, tasks; from tasks.user_files import TaskFile; "
-        f"entry, built = tasks.cache.cached_file(TaskFile.open({str(path)!r}), tasks.ByteTokenizer(), {str(tmp_path / 'c')!r}); "
+        f"entry, built = tasks.cache.cached_file(TaskFile.open({str(path)!r}), tasks.ByteTokenizer(), "
+        f"{str(tmp_path / 'c')!r}); "
         "print(entry.path, built)"
     )
-    runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(2)]
+    runs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(2)
+    ]
     outputs = [run.communicate(timeout=120)[0].split() for run in runs]
     assert all(run.returncode == 0 for run in runs)
-    assert outputs[0][0] == outputs[1][0] and sorted(o[1] for o in outputs) == ["False", "True"]  # one built, one waited
+    assert outputs[0][0] == outputs[1][0] and sorted(o[1] for o in outputs) == [
+        "False",
+        "True",
+    ]  # one built, one waited
     entry = cache.find(tmp_path / "c", pathlib.Path(outputs[0][0]).name)
     assert entry.meta["rows"] == 3000
 

@@ -198,7 +198,7 @@ def test_with_the_caches_off_a_task_file_is_tokenized_into_a_folder_removed_at_e
     monkeypatch.setattr(trainer.atexit, "register", lambda fn, *args, **kw: cleanups.append((fn, args, kw)))
     log = []
     plan = trainer.prepare(trainer.configure("tiny", tasks=f"v={path}"), log=log.append, cache_dir="off")
-    (fn, args, kw), = cleanups
+    ((fn, args, kw),) = cleanups
     assert str(args[0]) in log[0] and "built in" in log[0] and len(plan.data[0].splits["train"]) > 40
     fn(*args, **kw)
     assert not args[0].exists()
