@@ -358,7 +358,7 @@ class EncodedSplit:
         return out
 
     def scan(self, name: str) -> Iterator[np.ndarray]:
-        """A per-example array of the kept rows (``value``, ``label``, ``prefix``, ``seq_lengths``), a chunk at a time."""
+        """A per-example array of the kept rows (``value``, ``label``, ``prefix``, ``seq_lengths``), by chunks."""
         offsets = self.store["offsets"]
         for start in range(0, len(self), CHUNK_ROWS):
             rows = self._stored(np.arange(start, min(len(self), start + CHUNK_ROWS)))
