@@ -65,6 +65,7 @@ class ModelConfig:
     head_dim: int = 16  # H
     d_ff: int = 192  # F
     max_len: int = 128  # longest sequence, prompt plus generated tokens
+    max_positions: int = 0  # a pretrained source's max_position_embeddings, which mtl.export keeps (0: max_len)
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = True  # generation logits reuse the token embedding

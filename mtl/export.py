@@ -3,15 +3,33 @@
 The folder (``config.json``, ``model.safetensors``, the run's tokenizer files,
 ``generation_config.json``) loads in ``transformers`` as the family the
 backbone's options describe (Gemma 3, Qwen3, Qwen2, else Llama) and computes,
-for task NAME, the language-model logits mtl serves for it. The task is folded
-in: mtl adds the task's embedding at position 0, which every prompt fills with
-BOS, so the export adds it to BOS's embedding row (the output head is written
-untied, so BOS's logit is unchanged). mtl's own embedding scale sqrt(D) is
-folded into the table for the families that have none. Weights are the
-transposes of what :mod:`mtl.hf_import` reads (the same ``sources`` table).
+for task NAME, the logits mtl serves for it. It keeps the source's shape:
+``max_position_embeddings`` (not the run's ``max_len``), rotary scaling, tied
+embeddings and dtype, so a ``--steps 0`` export is the source model again.
+
+**The task's conditioning.** mtl adds the task's embedding to the first
+position of every prompt, whatever token is there (BOS for a task's prompt,
+the chat template's first marker for a chat). Folding it into that token's
+embedding row would add it at every later occurrence too (ChatML's
+``<|im_start|>`` opens every turn). So the export gives the task a token of
+its own, ``<|mtl:NAME|>``, whose embedding row is the first token's plus the
+task vector, and makes the exported tokenizer put it first: its
+post-processor starts every encoded text with it (``tokenizer(text)``, as
+mtl's prompts start with BOS; BOS becomes this token), and its chat template
+writes it in place of the template's first marker (a second token,
+``<|mtl:NAME:chat|>``, where that marker is not BOS). Later occurrences are
+the plain tokens. The new tokens take unused embedding rows, else rows
+appended to the table; ``generation_config.json`` suppresses them, and
+``config.json``'s ``mtl_task_tokens`` names them. A task whose vector is zero
+(a ``--steps 0`` run, or a frozen backbone whose task vectors did not move)
+needs no token and gets none. mtl's own embedding scale sqrt(D) is folded
+into the table for the families that have none. Weights are the transposes
+of what :mod:`mtl.hf_import` reads (the same ``sources`` table). A run with
+mtl's byte tokenizer has no ``transformers`` tokenizer to write: the export
+says so, and ``mtl_task_tokens`` gives the id to put first by hand.
 
 A task with its own head is exported to the class ``transformers`` has for it,
-the task folded into BOS the same way:
+the task's token placed the same way:
 
 - **tag** -> ``{Family}ForTokenClassification``: its ``score`` (weight and
   bias) is mtl's tag head, so the logits at every position are mtl's; mtl
@@ -65,6 +83,7 @@ from mtl.partition import abstract_state
 from sharding import make_mesh
 
 HEAD_FILE = "mtl_head.safetensors"  # a head with no transformers class (Gemma 3 tagging), beside the backbone
+TASK_TOKEN = "<|mtl:{task}|>"  # the token that carries a task's conditioning in an export (module docstring)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -96,8 +115,14 @@ def architecture(cfg: ModelConfig, kind: str = "generate") -> str:
     return CLASS_PREFIX[fam] + HEAD_CLASSES[kind]
 
 
+def tied(cfg: ModelConfig) -> bool:
+    """Whether the export ties its output head to the embedding: as the source does, unless mtl's sqrt(D) scale
+    is folded into the table (mtl's own backbone), which the head must not see."""
+    return cfg.tie_embeddings and (not cfg.scale_embeddings or family(cfg) == "gemma3")
+
+
 def hf_config(cfg: ModelConfig, ids: dict[str, object]) -> dict:
-    """``config.json`` of the exported model (untied output head; ``ids``: bos/eos/pad token ids)."""
+    """``config.json`` of the exported model (``ids``: bos/eos/pad token ids), the source's shape kept."""
     kind = family(cfg)
     out = {
         "architectures": [architecture(cfg)],
@@ -109,9 +134,9 @@ def hf_config(cfg: ModelConfig, ids: dict[str, object]) -> dict:
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_len,
+        "max_position_embeddings": cfg.max_positions or cfg.max_len,
         "rms_norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tied(cfg),
         "torch_dtype": cfg.param_dtype,
         **{f"{name}_token_id": value for name, value in ids.items()},
     }
@@ -164,7 +189,9 @@ def export(
     cfg = C.from_dict(meta["config"]).model
     heads = {h.task: h for h in cfg.heads}
     generate = [h.task for h in cfg.heads if h.kind == "generate"]
-    task = task or (generate[0] if generate else None)
+    if task is None and not generate:
+        raise UsageError(f"--task is needed: this run has no generation task; choose one of {', '.join(heads)}")
+    task = task or generate[0]
     if task not in heads:
         raise UsageError(f"--task {task!r} is not a task of this run; choose one of {', '.join(heads)}")
     head = heads[task]
@@ -187,10 +214,15 @@ def export(
         if not adapters.targets(cfg):
             raise UsageError(f"--merge-adapter {task}: run {run} has no adapters (model.adapter_rank is 0)")
         adapters.merge(model.blocks, cfg, j)
-    tensors = _tensors(model, cfg, task, int(ids.get("bos", 1)))
+    firsts = _task_tokens(run_dir, cfg, task, int(ids.get("bos", 1)), model)
+    tensors = _tensors(model, cfg, task, {first: new for first, (new, _) in firsts.items()})
     hf.update({f"{k}_token_id": v for k, v in ids.items() if k in ("bos", "eos", "pad")})
+    if firsts:
+        hf["vocab_size"] = len(tensors["model.embed_tokens.weight"])
+        hf["bos_token_id"] = firsts[int(ids.get("bos", 1))][0]
+        hf["mtl_task_tokens"] = {text: new for new, text in firsts.values()}
     if head.kind != "generate":
-        del tensors["lm_head.weight"]
+        tensors.pop("lm_head.weight", None)
         labels = next((t["labels"] for t in meta.get("tasks", []) if t["name"] == task), [])
         tensors, extra = _head_tensors(model, head, labels, tensors["model.embed_tokens.weight"].dtype, tensors)
         hf.update(extra)
@@ -207,12 +239,26 @@ def export(
     if beside:
         save_file(beside, str(out / HEAD_FILE), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf, indent=2))
-    (out / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": ids.get("bos"), "eos_token_id": ids.get("eos_ids"), "pad_token_id": ids.get("pad")})
-    )
+    generation = {
+        "bos_token_id": hf.get("bos_token_id"),
+        "eos_token_id": ids.get("eos_ids"),
+        "pad_token_id": ids.get("pad"),
+    }
+    if firsts:
+        generation["suppress_tokens"] = sorted(new for new, _ in firsts.values())  # never generated
+    (out / "generation_config.json").write_text(json.dumps(generation))
     for name in TOKENIZER_FILES:
         if (run_dir / name).exists():
             shutil.copy(run_dir / name, out / name)
+    if firsts and (out / "tokenizer.json").exists():
+        _place_task_tokens(out, firsts, int(ids.get("bos", 1)))
+    if not (run_dir / "tokenizer.json").exists():
+        print(
+            "mtl.export: this run uses mtl's byte tokenizer, which transformers has no class for: no tokenizer was "
+            "written; a prompt's ids are mtl's (tasks.ByteTokenizer), its first id "
+            + (f"{hf['bos_token_id']} (the task's token)" if firsts else f"{ids.get('bos')} (BOS)"),
+            file=sys.stderr,
+        )
     if adapters.targets(cfg) and not merge_adapter:
         (out / "adapter").mkdir(exist_ok=True)
         save_file(adapters.peft_tensors(model.blocks, cfg, j), str(out / "adapter" / "adapter_model.safetensors"))
@@ -228,8 +274,15 @@ def _special_ids(run_dir: pathlib.Path) -> dict:
     return {"bos": saved["bos_id"], "eos": saved["eos_ids"][0], "eos_ids": saved["eos_ids"], "pad": saved["pad_id"]}
 
 
-def _tensors(model: MultiTaskModel, cfg: ModelConfig, task: str, bos: int) -> dict[str, np.ndarray]:
-    """Every checkpoint tensor of the exported model, the task folded into BOS's embedding row."""
+def _tensors(
+    model: MultiTaskModel, cfg: ModelConfig, task: str, dedicated: dict[int, int] | None = None
+) -> dict[str, np.ndarray]:
+    """Every checkpoint tensor of the exported model.
+
+    ``dedicated`` maps a first token's id to the id of the task's own token,
+    whose embedding row is that token's plus the task vector (module docstring);
+    rows past the table are appended (their output logits are suppressed).
+    """
     state = dict(nnx.to_flat_state(nnx.state(model)))
     out = {}
     for path, source in hf_import.sources(cfg).items():
@@ -239,16 +292,106 @@ def _tensors(model: MultiTaskModel, cfg: ModelConfig, task: str, bos: int) -> di
             out[source.name.format(i=i)] = np.ascontiguousarray(
                 part.transpose(np.argsort(source.perm)).reshape(_hf_shape(source))
             )
-    table = np.asarray(model.embed_vd[...], np.float32)
-    task_vec = np.asarray(model.task_embed[...][model.task_index(task)], np.float32)
+    dedicated = dedicated or {}
+    dtype = out["model.embed_tokens.weight"].dtype
+    rows = max([cfg.vocab_size, *(new + 1 for new in dedicated.values())])
     gemma = family(cfg) == "gemma3"  # transformers scales Gemma's table by sqrt(D) itself
     scale = 1.0 if gemma or not cfg.scale_embeddings else cfg.d_model**0.5
-    table = table * scale
-    table[bos] += task_vec * scale
-    dtype = out["model.embed_tokens.weight"].dtype
+    table = np.zeros((rows, cfg.d_model), np.float32)
+    table[: cfg.vocab_size] = np.asarray(model.embed_vd[...], np.float32) * scale
+    task_vec = np.asarray(model.task_embed[...][model.task_index(task)], np.float32)
+    for first, new in dedicated.items():
+        table[new] = table[first] + task_vec * scale
     out["model.embed_tokens.weight"] = table.astype(dtype)
-    out["lm_head.weight"] = np.ascontiguousarray(np.asarray(model.lm_head()).T).astype(dtype)
+    if not tied(cfg):
+        head = np.zeros((rows, cfg.d_model), np.float32)
+        head[: cfg.vocab_size] = np.asarray(model.lm_head(), np.float32).T
+        out["lm_head.weight"] = head.astype(dtype)
     return out
+
+
+def _task_tokens(run_dir: pathlib.Path, cfg: ModelConfig, task: str, bos: int, model) -> dict[int, tuple[int, str]]:
+    """The task's own tokens by the first token they stand for: ``{first id: (new id, text)}``; none for a zero
+    task vector. BOS always; the chat template's first token as well where it is not BOS."""
+    if not np.any(np.asarray(model.task_embed[...][model.task_index(task)])):
+        return {}
+    firsts = [bos]
+    if (run_dir / "tokenizer.json").exists():
+        from mtl.serving.chat import ChatTemplate  # the run's template, rendered as the server renders it
+        from tasks import load_tokenizer
+
+        tokenizer = load_tokenizer(run_dir)
+        next_id = tokenizer.vocab_size
+        template = ChatTemplate.from_tokenizer(tokenizer)
+        if isinstance(template, ChatTemplate):
+            first = template.prompt_ids([{"role": "user", "content": "hello"}])[0]
+            if first != bos:
+                firsts.append(first)
+    else:
+        from tasks import ByteTokenizer
+
+        next_id = ByteTokenizer().vocab_size
+    names = [TASK_TOKEN.format(task=task), TASK_TOKEN.format(task=task + ":chat")]
+    return {first: (next_id + i, names[i]) for i, first in enumerate(firsts)}
+
+
+def _place_task_tokens(out: pathlib.Path, firsts: dict[int, tuple[int, str]], bos: int) -> None:
+    """Makes the exported tokenizer put the task's token first: in ``tokenizer.json`` (the token, and a
+    post-processor that starts every text with it), as BOS in its config, and in the chat template."""
+    path = out / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    vocab = spec["model"].get("vocab") or {}
+    inverse = {i: t for t, i in vocab.items()} if isinstance(vocab, dict) else {}
+    inverse.update({t["id"]: t["content"] for t in spec.get("added_tokens", [])})
+    for new, text in firsts.values():
+        spec.setdefault("added_tokens", []).append(
+            {"id": new, "content": text, "single_word": False, "lstrip": False, "rstrip": False}
+            | {"normalized": False, "special": True}
+        )
+    new_bos, bos_text = firsts[bos]
+    first = [{"SpecialToken": {"id": bos_text, "type_id": 0}}]
+    template = {
+        "type": "TemplateProcessing",
+        "single": [*first, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [*first, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos_text: {"id": bos_text, "ids": [new_bos], "tokens": [bos_text]}},
+    }
+    before = spec.get("post_processor")
+    kept = before.get("processors", []) if before and before.get("type") == "Sequence" else [before]
+    kept = [p for p in kept if p and p.get("type") != "TemplateProcessing"]  # an old BOS-adding template goes
+    spec["post_processor"] = {"type": "Sequence", "processors": [*kept, template]} if kept else template
+    path.write_text(json.dumps(spec, ensure_ascii=False))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (out / name).exists():
+            config = json.loads((out / name).read_text())
+            config["bos_token"] = bos_text
+            if name == "tokenizer_config.json":
+                config["add_bos_token"] = True
+                if isinstance(config.get("chat_template"), str):
+                    config["chat_template"] = _chat_template(config["chat_template"], firsts, inverse)
+            (out / name).write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    chat_file = out / "chat_template.jinja"
+    if chat_file.exists():
+        chat_file.write_text(_chat_template(chat_file.read_text(), firsts, inverse))
+
+
+def _chat_template(source: str, firsts: dict[int, tuple[int, str]], texts: dict[int, str]) -> str:
+    """``source`` rendered whole, then its first token swapped for the task's (where it starts with a first token).
+
+    jinja drops one newline at a template's end; inside the captured block it
+    would stay, so it is dropped here the same way.
+    """
+    source = source[:-1] if source.endswith("\n") else source
+    swaps = "".join(
+        f"{{%- elif mtl_prompt.startswith({json.dumps(texts[first])}) -%}}"
+        f"{{{{ {json.dumps(text)} ~ mtl_prompt[{len(texts[first])}:] }}}}"
+        for first, (_, text) in firsts.items()
+        if first in texts
+    )
+    return (
+        "{%- set mtl_prompt %}" + source + "{% endset -%}"
+        "{%- if false -%}" + swaps + "{%- else -%}{{ mtl_prompt }}{%- endif -%}"
+    )
 
 
 def _head_tensors(model: MultiTaskModel, head, labels, dtype, tensors: dict) -> tuple[dict, dict]:

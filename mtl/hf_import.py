@@ -125,6 +125,7 @@ def read_config(folder: str | os.PathLike, max_len: int = MAX_LEN) -> ModelConfi
         head_dim=head_dim,
         d_ff=get("intermediate_size"),
         max_len=min(max_len, get("max_position_embeddings", max_len)),
+        max_positions=int(get("max_position_embeddings", 0) or 0),
         norm_eps=get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(get("tie_word_embeddings", family != "llama")),
         dtype=dtype,

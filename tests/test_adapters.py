@@ -160,8 +160,10 @@ def test_export_writes_peft_adapters_that_peft_loads_with_mtls_logits(tmp_path):
     assert np.abs(want - without).max() > 1e-2  # the adapter matters
 
     def logits(hf):
+        their_tokens = tokens.copy()
+        their_tokens[:, 0] = hf.config.mtl_task_tokens["<|mtl:echo|>"]  # the task's own token in BOS's place
         with torch.no_grad():
-            return hf(input_ids=torch.tensor(tokens)).logits.numpy()
+            return hf(input_ids=torch.tensor(their_tokens)).logits.numpy()
 
     assert export_main(["--ckpt", str(run), "--out", str(tmp_path / "hf"), "--task", "echo"]) == 0
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()

@@ -149,7 +149,8 @@ def test_windowed_attention_matches_dot_product_attention(window):
 
 
 def test_export_round_trip_with_the_task_folded_in(folder, tmp_path):
-    """mtl.export's tensors and config load in transformers and give mtl's logits for a task (BOS-started rows)."""
+    """mtl.export's tensors and config load in transformers and give mtl's logits for a task: the task's own
+    token first (a row appended to the table) in place of BOS, which stays the plain BOS everywhere else."""
     from safetensors.numpy import save_file
 
     from mtl import export
@@ -158,13 +159,17 @@ def test_export_round_trip_with_the_task_folded_in(folder, tmp_path):
     graphdef, state = hf_import.load(folder, cfg, make_mesh("data=1", jax.devices()[:1]))
     model = nnx.merge(graphdef, state)
     model.task_embed[...] = 0.1 * jax.random.normal(jax.random.key(0), model.task_embed.shape)  # a trained task
-    save_file(export._tensors(model, cfg, "echo", bos=1), str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(export.hf_config(cfg, {"bos": 1, "eos": 2, "pad": 0})))
+    v = cfg.vocab_size
+    save_file(export._tensors(model, cfg, "echo", {1: v}), str(tmp_path / "model.safetensors"))
+    hf = export.hf_config(cfg, {"bos": 1, "eos": 2, "pad": 0})
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "vocab_size": v + 1}))
+    assert hf["max_position_embeddings"] == 128 and hf["tie_word_embeddings"] == cfg.tie_embeddings  # the source's
     tokens, _ = padded_batch(cfg.vocab_size)
-    tokens[:, 0] = 1
+    tokens[:, 0], tokens[:, 3] = 1, 1  # BOS first, and again later
     want = np.asarray(model.lm_logits(model(jnp.asarray(tokens), jnp.zeros(len(tokens), jnp.int32))))
+    tokens[:, 0] = v  # the task's token where mtl has BOS
     got = reference_logits(str(tmp_path), tokens, np.ones_like(tokens))
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got[..., :v], want, atol=1e-4, rtol=1e-4)
 
 
 def test_a_151936_token_vocabulary_decodes_and_scores_as_transformers(tmp_path):
@@ -237,9 +242,11 @@ def test_a_gemma3_tag_task_exports_the_backbone_with_its_head_beside_it(tmp_path
     head = load_file(str(tmp_path / "out" / config["mtl_head"]["file"]))
     backbone = transformers.AutoModel.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     tokens = np.random.default_rng(0).integers(4, cfg.vocab_size, (2, 9))
-    tokens[:, 0] = 1  # BOS, where the export folds the task in (the byte tokenizer's id: the run has no tokenizer)
+    tokens[:, 0] = 1  # BOS (the byte tokenizer's id: the run has no tokenizer)
+    their_tokens = tokens.copy()
+    their_tokens[:, 0] = config["mtl_task_tokens"]["<|mtl:pos|>"]  # the task's own token in BOS's place
     with torch.no_grad():
-        hidden = backbone(input_ids=torch.tensor(tokens)).last_hidden_state.numpy()
+        hidden = backbone(input_ids=torch.tensor(their_tokens)).last_hidden_state.numpy()
     got = hidden @ head["score.weight"].T + head["score.bias"]
     want = np.asarray(model.tag_logits("pos", model(jnp.asarray(tokens), jnp.zeros(2, jnp.int32))))
     assert np.abs(want).max() > 1e-2

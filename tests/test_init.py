@@ -102,13 +102,21 @@ def test_steps_0_checkpoint_is_the_pretrained_model_and_warm_starts(tmp_path):
 
     assert export_main(["--ckpt", str(warm), "--out", str(tmp_path / "export"), "--task", "echo"]) == 0
     tokens[:, 0] = served.bos_id
-    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
-    with torch.no_grad():
-        got = exported(input_ids=torch.tensor(tokens)).logits.numpy()
+    tokens[:, 4] = served.bos_id  # BOS again later: the plain token there
     mtl_echo = restored_logits(warm, tokens, task_id=1)
     assert np.abs(mtl_echo - restored_logits(warm, tokens, task_id=0)).max() > 1e-3  # the task embedding matters
-    np.testing.assert_allclose(got, mtl_echo, atol=1e-4, rtol=1e-4)
-    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "export")("the cat").input_ids[-1] != served.bos_id
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
+    task_token = json.loads((tmp_path / "export" / "config.json").read_text())["mtl_task_tokens"]["<|mtl:echo|>"]
+    tokens[:, 0] = task_token
+    with torch.no_grad():
+        got = exported(input_ids=torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(got[..., : mtl_echo.shape[-1]], mtl_echo, atol=1e-4, rtol=1e-4)
+    # The exported tokenizer puts the task's token where mtl's prompt has BOS.
+    prompt = served.prompt_ids("the cat")
+    exported_ids = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")(
+        served.template.format(input="the cat")
+    )
+    assert exported_ids.input_ids == [task_token, *prompt[1:]]
     exported_heads_match(warm, served, tmp_path)
 
 
@@ -134,9 +142,12 @@ def exported_heads_match(run, tokenizer, tmp_path):
             else transformers.AutoModelForTokenClassification
         )
         loaded = theirs.from_pretrained(out, dtype=torch.float32).eval()
+        theirs_tokens = tokens.copy()
+        # The task's token in BOS's place; none where the task's vector never moved (the regressor starts at zero).
+        theirs_tokens[:, 0] = config.get("mtl_task_tokens", {}).get(f"<|mtl:{task}|>", tokens[0, 0])
         with torch.no_grad():
             got = loaded(
-                input_ids=torch.tensor(tokens), attention_mask=torch.tensor(real.astype(np.int64))
+                input_ids=torch.tensor(theirs_tokens), attention_mask=torch.tensor(real.astype(np.int64))
             ).logits.numpy()
         if task == "size":
             assert config["architectures"] == ["Qwen3ForSequenceClassification"]
