@@ -178,3 +178,34 @@ def test_export_writes_peft_adapters_that_peft_loads_with_mtls_logits(tmp_path):
     assert not (tmp_path / "merged" / "adapter").exists()
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     np.testing.assert_allclose(logits(merged), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma3"])
+def test_peft_export_of_each_pretrained_family(tmp_path, family):
+    """The PEFT adapter of a Qwen2, Qwen3 or Gemma 3 backbone (biases, q/k norms, Gemma's norms and GELU) loads
+    back in peft on the exported model and gives mtl's logits (f32, 1e-4)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from mtl import hf_import
+    from mtl.config import tiny
+    from mtl.export import main as export_main
+    from tests import hf_fixtures
+
+    source = hf_fixtures.tiny_model(family, str(tmp_path / "src"))
+    adapters_on = dict(adapter_rank=4, adapter_targets="q,k,v,o,gate,up,down", adapter_alpha=8.0)
+    cfg = dataclasses.replace(hf_import.read_config(source), heads=tiny_model_config().heads, **adapters_on)
+    model = randomise_adapters(MultiTaskModel(cfg, rngs=nnx.Rngs(0)), std=0.2)
+    tokens = np.random.default_rng(0).integers(4, 300, (2, 11))
+    tokens[:, 0] = 1
+    model.task_embed[...] = jnp.zeros_like(model.task_embed[...])  # as imported: no task token needed
+    run = write_run(tmp_path / "run", dataclasses.replace(tiny(), model=cfg), model)
+    want = np.asarray(model.lm_logits(_call(model, jnp.asarray(tokens), jnp.full(2, 2))))  # task "echo"
+    assert export_main(["--ckpt", str(run), "--out", str(tmp_path / "hf"), "--task", "echo"]) == 0
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        plain = base(input_ids=torch.tensor(tokens)).logits.numpy()
+        with_adapter = peft.PeftModel.from_pretrained(base, str(tmp_path / "hf" / "adapter")).eval()
+        got = with_adapter(input_ids=torch.tensor(tokens)).logits.numpy()
+    assert np.abs(plain - want).max() > 1e-2  # the adapter matters
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
