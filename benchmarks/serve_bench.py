@@ -171,8 +171,11 @@ def time_decode_step(
             jax.block_until_ready(sched.engine.state)
             t = time.perf_counter()
             e = sched.engine
+            span = e.span(e.cfg.max_len)  # the whole cache, as the step's cost below is modelled
             for _ in range(calls):
-                e.state, tokens, _ = e._step(e._arrays, e.weights, e.state, np.int32(k), np.int32(sched.max_batch + 1))
+                e.state, tokens, _ = e._step(
+                    e._arrays, e.weights, e.state, np.int32(k), np.int32(sched.max_batch + 1), span
+                )
             tokens.block_until_ready()
         best = min(best, (time.perf_counter() - t) / (calls * k))
         for ticket in tickets:
