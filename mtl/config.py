@@ -157,6 +157,7 @@ class ServeConfig:
     spare_kinds: str = ""  # head kinds of spare rows in turn, e.g. classify,regress,tag; "": classify if max_classes
     add_tasks: str = ""  # RUN:TASK,...: tasks of other runs added at start-up, as POST /v1/tasks adds them
     kv_dtype: str = ""  # how the KV cache is stored: float32, bfloat16, float16 or int8; empty: model.dtype
+    default_task: str = ""  # the generation task OpenAI's model=<base model's name> asks for; "": the run's first
     kv_memory: str = ""  # the decode slots' KV cache budget, e.g. 2GiB: slots = what fits, at most max_batch
 
 

@@ -44,6 +44,13 @@ class Api:
         """Each served task's kind, now (tasks come and go)."""
         return self.server.table.kinds()
 
+    def named(self) -> dict[str, str]:
+        """The base model's name and the generation task OpenAI's ``model=<name>`` answers as (none if scratch)."""
+        from mtl.serving import openai_api
+
+        init, default_task = getattr(self.server, "base", ("", ""))
+        return openai_api.aliases(init, default_task, self.kinds())
+
     def error(self, request, status: int, message: str, headers=None, rid=None):
         """A JSON error answer in the shape of ``request``'s route family."""
         from aiohttp import web

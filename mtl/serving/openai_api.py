@@ -17,6 +17,7 @@ ignored. Errors have OpenAI's shape: ``{"error": {"message", "type", "param", "c
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any
@@ -60,49 +61,74 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
-def models(task_kinds: dict[str, str], created: int) -> dict:
-    """``GET /v1/models``: every served task, generation or not (its kind says which routes answer it)."""
+def base_model(init: str) -> str:
+    """The name of the pretrained model a run started from (``train.init``): ``hf:ORG/NAME`` -> NAME, a folder's
+    or GGUF file's name without ``.gguf`` and its quantisation (``SmolLM2-135M-Instruct.Q4_1.gguf`` ->
+    ``SmolLM2-135M-Instruct``); "" for a run trained from scratch."""
+    name = init.removeprefix("hf:").rstrip("/\\").replace("\\", "/").split("/")[-1] if init else ""
+    if name.lower().endswith(".gguf"):
+        name = re.sub(r"[.-](I?Q\d\w*|F16|F32|BF16)$", "", name[:-5], flags=re.IGNORECASE)
+    return name
+
+
+def aliases(init: str, default_task: str, task_kinds: dict[str, str]) -> dict[str, str]:
+    """``{base model's name: the generation task it answers as}`` (``serve.default_task``, else the first one)."""
+    name = base_model(init)
+    generate = sorted(t for t, kind in task_kinds.items() if kind == "generate")
+    task = default_task or (generate[0] if generate else "")
+    return {name: task} if name and task and name not in task_kinds else {}
+
+
+def models(task_kinds: dict[str, str], created: int, named: dict[str, str] | None = None) -> dict:
+    """``GET /v1/models``: the base model's name (``named``: its task), then every served task, generation or
+    not (its kind says which routes answer it)."""
     data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "mtl", "kind": "generate", "task": task}
+        for name, task in (named or {}).items()
+    ]
+    data += [
         {"id": name, "object": "model", "created": created, "owned_by": "mtl", "kind": kind}
         for name, kind in sorted(task_kinds.items())
     ]
     return {"object": "list", "data": data}
 
 
-def completion_requests(body: Any, task_kinds: dict[str, str]) -> list[dict]:
+def completion_requests(body: Any, task_kinds: dict[str, str], named: dict[str, str] | None = None) -> list[dict]:
     """The mtl request objects (docs/contract.md's) that an OpenAI completions body asks for, one a prompt.
 
     Raises:
       OpenAIError: the body does not fit :class:`~mtl.serving.schemas.CompletionRequest`, names no
         generation task, or asks for what mtl cannot do.
     """
-    checked, request = _generation_request(body, task_kinds, schemas.CompletionRequest, UNSUPPORTED)
+    checked, request = _generation_request(body, task_kinds, schemas.CompletionRequest, UNSUPPORTED, named)
     prompts = [checked.prompt] if isinstance(checked.prompt, str) else list(checked.prompt)
     return [{**request, "id": i, "input": p} for i, p in enumerate(prompts)]
 
 
-def chat_request(body: Any, task_kinds: dict[str, str]) -> dict:
+def chat_request(body: Any, task_kinds: dict[str, str], named: dict[str, str] | None = None) -> dict:
     """The mtl request object an OpenAI chat completions body asks for, without its ``input``:
     the messages (``body["messages"]``) become the prompt through the checkpoint's chat template.
 
     Raises:
       OpenAIError: as :func:`completion_requests`; ``max_completion_tokens`` is read as ``max_tokens``.
     """
-    checked, request = _generation_request(body, task_kinds, schemas.ChatCompletionRequest, CHAT_UNSUPPORTED)
+    checked, request = _generation_request(body, task_kinds, schemas.ChatCompletionRequest, CHAT_UNSUPPORTED, named)
     if checked.max_completion_tokens is not None:
         request["max_new_tokens"] = checked.max_completion_tokens
     return request
 
 
-def resolve_model(model: str, task_kinds: dict[str, str]) -> str:
-    """The generation task a request's ``model`` names (a task's model id is its name).
+def resolve_model(model: str, task_kinds: dict[str, str], named: dict[str, str] | None = None) -> str:
+    """The generation task a request's ``model`` names (a task's model id is its name; ``named``: the base
+    model's name and the task it answers as).
 
     Raises:
       OpenAIError: no such model (404, listing the served ones), or one that does not generate.
     """
+    model = (named or {}).get(model, model)
     kind = task_kinds.get(model)
     if kind is None:
-        served = ", ".join(sorted(task_kinds))
+        served = ", ".join([*(named or {}), *sorted(task_kinds)])
         raise OpenAIError(f"the model {model!r} does not exist; served: {served}", 404, "model", "not_found_error")
     if kind != "generate":
         message = f"{model!r} is a {kind} task; completions serve generation tasks (use /v1/infer)"
@@ -110,7 +136,7 @@ def resolve_model(model: str, task_kinds: dict[str, str]) -> str:
     return model
 
 
-def _generation_request(body: Any, task_kinds: dict[str, str], model_cls, unsupported) -> tuple[Any, dict]:
+def _generation_request(body: Any, task_kinds: dict[str, str], model_cls, unsupported, named=None) -> tuple[Any, dict]:
     """The body checked as ``model_cls``, and the fields shared by completions and chat completions in mtl's names."""
     try:
         checked = schemas.check(model_cls, body)
@@ -123,7 +149,7 @@ def _generation_request(body: Any, task_kinds: dict[str, str], model_cls, unsupp
     for field in PENALTIES:
         if getattr(checked, field) not in (0, 0.0, None):
             raise OpenAIError(f"{field}={getattr(checked, field)!r} is not supported; only 0", param=field)
-    request: dict[str, Any] = {"task": resolve_model(checked.model, task_kinds)}
+    request: dict[str, Any] = {"task": resolve_model(checked.model, task_kinds, named)}
     # OpenAI's defaults where they differ from /v1/infer's: sampling at temperature 1.
     request["temperature"] = 1.0 if checked.temperature is None else checked.temperature
     honoured = (("max_new_tokens", "max_tokens"), ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"))

@@ -23,12 +23,12 @@ def add_routes(app, api: Api) -> None:
     api.openai_paths.update(PATHS)
 
     async def list_models(_request):
-        return web.json_response(openai_api.models(api.kinds(), api.started))
+        return web.json_response(openai_api.models(api.kinds(), api.started, api.named()))
 
     async def completions(request):
         try:
             body = await api.read_json(request)
-            raws = openai_api.completion_requests(body, api.kinds())
+            raws = openai_api.completion_requests(body, api.kinds(), api.named())
         except ValueError as e:
             return api.error(request, 400, str(e))
         except openai_api.OpenAIError as e:
@@ -76,7 +76,7 @@ def add_routes(app, api: Api) -> None:
             return api.error(request, 400, message)
         try:
             body = await api.read_json(request)
-            raw = openai_api.chat_request(body, api.kinds())
+            raw = openai_api.chat_request(body, api.kinds(), api.named())
             prompt = server.chat.prompt_ids(chat.messages_of(body["messages"]))
             # Checked as any request; the rendered messages then replace the task's prompt template.
             parsed = server.parse({**raw, "id": 0, "input": ""})

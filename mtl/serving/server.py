@@ -112,6 +112,7 @@ class Server:
         self.scheduler = scheduler
         self.table = scheduler.table
         self.tokenizer = tokenizer
+        self.base = ("", "")  # train.init and serve.default_task: OpenAI's model=<base model's name> (openai_api)
         self.loader = None  # adds and removes tasks (POST/DELETE /v1/tasks, mtl.serving.task_loader), set by load
         self.chat = chat.ChatTemplate.from_tokenizer(tokenizer)  # None: no chat template, no chat completions
 
@@ -170,6 +171,7 @@ class Server:
             + f"; decode spans {','.join(map(str, engine.spans))}"
         )
         server = cls(scheduler, tokenizer)
+        server.base = (cfg.train.init or "", cfg.serve.default_task)  # OpenAI's model=<base name> (openai_api)
         server.loader = task_loader.TaskLoader(table, scheduler.engine, cfg, folder.parent, runs_root)
         task_loader.add_at_start(server.loader, cfg.serve.add_tasks)
         t0 = time.perf_counter()
