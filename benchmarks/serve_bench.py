@@ -229,7 +229,7 @@ def adapter_section(
             tasks = [f"t{i}" for i in range(distinct)]
             best[mix] = min(best[mix], time_decode_step(engines[name], repeats=1, tasks=tasks)[0])
     base = best["no adapters"]
-    m = engines["none"].cfg
+    m = engines["none"].engine.cfg
     print(
         f"\nadapters: preset {preset} (D={m.d_model} F={m.d_ff} L={m.n_layers}), rank {rank} on {targets}, "
         f"16 task rows, {max_batch} live slots, best of {repeats}"
