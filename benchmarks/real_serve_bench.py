@@ -137,8 +137,8 @@ def workload(folder: str, n: int) -> list[list[int]]:
         if i % 4 == 2:
             question = "Some context: " + " ".join(QUESTIONS[(i + j) % len(QUESTIONS)] for j in range(3)) + " " + question
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        prompts.append(list(ids["input_ids"] if isinstance(ids, dict) else ids))
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompts.append(tokenizer.encode(text, add_special_tokens=False))  # the template writes its own markers
     return prompts
 
 
