@@ -13,7 +13,11 @@ so a checkpoint saved on one mesh loads onto any other. A checkpoint damaged
 after it was written (a truncated data file, a deleted ``manifest.ocdbt`` or
 metadata file) is skipped by :func:`restore_newest`, which training and serving
 both call: it falls back to the newest checkpoint that restores, with a
-one-line warning naming what was skipped and why.
+one-line warning naming what was skipped and why. Damage that leaves the files
+readable (a flipped bit) is caught by the checksums of :mod:`mtl.checksums`:
+``save`` records one per array in ``meta``, and ``restore`` and ``read_meta``
+verify them, raising :class:`~mtl.checksums.ChecksumError`. A checkpoint saved
+before checksums were recorded restores unverified.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, TypeVar
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from mtl import checksums
 from mtl.config import UsageError
 
 T = TypeVar("T")
@@ -61,12 +66,20 @@ class Checkpoints:
         return list(self.manager.all_steps())
 
     def save(self, step: int, model: nnx.State, optimizer: nnx.State, meta: dict[str, Any]) -> None:
+        model, optimizer = _pure(model), _pure(optimizer)
+        # Digests come from the arrays as they are now: the next train step donates their buffers.
+        sums = {
+            "algorithm": checksums.ALGORITHM,
+            "meta": checksums.meta_digest(meta),
+            "model": checksums.tree_digests(model),
+            "optimizer": checksums.tree_digests(optimizer),
+        }
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                model=ocp.args.StandardSave(_pure(model)),
-                optimizer=ocp.args.StandardSave(_pure(optimizer)),
-                meta=ocp.args.JsonSave(meta),
+                model=ocp.args.StandardSave(model),
+                optimizer=ocp.args.StandardSave(optimizer),
+                meta=ocp.args.JsonSave({**meta, CHECKSUMS: sums}),
             ),
         )
 
@@ -76,19 +89,26 @@ class Checkpoints:
         """Restores into abstract targets (leaves: ShapeDtypeStruct with a sharding).
 
         Pass ``optimizer=None`` to read only the parameters, as a server does.
+
+        Raises:
+          ChecksumError: an array or the metadata differs from what was saved.
         """
         items = {"model": ocp.args.StandardRestore(_pure(model)), "meta": ocp.args.JsonRestore()}
         if optimizer is not None:
             items["optimizer"] = ocp.args.StandardRestore(_pure(optimizer))
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        meta, sums = _checked_meta(restored["meta"])
+        for item in ("model", "optimizer") if optimizer is not None else ("model",):
+            checksums.verify(restored[item], sums.get(item, {}), item)
         nnx.replace_by_pure_dict(model, restored["model"])
         if optimizer is not None:
             nnx.replace_by_pure_dict(optimizer, restored["optimizer"])
-        return model, optimizer, dict(restored["meta"])
+        return model, optimizer, meta
 
     def read_meta(self, step: int) -> dict[str, Any]:
+        """Reads a checkpoint's metadata alone (verified against its checksum)."""
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored["meta"])
+        return _checked_meta(restored["meta"])[0]
 
     def reload(self) -> None:
         """Reads the folder's steps again (after another process or :func:`set_aside` changed it)."""
@@ -99,6 +119,18 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+CHECKSUMS = "checksums"  # the entry of ``meta`` that holds them
+
+
+def _checked_meta(restored: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The metadata as saved (less its checksums) and the checksums, once the metadata's own is verified."""
+    meta = dict(restored)
+    sums = meta.pop(CHECKSUMS, None) or {}
+    if "meta" in sums and checksums.meta_digest(meta) != sums["meta"]:
+        raise checksums.ChecksumError("meta does not match the checksum saved with it")
+    return meta, sums
 
 
 def complete_steps(folder: str | pathlib.Path) -> list[int]:
@@ -159,7 +191,7 @@ def restore_newest(
       directory: the checkpoints folder (``RUN/checkpoints``).
       steps: the steps to try, in any order; the newest is tried first.
       restore: restores one step (raising if it cannot); its result is returned.
-      warn: called with one line for each step skipped, naming it and why.
+      warn: called with one line for each step skipped for an older one, naming it and why.
       optimizer: the checkpoints must hold the optimizer state too (training).
 
     Returns:
@@ -167,7 +199,7 @@ def restore_newest(
 
     Raises:
       UsageError: ``restore`` raised one (a mesh that does not fit, say): it is no damage.
-      ValueError: no step restores; the message names each step and its reason.
+      ValueError: no step restores; the message names each step (or the one) and its reason.
     """
     directory = pathlib.Path(directory)
     skipped, reasons = [], []
@@ -180,11 +212,13 @@ def restore_newest(
                 raise
             except Exception as e:  # orbax and tensorstore raise many types for a damaged file
                 reason = _first_line(e)
-        older = [s for s in steps if s < step]
-        then = f"falling back to step {max(older)}" if older else "no older checkpoint is left"
-        warn(f"warning: checkpoint {directory / str(step)} cannot be restored ({reason}); {then}")
+        if older := [s for s in steps if s < step]:  # with none left, the error below says it all in one line
+            where = directory / str(step)
+            warn(f"warning: checkpoint {where} cannot be restored ({reason}); falling back to step {max(older)}")
         skipped.append(step)
         reasons.append(f"step {step}: {reason}")
+    if len(skipped) == 1:
+        raise ValueError(f"checkpoint {str(directory / str(skipped[0]))!r} cannot be restored ({reason})")
     raise ValueError(f"no checkpoint in {str(directory)!r} restores ({'; '.join(reasons) or 'there are none'})")
 
 

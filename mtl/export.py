@@ -76,7 +76,7 @@ from flax import nnx
 
 from mtl import adapters, hf_import
 from mtl import config as C
-from mtl.checkpoint import Checkpoints, find
+from mtl.checkpoint import Checkpoints, find, restore_newest
 from mtl.config import ModelConfig, UsageError
 from mtl.model import MultiTaskModel
 from mtl.partition import abstract_state
@@ -185,7 +185,10 @@ def export(
         raise UsageError(str(e)) from None
     run_dir = folder.parent
     checkpoints = Checkpoints(folder, read_only=True)
-    meta = checkpoints.read_meta(step)
+    try:  # the newest checkpoint, verified; a damaged one is refused, never exported (nor an older one instead)
+        _, meta, _ = restore_newest(folder, [step], checkpoints.read_meta, lambda _: None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     cfg = C.from_dict(meta["config"]).model
     heads = {h.task: h for h in cfg.heads}
     generate = [h.task for h in cfg.heads if h.kind == "generate"]
@@ -205,7 +208,10 @@ def export(
     hf["architectures"] = [architecture(cfg, head.kind)]
     mesh = make_mesh("data=1", jax.devices()[:1])
     graphdef, params, _ = abstract_state(lambda: MultiTaskModel(cfg, rngs=nnx.Rngs(0)), mesh)
-    checkpoints.restore(step, params)
+    try:
+        restore_newest(folder, [step], lambda s: checkpoints.restore(s, params), lambda _: None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     checkpoints.close()
     model = nnx.merge(graphdef, params)
     ids = _special_ids(run_dir)

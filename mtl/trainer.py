@@ -41,6 +41,7 @@ from mtl import adapters, distributed, evaluator, hf_import, memory, perf, train
 from mtl import cache_dir as cache_dir_module
 from mtl import config as C
 from mtl.checkpoint import Checkpoints, restore_newest, set_aside
+from mtl.checksums import ChecksumError
 from mtl.checkpoint import find as find_checkpoint
 from mtl.config import UsageError
 from mtl.data_progress import rate_text, tokenize_progress
@@ -638,7 +639,10 @@ def initial_params(cfg: C.Config, mesh: jax.sharding.Mesh) -> nnx.State:
     except ValueError as e:
         raise UsageError(f"--init {cfg.train.init}: {e}") from None
     _, old, _ = abstract_state(lambda: MultiTaskModel(source, rngs=nnx.Rngs(0)), mesh)
-    Checkpoints(ckpt_folder, read_only=True).restore(step, old)
+    try:
+        Checkpoints(ckpt_folder, read_only=True).restore(step, old)
+    except ChecksumError as e:
+        raise UsageError(f"--init {cfg.train.init}: checkpoint {ckpt_folder / str(step)} is damaged: {e}") from None
     _, new, _ = create_sharded(lambda: MultiTaskModel(cfg.model, rngs=nnx.Rngs(cfg.train.seed)), mesh)
     same = {(h.task, h.kind, h.num_classes): i for i, h in enumerate(source.heads)}
     shared = {

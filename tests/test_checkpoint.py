@@ -101,3 +101,23 @@ def test_each_element_is_written_once(tmp_path, monkeypatch, spec):
     assert any(replicated for *_, replicated in planned.values())  # there were copies to skip
     for array_bytes, written, _ in planned.values():
         assert written == array_bytes
+
+
+def test_an_array_that_differs_from_its_saved_checksum_is_refused_naming_it(tmp_path):
+    """Arrays on disk that differ from what was saved (here: the digest recorded for one is another array's)."""
+    import json
+
+    from mtl import checksums
+
+    mesh = sharding.make_mesh("", jax.devices()[:1])
+    save(tmp_path, 1, trained_state(mesh))
+    restore(tmp_path, 1, mesh)  # as saved: it verifies
+    path = tmp_path / "1" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    sums = meta.pop("checksums")
+    names = sorted(sums["model"])
+    sums["model"][names[0]] = sums["model"][names[1]]
+    sums["meta"] = checksums.meta_digest(meta)  # the metadata itself still verifies
+    path.write_text(json.dumps({**meta, "checksums": sums}))
+    with pytest.raises(checksums.ChecksumError, match=f"^model array {names[0]} does not match the checksum"):
+        restore(tmp_path, 1, mesh)

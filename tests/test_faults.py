@@ -228,11 +228,23 @@ def test_after_every_fault_the_same_command_finishes_with_nothing_lost(stopped_r
     assert evals == [("test", STEPS), ("validation", STEPS)]
 
 
+def flip_a_bit(path: pathlib.Path) -> None:
+    """Flips one bit in the middle of a file: a bad sector, a copy gone wrong; the file still reads."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def largest_data_file(item: pathlib.Path) -> pathlib.Path:
+    return max(item.rglob("d/*"), key=lambda p: p.stat().st_size)
+
+
 def test_a_damaged_newest_checkpoint_is_set_aside_and_redone(stopped_run, env):
     out, _ = stopped_run
     steps = complete_steps(out / "checkpoints")
-    data = max((out / "checkpoints" / str(steps[-1]) / "optimizer").rglob("d/*"), key=lambda p: p.stat().st_size)
-    data.write_bytes(data.read_bytes()[:100])  # truncated: a disk that filled up, a copy cut short
+    # One flipped bit in the weights (issue 26: it restored silently, then "diverged"); a truncated file is
+    # covered in process by test_restore_walks_back_past_each_kind_of_damage.
+    flip_a_bit(largest_data_file(out / "checkpoints" / str(steps[-1]) / "model"))
     run = Train(out, env)
     code = run.finish()
     stderr = run.stderr()
@@ -338,7 +350,16 @@ DAMAGE = {
     "missing _METADATA": lambda d: (d / "optimizer" / "_METADATA").unlink(),
     "missing meta": lambda d: (d / "meta" / "metadata").unlink(),
     "missing checkpoint metadata": lambda d: (d / "_CHECKPOINT_METADATA").unlink(),
+    "flipped bit in a data file": lambda d: flip_a_bit(largest_data_file(d / "model")),
+    "edited metadata": lambda d: edit_step(d / "meta" / "metadata"),
 }
+
+
+def edit_step(path: pathlib.Path) -> None:
+    """A metadata file that still parses, with another step in it."""
+    meta = json.loads(path.read_text())
+    meta["step"] += 27
+    path.write_text(json.dumps(meta))
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
@@ -361,6 +382,30 @@ def test_restore_walks_back_past_each_kind_of_damage(saved_steps, tmp_path, dama
     assert f"{path / '3'} cannot be restored" in line and "falling back to step 2" in line and "\n" not in line
     if damage.startswith("missing"):
         assert missing_files(path / "3", optimizer=True) in line
+    if damage == "edited metadata":
+        assert "(meta does not match the checksum saved with it)" in line
+
+
+def test_a_corrupt_checkpoint_is_refused_by_serve_and_export_in_one_line(stopped_run, tmp_path, capsys):
+    from mtl import export
+    from mtl.cli import serve
+
+    out, _ = stopped_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("damaged-*"))
+    newest_dir = copy / "checkpoints" / str(complete_steps(copy / "checkpoints")[-1])
+    flip_a_bit(largest_data_file(newest_dir / "model"))
+    capsys.readouterr()
+
+    assert serve.main(["--ckpt", str(newest_dir), "--requests", os.devnull, "--out", str(tmp_path / "r")]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert line.startswith(f"serve.py: error: checkpoint {str(newest_dir)!r} cannot be restored (")
+    assert not (tmp_path / "r").exists()
+
+    assert export.main(["--ckpt", str(copy), "--out", str(tmp_path / "hf"), "--task", "langid"]) == 2  # no fallback
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert line.startswith(f"mtl.export: error: checkpoint {str(newest_dir)!r} cannot be restored (")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_restore_refuses_when_no_checkpoint_restores_and_passes_usage_errors_on(tmp_path):

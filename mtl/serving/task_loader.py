@@ -38,6 +38,7 @@ from flax import nnx
 from mtl import adapters
 from mtl import config as C
 from mtl.checkpoint import Checkpoints, candidates
+from mtl.checksums import ChecksumError
 from mtl.model import MultiTaskModel
 from mtl.partition import abstract_state
 from mtl.serving.task_table import SPARE, Task, TaskError, TaskTable
@@ -106,6 +107,8 @@ def _read_run(run: str) -> tuple[pathlib.Path, int, dict]:
     checkpoints = Checkpoints(folder, read_only=True)
     try:
         return folder, steps[-1], checkpoints.read_meta(steps[-1])
+    except ChecksumError as e:
+        raise TaskError(f"run {run!r}: checkpoint {steps[-1]} is damaged: {e}") from None
     finally:
         checkpoints.close()
 
@@ -210,6 +213,8 @@ class TaskLoader:
         checkpoints = Checkpoints(folder, read_only=True)
         try:
             checkpoints.restore(step, abstract)
+        except ChecksumError as e:
+            raise TaskError(f"checkpoint {folder / str(step)} is damaged: {e}") from None
         finally:
             checkpoints.close()
         return dict(nnx.to_flat_state(abstract))
