@@ -29,7 +29,8 @@ import numpy as np
 from tensorboardX import SummaryWriter
 
 from mtl import config as C
-from mtl.checkpoint import Checkpoints, restore_newest, set_aside
+from mtl import disk
+from mtl.checkpoint import Checkpoints, complete_steps, restore_newest, set_aside
 from mtl.config import UsageError
 from mtl.evaluator import selection_score
 
@@ -79,18 +80,23 @@ class RunFolder:
         self._lock = f
 
     def check_path(self) -> None:
-        """Raises UsageError if the folder cannot be one: it, or a folder above it, is a file."""
+        """Raises UsageError if the folder cannot be one: it or a folder above it is a file, or it cannot be written."""
         for path in (self.path, *self.path.parents):
             if path.exists() and not path.is_dir():
                 what = "" if path == self.path else f" (its parent {str(path)!r} is)"
                 raise UsageError(f"--out {str(self.path)!r} must be a folder, but a file is there{what}")
             if path.exists():
                 break
+        disk.check_writable(self.path)
 
-    def check_resumable(self, cfg: C.Config) -> None:
-        """Raises UsageError if the folder holds a run of another model or data.
+    def check_resumable(self, cfg: C.Config, tasks: list[dict] | None = None) -> None:
+        """Raises UsageError if the folder holds a run of another model or data, or one past ``train.steps``.
 
-        The serving section may change freely: it is how the run is served, not what it trains.
+        The serving section may change freely: it is how the run is served, not
+        what it trains. More steps extend the run; fewer than its newest
+        checkpoint would log its metrics under steps the model is not at.
+        ``tasks`` (each task's ``meta()``) must match the kinds and labels the
+        run trained on: a task file edited since reads as other data.
         """
 
         self.check_path()
@@ -110,11 +116,32 @@ class RunFolder:
             for k, v in dataclasses.asdict(cfg.train).items()
             if k not in RESUMABLE_TRAIN and dataclasses.asdict(old.train)[k] != v
         ]
+        changed += self._changed_tasks(tasks or [])
         if changed:
             raise UsageError(
                 f"--out {str(self.path)!r} holds a run with different {', '.join(changed)}; "
                 "use a new --out to start afresh"
             )
+        done = complete_steps(self.path / "checkpoints")
+        if done and done[-1] > cfg.train.steps:
+            raise UsageError(
+                f"--out {str(self.path)!r} holds a run already at step {done[-1]}, past --steps {cfg.train.steps}; "
+                f"give --steps {done[-1]} or more to resume it, or a new --out"
+            )
+
+    def _changed_tasks(self, tasks: list[dict]) -> list[str]:
+        """``task NAME kind`` / ``task NAME labels`` for each task whose kind or labels differ from tasks.json's."""
+        saved_path = self.path / "tasks.json"
+        if not tasks or not saved_path.exists():
+            return []
+        saved = {t["name"]: t for t in json.loads(saved_path.read_text())}
+        return [
+            f"task {t['name']} {field}"
+            for t in tasks
+            if t["name"] in saved
+            for field in ("kind", "labels")
+            if saved[t["name"]].get(field) != t.get(field)
+        ]
 
     def start(self, cfg: C.Config, task_meta: list[dict]) -> None:
         """Writes the run's config and tasks (again, on resumption: ``steps`` or ``mesh`` may have changed)."""

@@ -37,12 +37,12 @@ from rich.console import Console
 
 import sharding
 import tasks
-from mtl import adapters, distributed, evaluator, hf_import, memory, perf, training
+from mtl import adapters, disk, distributed, evaluator, hf_import, memory, perf, training
 from mtl import cache_dir as cache_dir_module
 from mtl import config as C
 from mtl.checkpoint import Checkpoints, restore_newest, set_aside
-from mtl.checksums import ChecksumError
 from mtl.checkpoint import find as find_checkpoint
+from mtl.checksums import ChecksumError
 from mtl.config import UsageError
 from mtl.data_progress import rate_text, tokenize_progress
 from mtl.model import MultiTaskModel, count_params
@@ -426,7 +426,10 @@ def run(plan: Plan, out: str | os.PathLike, console: Console | None = None) -> d
 def _run(plan: Plan, out: pathlib.Path, console: Console, stop: StopSignals) -> dict:
     cfg, mesh = plan.config, plan.mesh
     folder = RunFolder(out)
-    folder.check_resumable(cfg)
+    folder.check_resumable(cfg, [d.meta() for d in plan.data])
+    if jax.process_index() == 0:  # room for a new checkpoint and a new best beside the ones kept
+        _, abstract, _ = training.abstract_train_state(cfg.model, cfg.train, mesh)
+        disk.check_writable(out, 2 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract)))
     distributed.sync("mtl: run folder checked")  # before anything (a lock file, checkpoints/) is created in it
     folder.lock()  # a second train.py on this folder stops here, naming this process
     checkpoints = Checkpoints(folder.path / "checkpoints", keep=cfg.train.keep_checkpoints)

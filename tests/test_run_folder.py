@@ -87,3 +87,23 @@ def test_a_resumed_run_drops_a_part_done_evaluation_and_a_torn_last_line(tmp_pat
     with pytest.raises(UsageError, match="line 2 is not JSON: 'not json'"):
         folder.truncate_metrics(2, evaluated=False)
     assert folder.metrics_path.read_text().count("\n") == 3
+
+
+def test_fewer_steps_than_done_is_refused_and_more_extend(tmp_path):
+    started(tmp_path)
+    (tmp_path / "checkpoints" / "40" / "meta").mkdir(parents=True)  # a complete checkpoint of step 40
+    RunFolder(tmp_path).check_resumable(CFG)  # CFG trains more steps than 40: it extends
+    for steps in (40, 41):
+        RunFolder(tmp_path).check_resumable(dataclasses.replace(CFG, train=dataclasses.replace(CFG.train, steps=steps)))
+    fewer = dataclasses.replace(CFG, train=dataclasses.replace(CFG.train, steps=39))
+    with pytest.raises(UsageError, match=r"already at step 40, past --steps 39; give --steps 40 or more to resume"):
+        RunFolder(tmp_path).check_resumable(fewer)
+
+
+def test_a_task_whose_data_now_gives_other_labels_or_kind_is_refused_naming_it(tmp_path):
+    started(tmp_path)
+    same = [{"name": "g2p", "kind": "generate", "labels": [], "max_new_tokens": 9}]
+    RunFolder(tmp_path).check_resumable(CFG, same)
+    for changed, field in (({"labels": ["a", "b"]}, "labels"), ({"kind": "classify"}, "kind")):
+        with pytest.raises(UsageError, match=f"holds a run with different task g2p {field}; use a new --out"):
+            RunFolder(tmp_path).check_resumable(CFG, [{**same[0], **changed}])

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from collections.abc import Sequence
 
 import jax
 
 from mtl import config as C
-from mtl import distributed, perf, trainer
+from mtl import disk, distributed, perf, trainer
 from mtl.cache_dir import HELP as CACHE_DIR_HELP
 from mtl.cache_dir import enable_compilation_cache
 from mtl.config import UsageError
@@ -97,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # mapping it afresh every step (1.1-1.25x on CPU; docs/training_bench.md).
     perf.tune_host_allocator()
     args = build_parser().parse_args(argv)
+    logging.getLogger("absl").addFilter(disk.QuietDiskErrors())  # a full disk is one line below, not pages
+    disk.quiet_abandoned_writes()
     try:
         if args.list_tasks:
             trainer.list_tasks()
@@ -115,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.out or trainer.default_out(cfg)
         RunFolder(out).check_path()  # before the data is read
         plan = trainer.prepare(cfg, log=print if first else lambda *_: None, cache_dir=args.cache_dir)
-        RunFolder(out).check_resumable(plan.config)  # before the model is built and compiled
+        RunFolder(out).check_resumable(plan.config, [d.meta() for d in plan.data])  # before the model is built
         test = trainer.run(plan, out)
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
@@ -129,6 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C before training started (after, the run saves and stops on its own)
         print("train.py: interrupted before training started", file=sys.stderr)
         return 128 + 2
+    except Exception as e:
+        if (reason := disk.disk_error(e)) is None:
+            raise
+        where = f"--out {args.out!r}" if args.out else "the run folder"
+        message = f"{where} cannot be written: {reason}; make room and run the same command"
+        print(f"train.py: error: {message}", file=sys.stderr)
+        return 2
     if first:
         print(json.dumps({"out": str(out), "test": test}))
     return 0
