@@ -21,7 +21,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-TRAIN_KEYS = ("step", "task", "steps")  # bookkeeping fields of a training line, not metrics
+TRAIN_KEYS = ("step", "task", "steps", "mfu_peak_flops")  # bookkeeping of a training line (and MFU's denominator), not metrics
 LOWER_IS_BETTER = ("loss", "mse", "error")  # metric names containing these read better falling
 
 

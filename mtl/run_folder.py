@@ -193,7 +193,7 @@ class RunFolder:
         for key, value in record.items():
             if key in ("step", "task", "split", "steps") or not isinstance(value, (int, float)):
                 continue
-            tag = f"throughput/{key}" if key in ("tokens_per_s", "mfu") else f"{section}/{record['task']}/{key}"
+            tag = f"throughput/{key}" if key in ("tokens_per_s", "mfu", "mfu_peak_flops") else f"{section}/{record['task']}/{key}"
             self._board.add_scalar(tag, value, record["step"])
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 
 class Window:
@@ -85,6 +85,7 @@ class Window:
             timed = self.tokens > 0
             record["tokens_per_s"] = round(self.tokens / seconds, 1) if timed else None
             record["mfu"] = round(self.flops / seconds / self.peak_flops, 4) if timed else None
+            record["mfu_peak_flops"] = round(self.peak_flops)  # what MFU divides by: the matmul peak measured
             records.append(record)
         self.reset()
         return records
@@ -96,6 +97,29 @@ def losses_text(last: dict) -> str:
     )
     rate = next(iter(last.values())).get("tokens_per_s") if last else None
     return losses + (f"  {rate / 1e3:.1f}k tok/s" if rate else "")
+
+
+class Eta:
+    """The time left, from the steps done since the start and the seconds they took, less compilations.
+
+    A step that compiles takes seconds to minutes more than the rest; counted,
+    it made the first estimate of a run hours long (issue 26). :meth:`untimed`
+    takes such a step out: its seconds and the step itself.
+    """
+
+    def __init__(self, total: int, start: int):
+        self.total, self.start, self.t_start = total, start, time.perf_counter()
+
+    def untimed(self, seconds: float, steps: int = 1) -> None:
+        self.t_start += seconds
+        self.start += steps
+
+    def text(self, completed: int) -> str:
+        done, seconds = completed - self.start, time.perf_counter() - self.t_start
+        if done <= 0 or seconds <= 0:
+            return "? left"
+        left = (self.total - completed) * seconds / done
+        return time.strftime("%H:%M:%S", time.gmtime(left)) + " left"
 
 
 def make_progress(console: Console, total: int, start: int) -> Bar | Lines:
@@ -113,13 +137,14 @@ class Bar:
             TextColumn("train"),
             BarColumn(),
             MofNCompleteColumn(),
-            TimeRemainingColumn(),
+            TextColumn("{task.fields[left]}"),  # ours, not rich's: it leaves compilations out
             TextColumn("{task.fields[losses]}"),
             console=console,
             disable=console.quiet,  # processes other than 0 show no bar
         )
-        self.progress.add_task("train", total=total, completed=start, losses="")
+        self.progress.add_task("train", total=total, completed=start, losses="", left="? left")
         self.console = self.progress.console
+        self.eta = Eta(total, start)
 
     def __enter__(self):
         self.progress.__enter__()
@@ -131,11 +156,12 @@ class Bar:
     def log(self, message: str) -> None:
         self.console.log(message)
 
+    def untimed(self, seconds: float, steps: int = 1) -> None:
+        self.eta.untimed(seconds, steps)
+
     def update(self, completed: int, losses: str | None = None) -> None:
-        if losses is None:
-            self.progress.update(0, completed=completed)
-        else:
-            self.progress.update(0, completed=completed, losses=losses)
+        fields = {"left": self.eta.text(completed)} | ({} if losses is None else {"losses": losses})
+        self.progress.update(0, completed=completed, **fields)
 
 
 class Lines:
@@ -143,8 +169,8 @@ class Lines:
 
     def __init__(self, console: Console, total: int, start: int, every: float = 5.0):
         self.console, self.total, self.every = console, total, every
-        self.start, self.t_start = start, time.perf_counter()
-        self.last_print = self.t_start
+        self.eta = Eta(total, start)
+        self.last_print = time.perf_counter()
         self.losses = ""
 
     def __enter__(self):
@@ -156,6 +182,9 @@ class Lines:
     def log(self, message: str) -> None:
         self.console.log(message)
 
+    def untimed(self, seconds: float, steps: int = 1) -> None:
+        self.eta.untimed(seconds, steps)
+
     def update(self, completed: int, losses: str | None = None) -> None:
         if losses is not None:
             self.losses = losses
@@ -163,11 +192,8 @@ class Lines:
         if now - self.last_print < self.every and completed != self.total:
             return
         self.last_print = now
-        rate = (completed - self.start) / max(now - self.t_start, 1e-9)
-        left = (self.total - completed) / rate if rate > 0 else float("nan")
-        left_text = time.strftime("%H:%M:%S", time.gmtime(left)) if math.isfinite(left) else "?"
         self.console.print(
-            f"train step {completed}/{self.total}  {self.losses}  {left_text} left",
+            f"train step {completed}/{self.total}  {self.losses}  {self.eta.text(completed)}",
             highlight=False,
             soft_wrap=True,
             markup=False,

@@ -512,6 +512,7 @@ def _run(plan: Plan, out: pathlib.Path, console: Console, stop: StopSignals) -> 
                 name, indices = sampler.batch_at(step)  # [B], the global batch
                 d = by_name[name]
                 batch, rows, real_tokens = batches(name, indices)
+                t_compile = time.perf_counter()  # a step that compiles leaves the ETA from here
                 if name not in step_fns:
                     progress.log(f"compiling the train step for {name}")
                     step_fns[name] = training.compile_train_step(
@@ -535,6 +536,7 @@ def _run(plan: Plan, out: pathlib.Path, console: Console, stop: StopSignals) -> 
                 if new_shape:  # keep the compilation (and this one step: its time, tokens and FLOPs) out
                     jax.block_until_ready(metrics)
                     window.untimed(time.perf_counter() - t0)
+                    progress.untimed(time.perf_counter() - t_compile)
                 else:
                     flops = perf.train_flops_per_token(cfg.model, width, trainable=cfg.train.trainable, kind=d.kind)
                     window.timed(real_tokens, flops * rows * width)

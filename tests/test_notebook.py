@@ -82,3 +82,28 @@ def test_notebook_runs_with_the_tiny_preset(tmp_path, monkeypatch):
     pretrained = [t for t in tables if "pre-lang-1" in t]
     assert pretrained and "pre-g2p-1" in pretrained[0], "the pretrained section serves both tasks in one batch"
     assert (out.parent / "run-pretrained" / "tokenizer.json").is_file(), "--init keeps the model's tokenizer"
+
+
+def test_the_notebook_extra_installs_what_the_notebook_imports():
+    """Every module a code cell imports comes from the standard library, mtl, its dependencies or `notebook`."""
+    import importlib.metadata
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["notebook"]
+    names = {re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0].lower().replace("_", "-") for spec in wanted}
+    providers = importlib.metadata.packages_distributions()
+    ours = {"mtl", "sharding", "tasks"}
+    imported = set()
+    for cell in json.loads(NOTEBOOK.read_text())["cells"]:
+        if cell["cell_type"] == "code":
+            found = re.finditer(r"^\s*(?:from\s+([\w.]+)\s+import|import\s+([\w.]+))", "".join(cell["source"]), re.M)
+            imported |= {(m.group(1) or m.group(2)).split(".")[0] for m in found}
+    assert {"pandas", "torch", "IPython"} <= imported  # the check reads the cells
+    missing = [
+        module
+        for module in sorted(imported - ours - set(sys.stdlib_module_names))
+        if not {d.lower().replace("_", "-") for d in providers.get(module, [])} & names
+    ]
+    assert not missing, f"the notebook imports {missing}, which pyproject's notebook extra does not install"

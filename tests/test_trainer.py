@@ -130,6 +130,19 @@ def test_progress_without_a_terminal_is_a_plain_line_every_few_seconds():
     assert quiet.console.file.getvalue() == ""
 
 
+def test_the_time_left_leaves_the_compilation_out(monkeypatch):
+    """Step 1 compiles for 60 s, then steps take 1 s: 98 steps left are 98 s, not 60 s a step (issue 26)."""
+    now = [0.0]
+    monkeypatch.setattr(train_progress.time, "perf_counter", lambda: now[0])
+    eta, counting_the_compile = train_progress.Eta(total=100, start=0), train_progress.Eta(total=100, start=0)
+    now[0] = 61.0  # step 1 (compile 60 s, the step 1 s) is done
+    eta.untimed(61.0, steps=1)
+    assert eta.text(1) == "? left"  # nothing timed yet
+    now[0] = 62.0  # step 2 took 1 s
+    assert eta.text(2) == "00:01:38 left"
+    assert counting_the_compile.text(2) == "00:50:38 left"  # what it showed before: 31 s a step
+
+
 def test_throughput_counts_only_timed_steps(monkeypatch):
     """A compiling step's tokens and FLOPs leave the counts with its seconds: no rate from work outside the clock."""
     clock = iter([0.0, 10.0, 10.0, 20.0, 20.0])  # start; flush and reset; flush and reset
@@ -139,7 +152,7 @@ def test_throughput_counts_only_timed_steps(monkeypatch):
     window.timed(tokens=400, flops=200.0)
     window.add("g2p", {"loss": 1.0}, 1)
     (record,) = window.flush(2)  # at 10 s: 4 timed seconds
-    assert record["tokens_per_s"] == 100.0 and record["mfu"] == 0.5
+    assert record["tokens_per_s"] == 100.0 and record["mfu"] == 0.5 and record["mfu_peak_flops"] == 100
     window.untimed(10.0)  # a window of nothing but a compile (10 -> 20 s)
     window.add("g2p", {"loss": 1.0}, 2)
     (record,) = window.flush(3)
