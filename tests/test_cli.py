@@ -273,6 +273,28 @@ def test_out_naming_a_file_is_refused_before_the_data_is_read(tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "mine"
 
 
+def test_a_shape_that_cannot_be_allocated_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    """What the memory estimate does not foresee: XLA's RESOURCE_EXHAUSTED at compile or run time (issue 26)."""
+    import jax
+
+    from mtl import trainer
+    from mtl.cli.train import main
+
+    def exhausted(plan, out):
+        try:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1.21TiB\nmore detail")
+        except jax.errors.JaxRuntimeError as e:
+            raise RuntimeError("the step failed") from e
+
+    monkeypatch.setattr(trainer, "run", exhausted)
+    assert main(["--tasks", "langid", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("train.py:") or "Traceback" in x]
+    assert line == (
+        "train.py: error: the run does not fit in the devices' memory (RESOURCE_EXHAUSTED: Out of memory "
+        "allocating 1.21TiB); lower train.batch_size or the model"
+    )
+
+
 def test_help_lists_the_set_fields_with_their_defaults():
     result = run("train.py", "--help")
     assert result.returncode == 0

@@ -26,6 +26,15 @@ from mtl.run_folder import RunFolder
 DIVERGED = 3  # exit status of a run stopped by a non-finite loss, gradient or state (2 is bad usage)
 
 
+def out_of_memory(error: BaseException) -> str | None:
+    """XLA's first line if ``error`` (or a cause) is its RESOURCE_EXHAUSTED: a shape that cannot be allocated."""
+    while error is not None:
+        if str(error).startswith("RESOURCE_EXHAUSTED"):
+            return str(error).splitlines()[0][:200]
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
@@ -133,10 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("train.py: interrupted before training started", file=sys.stderr)
         return 128 + 2
     except Exception as e:
-        if (reason := disk.disk_error(e)) is None:
+        if reason := disk.disk_error(e):
+            where = f"--out {args.out!r}" if args.out else "the run folder"
+            message = f"{where} cannot be written: {reason}; make room and run the same command"
+        elif reason := out_of_memory(e):  # what the memory estimate did not foresee
+            message = f"the run does not fit in the devices' memory ({reason}); lower train.batch_size or the model"
+        else:
             raise
-        where = f"--out {args.out!r}" if args.out else "the run folder"
-        message = f"{where} cannot be written: {reason}; make room and run the same command"
         print(f"train.py: error: {message}", file=sys.stderr)
         return 2
     if first:
