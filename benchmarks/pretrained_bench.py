@@ -2,6 +2,7 @@
 
     python benchmarks/pretrained_bench.py                 # a ~100M Llama: import, then mtl and PyTorch training
     python benchmarks/pretrained_bench.py --json out.json --batch 4 --seq-len 128 --steps 3 --windows 3
+    python benchmarks/pretrained_bench.py --folder SMOLLM2 --adapters 8 --targets q,v --batch 16 --seq-len 128
 
 1. **Import.** transformers builds a random Llama-shaped model (f32, tied
    embeddings, about 100M parameters; no download) and saves it with
@@ -19,6 +20,13 @@
    compile, PyTorch's first steps) is excluded; each side reports the median of
    its timed windows. Weights do not change the speed, so mtl's side starts
    from its own initialisation of the same shapes.
+
+3. **Adapters** (``--adapters R --targets q,v``): mtl trains rank-R LoRA
+   adapters on those projections with the backbone frozen
+   (``train.trainable=adapters``; adapters and the task's embedding train),
+   against transformers' model wrapped by ``peft`` (``LoraConfig`` of the same
+   rank, alpha 16 and targets ``q_proj``, ``v_proj``; AdamW over its trainable
+   parameters), the same batch and length.
 
 Results: docs/pretrained.md.
 """
@@ -61,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--windows", type=int, default=3, help="timed windows; the median is reported")
     p.add_argument("--folder", help="an existing Hugging Face folder to use instead of building one")
     p.add_argument("--no-train", action="store_true", help="measure the import only (seconds, not minutes)")
+    p.add_argument("--adapters", type=int, default=0, help="LoRA rank: train adapters only, against peft (0: all)")
+    p.add_argument("--targets", default="q,v", help="the adapted projections (with --adapters)")
     p.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     p.add_argument("--child", choices=("import", "mtl", "torch"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -162,12 +172,15 @@ def child_mtl(folder: str, args) -> dict:
         hf_import.read_config(folder, max_len=args.seq_len), heads=(HeadConfig("lm", "generate"),)
     )
     train_cfg = C.preset("small").train
+    if args.adapters:
+        cfg = dataclasses.replace(cfg, adapter_rank=args.adapters, adapter_targets=args.targets)
+        train_cfg = dataclasses.replace(train_cfg, trainable="adapters")
     mesh = make_mesh("data=1", jax.devices()[:1])
     host = make_batch(args.batch, args.seq_len, cfg.vocab_size)
     step, sync, _, compile_s = compiled_step(cfg, train_cfg, mesh, host, task="lm")
     time_windows(step, 1, 1, sync)  # warm-up after the compile
     times = time_windows(step, args.windows, args.steps, sync)
-    flops = perf.train_flops_per_token(cfg, args.seq_len) * args.batch * args.seq_len
+    flops = perf.train_flops_per_token(cfg, args.seq_len, trainable=train_cfg.trainable) * args.batch * args.seq_len
     return {"compile_s": compile_s, "step_s": sorted(times)[len(times) // 2], "times": times, "flops_per_step": flops}
 
 
@@ -179,9 +192,21 @@ def child_torch(folder: str, args) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
+    if args.adapters:
+        import peft
+
+        names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj"}
+        names["down"] = "down_proj"
+        lora = peft.LoraConfig(
+            r=args.adapters, lora_alpha=16, lora_dropout=0.0, target_modules=[names[t] for t in args.targets.split(",")]
+        )
+        model = peft.get_peft_model(model, lora).train()
     train_cfg = __import__("mtl.config", fromlist=["preset"]).preset("small").train
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=train_cfg.learning_rate, betas=(0.9, 0.95), weight_decay=train_cfg.weight_decay
+        [p for p in model.parameters() if p.requires_grad],
+        lr=train_cfg.learning_rate,
+        betas=(0.9, 0.95),
+        weight_decay=train_cfg.weight_decay,
     )
     host = make_batch(args.batch, args.seq_len, model.config.vocab_size)
     tokens, targets = torch.from_numpy(host["tokens"]).long(), torch.from_numpy(host["targets"]).long()
@@ -201,7 +226,8 @@ def child_torch(folder: str, args) -> dict:
     return {
         "step_s": sorted(times)[len(times) // 2],
         "times": times,
-        "framework": f"transformers {transformers.__version__}, torch {torch.__version__}",
+        "framework": f"transformers {transformers.__version__}, torch {torch.__version__}"
+        + (f", peft {__import__('peft').__version__}" if args.adapters else ""),
         "attention": model.config._attn_implementation,
         "threads": torch.get_num_threads(),
     }
@@ -211,6 +237,7 @@ def run_child(kind: str, folder: str, args) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--child", kind, "--folder", folder]
     command += ["--batch", str(args.batch), "--seq-len", str(args.seq_len)]
     command += ["--steps", str(args.steps), "--windows", str(args.windows)]
+    command += ["--adapters", str(args.adapters), "--targets", args.targets]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if out.returncode:
@@ -220,7 +247,11 @@ def run_child(kind: str, folder: str, args) -> dict:
 
 def report_training(args, ours: dict, theirs: dict) -> None:
     tokens = args.batch * args.seq_len
-    print(f"training, batch {args.batch} x {args.seq_len} tokens, median of {args.windows} windows of {args.steps}:")
+    what = f"adapters r{args.adapters} on {args.targets}" if args.adapters else "every weight"
+    print(
+        f"training {what}, batch {args.batch} x {args.seq_len} tokens, "
+        f"median of {args.windows} windows of {args.steps}:"
+    )
     mtl_tok_s = tokens / ours["step_s"]
     print(
         f"  mtl      {ours['step_s'] * 1e3:8.0f} ms/step  {mtl_tok_s:8.0f} tok/s  (compile {ours['compile_s']:.0f} s)"
